@@ -1,0 +1,78 @@
+"""Pieces shared by the sync and asyncio shells (argument handling, keys)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from .config import ClientConfig
+from .errors import ConfigError
+
+
+def _z85_key(value: "str | bytes | Path", what: str, secret: bool = False) -> str:
+    """Accept a Z85 key or a certificate file path; return the Z85 key."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii")
+    text = str(value)
+    if len(text) == 40 and not Path(text).exists():
+        return text
+    try:
+        public, sec = zmq.auth.load_certificate(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load {what} from {text}: {exc}") from None
+    key = sec if secret else public
+    if key is None:
+        raise ConfigError(f"{text} has no secret key; pass the .key_secret file for {what}")
+    return key.decode("ascii")
+
+
+def build_config(config: ClientConfig | None, preset: str | None, service: str | None,
+                 instance: str | None, keyfile: "str | Path | None",
+                 server_key: "str | Path | None") -> ClientConfig:
+    """Merge ``connect()`` keyword arguments into a :class:`ClientConfig`.
+
+    Raises:
+        ConfigError: unknown preset, unreadable key files, only one of keyfile/server_key.
+    """
+    if config is None:
+        try:
+            config = ClientConfig.preset(preset or "lan")
+        except KeyError:
+            raise ConfigError(f"unknown client preset {preset!r}; choose from "
+                              f"{', '.join(ClientConfig.PRESETS)}") from None
+    changes = {}
+    if service is not None:
+        changes["service"] = service
+    if instance is not None:
+        changes["instance"] = instance
+    if (keyfile is None) != (server_key is None):
+        raise ConfigError("CURVE needs both keyfile= (this client's .key_secret file) and "
+                          "server_key= (the router's public key or .key file)")
+    if keyfile is not None:
+        changes["curve_secret_key"] = _z85_key(keyfile, "the client secret key", secret=True)
+        changes["curve_public_key"] = _z85_key(keyfile, "the client public key")
+        changes["curve_server_key"] = _z85_key(server_key, "the router's public key")
+    return config.replace(**changes) if changes else config
+
+
+def configure_socket(sock: zmq.Socket, config: ClientConfig) -> None:
+    """Options every client DEALER socket gets."""
+    sock.setsockopt(zmq.LINGER, 0)
+    # IMMEDIATE: never queue to a peer that is not connected; unsent events stay
+    # in the session buffer and survive a switch to another router.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    sock.setsockopt(zmq.RCVHWM, 1000)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    if config.curve_server_key:
+        sock.curve_serverkey = config.curve_server_key.encode("ascii")
+        sock.curve_publickey = config.curve_public_key.encode("ascii")
+        sock.curve_secretkey = config.curve_secret_key.encode("ascii")
+
+
+def inbox_channel(authority: str, principal: str, instance: str) -> str:
+    """The private inbox of one connection (see registry.acl for its implicit grant)."""
+    return f"/{authority}/_inbox/{principal}/{instance}/"

@@ -1,0 +1,496 @@
+"""The asyncio client: the same API as :mod:`psepr.client`, awaitable.
+
+Theory of operation
+-------------------
+One reader task drains the DEALER socket (``zmq.asyncio``) into the shared
+pure :class:`~psepr.session.Session`; one timer task runs ``session.tick``.
+``send`` encodes in the caller's task and schedules a single flush with
+``loop.call_soon`` so that every send made in the same loop turn leaves as one
+SEND batch.  Leases are async iterators backed by deques and an
+:class:`asyncio.Event` that the reader sets once per DELIVER batch.
+
+Usage::
+
+    async with psepr.aio.connect("tcp://127.0.0.1:7600") as con:
+        lease = await con.lease("/example.com/", duration=60)
+        await con.send("/example.com/x/", {"a": 1})
+        async for event in lease: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from . import session as _session
+from ._common import build_config, configure_socket, inbox_channel
+from .channel import Channel, parse
+from .config import ClientConfig, router_list
+from .errors import ClosedError, ConnectionLost, LeaseExpired, TimeoutError, UsageError
+from .event import Event, _check_name
+from .session import READY, Session, make_entry
+
+log = logging.getLogger("psepr.aio")
+
+
+class Lease:
+    """An asyncio lease; ``async for event in lease`` or ``await lease.receive()``."""
+
+    def __init__(self, con: "Connection", id: str, channel: Channel, type: str | None) -> None:
+        self._con = con
+        self.id = id
+        self.channel = channel
+        self.type = type
+        self.granted = 0.0
+        self.dropped = 0
+        self._q: collections.deque = collections.deque()
+        self._has = asyncio.Event()
+        self._error: Exception | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<aio.Lease {self.id} {self.channel.text} type={self.type!r}>"
+
+    async def receive(self, timeout: float | None = None) -> Event:
+        """The next event on this lease (see :meth:`psepr.client.Lease.receive`)."""
+        q = self._q
+        if q:
+            return q.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not q:
+            if self._error is not None:
+                raise self._error
+            if self._closed or self._con._closed:
+                raise ClosedError(f"lease {self.id} is closed")
+            self._has.clear()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"no event on {self.channel.text} within {timeout} s")
+            try:
+                await asyncio.wait_for(self._has.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return q.popleft()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.receive()
+        except (ClosedError, LeaseExpired):
+            raise StopAsyncIteration from None
+
+    async def release(self, timeout: float = 5.0) -> None:
+        """Release the lease at the router (idempotent)."""
+        await self._con._release(self, timeout)
+
+
+class Connection:
+    """An asyncio connection; create with :func:`connect` (awaitable, or ``async with``)."""
+
+    def __init__(self, routers=None, *, config: ClientConfig | None = None,
+                 preset: str | None = None, service: str | None = None,
+                 instance: str | None = None, keyfile: "str | Path | None" = None,
+                 server_key: "str | Path | None" = None, shuffle: bool = False,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        self.config = build_config(config, preset, service, instance, keyfile, server_key)
+        self.routers = router_list(routers)
+        if shuffle:
+            import random
+            random.shuffle(self.routers)
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._leases: dict[str, Lease] = {}
+        self._futs: dict[int, asyncio.Future] = {}
+        self._lease_futs: dict[str, asyncio.Future] = {}
+        self._requests: dict[str, asyncio.Future] = {}
+        self._inboxes: dict[str, Lease] = {}
+        self._errors: list[Exception] = []
+        self._notify: collections.deque = collections.deque(maxlen=self.config.lease_queue)
+        self._any = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._flush_scheduled = False
+        self._lease_seq = 0
+        self._closed = False
+        self.welcome: dict | None = None
+        self.dropped_by_router = 0
+        self._session = Session(self.config, self.routers, self, time.monotonic())
+        self._sock = None
+        self._sync = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def _start(self) -> "Connection":
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [asyncio.create_task(self._timer(), name="psepr-timer")]
+        self._switch()
+        limit = self.config.connect_timeout * len(self.routers) + 1.0
+        try:
+            await asyncio.wait_for(self._ready.wait(), limit)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise ConnectionLost(f"could not reach any router of {', '.join(self.routers)} "
+                                 f"within {limit:.1f} s (is `psepr router` running?)") from None
+        return self
+
+    def __await__(self):
+        return self._start().__await__()
+
+    async def __aenter__(self) -> "Connection":
+        if self._sock is None:
+            await self._start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def principal(self) -> str | None:
+        return self.welcome.get("principal") if self.welcome else None
+
+    @property
+    def instance(self) -> str:
+        return self._session.instance
+
+    @property
+    def router(self) -> str:
+        return self._session.router
+
+    # -- socket management --------------------------------------------------------
+    def _switch(self) -> None:
+        url = self._session.take_switch()
+        if url is None:
+            return
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        for t in self._tasks[1:]:
+            t.cancel()
+        sock = self._ctx.socket(zmq.DEALER)
+        configure_socket(sock, self.config)
+        sock.connect(url)
+        self._sock = sock
+        # A synchronous shadow of the same socket for non-blocking sends/drains:
+        # zmq.asyncio would wrap each call in a Future.
+        self._sync = zmq.Socket.shadow(sock.underlying)
+        self._session.start(time.monotonic())
+        self._tasks[1:] = [asyncio.create_task(self._reader(sock), name="psepr-reader")]
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and not self._closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        sock = self._sync
+        if self._sock is None:
+            return
+        out = self._session.take_out(time.monotonic())
+        for i, frames in enumerate(out):
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                for f in reversed(out[i:]):
+                    self._session.requeue(f)
+                self._loop.call_later(0.01, self._schedule_flush)
+                return
+
+    async def _reader(self, sock) -> None:
+        s = self._session
+        sync = self._sync
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                s.on_message(frames, time.monotonic())
+                for _ in range(999):  # drain what is already there
+                    try:
+                        frames = sync.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    s.on_message(frames, time.monotonic())
+                self._schedule_flush()
+        except asyncio.CancelledError:
+            raise
+        except zmq.ZMQError as exc:
+            if not self._closed:
+                log.warning("socket error: %s", exc)
+
+    async def _timer(self) -> None:
+        s = self._session
+        while not self._closed:
+            now = time.monotonic()
+            delay = max(0.0, s.next_deadline(now) - now)
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(delay, 1.0))
+            except asyncio.TimeoutError:
+                pass
+            now = time.monotonic()
+            if now >= s.next_deadline(now):
+                s.tick(now)
+            self._switch()
+            self._schedule_flush()
+
+    # -- API ---------------------------------------------------------------------------
+    async def send(self, channel: "str | Channel | Event", payload: Any = None, *,
+                   type: str | None = None, format: str | None = None,
+                   to_service: str | None = None, to_instance: str | None = None,
+                   reply_to: "str | Channel | None" = None, re: str | None = None,
+                   id: str | None = None) -> str:
+        """Send one event; see :meth:`psepr.client.Connection.send`."""
+        if self._closed:
+            raise ClosedError("connection is closed")
+        entry, raw = make_entry(channel, payload, type, format, to_service, to_instance,
+                                reply_to, re, id, self.config.max_event_bytes)
+        s = self._session
+        if s.queued >= self.config.send_queue:
+            deadline = time.monotonic() + self.config.send_block_timeout
+            while s.queued >= self.config.send_queue:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"send buffer full ({self.config.send_queue} events)")
+                self._schedule_flush()
+                await asyncio.sleep(0.005)
+        s.add_events([entry], [raw], len(raw))
+        self._schedule_flush()
+        return entry[0]
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the router processed everything sent; raise its first error."""
+        await self._control(lambda s: s.ping(), timeout, "flush")
+        errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+    async def lease(self, channel: "str | Channel", duration: float = 3600.0, *,
+                    type: str | None = None, id: str | None = None, renew: bool = True,
+                    timeout: float = 5.0) -> Lease:
+        """Lease a channel; see :meth:`psepr.client.Connection.lease`."""
+        ch = parse(channel)
+        if type is not None:
+            _check_name(type, "type")
+        if id is None:
+            self._lease_seq += 1
+            id = f"L{self._lease_seq}"
+        lease = self._leases.get(id)
+        if lease is None:
+            lease = Lease(self, id, ch, type)
+            self._leases[id] = lease
+        lease.channel, lease.type, lease.granted, lease._error = ch, type, 0.0, None
+        fut = self._loop.create_future()
+        self._lease_futs[id] = fut
+        self._session.lease(id, ch, type, duration, renew)
+        self._schedule_flush()
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"lease on {ch.text} not granted within {timeout} s") from None
+        except Exception:
+            self._leases.pop(id, None)
+            raise
+        finally:
+            self._lease_futs.pop(id, None)
+        return lease
+
+    async def _release(self, lease: Lease, timeout: float) -> None:
+        if lease._closed:
+            return
+        lease._closed = True
+        lease._has.set()
+        self._leases.pop(lease.id, None)
+        req = self._session.unlease(lease.id)
+        if req is not None:
+            await self._wait_req(req, timeout, f"release of lease {lease.id}")
+
+    async def receive(self, timeout: float | None = None) -> Event:
+        """The next event from any lease; see :meth:`psepr.client.Connection.receive`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        notify = self._notify
+        while True:
+            while notify:
+                lease = notify.popleft()
+                if lease._q:
+                    return lease._q.popleft()
+            if self._closed:
+                raise ClosedError("connection is closed")
+            self._any.clear()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"no event within {timeout} s")
+            try:
+                await asyncio.wait_for(self._any.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def request(self, channel: "str | Channel", payload: Any = None, *,
+                      type: str | None = None, format: str | None = None,
+                      to_service: str | None = None, to_instance: str | None = None,
+                      timeout: float = 2.0) -> Event:
+        """Request/reply; see :meth:`psepr.client.Connection.request`."""
+        ch = parse(channel)
+        inbox = await self._inbox(ch.authority, timeout)
+        eid = _session.new_id()
+        fut = self._loop.create_future()
+        self._requests[eid] = fut
+        try:
+            await self.send(ch, payload, type=type, format=format, to_service=to_service,
+                            to_instance=to_instance, reply_to=inbox.channel, id=eid)
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no reply to request {eid} on {ch.text} within {timeout} s") \
+                from None
+        finally:
+            self._requests.pop(eid, None)
+
+    async def reply(self, request: Event, payload: Any = None, *, type: str | None = None,
+                    format: str | None = None) -> str:
+        """Answer a request event; see :meth:`psepr.client.Connection.reply`."""
+        if request.reply_to is None:
+            raise UsageError(f"event {request.id} has no reply_to channel; it is not a request")
+        return await self.send(request.reply_to, payload, type=type, format=format,
+                               re=request.id, to_instance=request.from_instance)
+
+    async def _inbox(self, authority: str, timeout: float) -> Lease:
+        lease = self._inboxes.get(authority)
+        if lease is None:
+            ch = inbox_channel(authority, self.principal, self.instance)
+            lease = await self.lease(ch, id=f"inbox:{authority}", timeout=timeout)
+            self._inboxes[authority] = lease
+        return lease
+
+    async def stats(self, timeout: float = 2.0) -> dict:
+        """The router's counters."""
+        return await self._control(lambda s: s.stats(), timeout, "stats")
+
+    async def _control(self, op, timeout: float, what: str):
+        if self._closed:
+            raise ClosedError("connection is closed")
+        if self._session.state != READY:
+            try:
+                await asyncio.wait_for(self._wait_ready(), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"{what}: not connected within {timeout} s") from None
+        req = op(self._session)
+        self._schedule_flush()
+        return await self._wait_req(req, timeout, what)
+
+    async def _wait_ready(self) -> None:
+        while self._session.state != READY:
+            self._ready.clear()
+            await self._ready.wait()
+
+    async def _wait_req(self, req: int, timeout: float, what: str):
+        fut = self._futs.get(req)
+        if fut is None:
+            fut = self._futs[req] = self._loop.create_future()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{what}: no answer within {timeout} s") from None
+        finally:
+            self._futs.pop(req, None)
+
+    async def close(self) -> None:
+        """Say BYE and close.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sock is not None:
+            for frames in self._session.close():
+                try:
+                    self._sync.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        self._any.set()
+        for lease in self._leases.values():
+            lease._has.set()
+
+    # -- Sink -------------------------------------------------------------------------------
+    def deliver(self, events: list[Event]) -> None:
+        leases = self._leases
+        limit = self.config.lease_queue
+        for ev in events:
+            for lid in ev.leases:
+                lease = leases.get(lid)
+                if lease is None:
+                    continue
+                if lid.startswith("inbox:"):
+                    fut = self._requests.get(ev.re)
+                    if fut is not None and not fut.done():
+                        fut.set_result(ev)
+                    continue
+                if len(lease._q) >= limit:
+                    lease.dropped += 1
+                    continue
+                lease._q.append(ev)
+                self._notify.append(lease)
+                lease._has.set()
+        self._any.set()
+
+    def ready(self, welcome: dict) -> None:
+        self.welcome = welcome
+        self._ready.set()
+
+    def lease_granted(self, lease_id: str, granted: float) -> None:
+        lease = self._leases.get(lease_id)
+        if lease is not None:
+            lease.granted = granted
+        fut = self._lease_futs.get(lease_id)
+        if fut is not None and not fut.done():
+            fut.set_result(granted)
+
+    def lease_failed(self, lease_id: str, exc: Exception) -> None:
+        fut = self._lease_futs.get(lease_id)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    def lease_expired(self, lease_id: str) -> None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is not None:
+            lease._error = LeaseExpired(f"lease {lease_id} on {lease.channel.text} expired",
+                                        code="expired", channel=lease.channel.text, ref=lease_id)
+            lease._has.set()
+
+    def completed(self, req: int, result: Any, exc: Exception | None) -> None:
+        fut = self._futs.get(req)
+        if fut is None:
+            fut = self._futs[req] = self._loop.create_future()
+        if not fut.done():
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+    def async_error(self, exc: Exception) -> None:
+        log.warning("router %s: %s", self._session.router, exc)
+        if len(self._errors) < 100:
+            self._errors.append(exc)
+
+    def dropped(self, n: int) -> None:
+        self.dropped_by_router += n
+        log.warning("router dropped %d events for this connection (slow reader)", n)
+
+
+def connect(routers=None, **kwargs) -> Connection:
+    """Connect asynchronously: ``con = await psepr.aio.connect(url)`` or ``async with``.
+
+    Takes the same arguments as :func:`psepr.connect`.
+    """
+    return Connection(routers, **kwargs)

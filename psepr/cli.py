@@ -1,0 +1,361 @@
+"""The ``psepr`` command: routers, sending, leasing, stats, keys, benchmarks.
+
+Every client command takes ``--router URL`` (repeatable; default
+``PSEPR_ROUTERS``, else the servers file, else ``tcp://127.0.0.1:7600``) and
+reports an error as one line on stderr with a non-zero exit status:
+1 for a failure at run time, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import orjson
+
+from .errors import PseprError, UsageError
+
+EPILOG_ROUTER = """examples:
+  psepr router --listen tcp://127.0.0.1:7600 --name r1
+  psepr router --listen tcp://127.0.0.1:0            # ephemeral port, printed on start
+  psepr router --listen tcp://10.0.0.1:7600 --curve --key keys/r1.key_secret --acl acl.toml
+"""
+
+EPILOG_SEND = """examples:
+  psepr send /example.com/heartbeat/x.example.com/ --type heartbeat --json '{"load": 0.4}'
+  psepr send /example.com/heartbeat/x.example.com/ --xml '<payload xmlns="heartbeat"><load>0.4</load></payload>'
+  psepr send /example.com/node/x/ --attribute load_avg=0.4 --expire 60
+"""
+
+EPILOG_LEASE = """examples:
+  psepr lease /example.com/heartbeat/ --type heartbeat --duration 120
+  psepr lease /example.com/ --count 1                   # exit after one event
+  psepr lease /example.com/ --output xml                # PsEPR XML, one document per line
+"""
+
+
+def _add_router_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", action="append", metavar="URL",
+                   help="router endpoint (repeat for fail-over); default: $PSEPR_ROUTERS, the "
+                        "servers file, or tcp://127.0.0.1:7600")
+    p.add_argument("--service", help="service name to declare (without CURVE it is your "
+                                     "principal)")
+    p.add_argument("--key", metavar="FILE", help="CURVE: this client's .key_secret file")
+    p.add_argument("--server-key", metavar="KEY", help="CURVE: the router's public key or .key "
+                                                        "file")
+
+
+def _connect(args, **kw):
+    from .client import connect
+    return connect(args.router, service=args.service, keyfile=args.key,
+                   server_key=args.server_key, **kw)
+
+
+def _payload_from(args):
+    """Returns (payload, format, type) from --json/--xml/--attribute/--text."""
+    from .event import ATTRIBUTE, attribute
+    chosen = [n for n in ("json", "xml", "attribute", "text") if getattr(args, n) is not None]
+    if len(chosen) > 1:
+        raise UsageError(f"give only one of --json, --xml, --attribute, --text (got "
+                         f"{', '.join('--' + c for c in chosen)})")
+    if args.json is not None:
+        text = sys.stdin.read() if args.json == "-" else args.json
+        try:
+            return orjson.loads(text), "json", args.type
+        except orjson.JSONDecodeError as exc:
+            raise UsageError(f"--json is not valid JSON: {exc}") from None
+    if args.xml is not None:
+        text = sys.stdin.read() if args.xml == "-" else args.xml
+        return text, "xml", args.type
+    if args.attribute is not None:
+        field, sep, value = args.attribute.partition("=")
+        if not sep:
+            raise UsageError("--attribute needs FIELD=VALUE, e.g. load_avg=0.4")
+        try:
+            v = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            v = value
+        return attribute(field, v, args.expire), "json", args.type or ATTRIBUTE
+    if args.text is not None:
+        return args.text, "json", args.type
+    return None, "json", args.type
+
+
+def cmd_send(args) -> int:
+    payload, fmt, typ = _payload_from(args)
+    with _connect(args) as con:
+        for _ in range(args.count):
+            eid = con.send(args.channel, payload, type=typ, format=fmt,
+                           to_service=args.to_service, to_instance=args.to_instance)
+        con.flush(timeout=args.timeout)
+    if args.count == 1 and not args.quiet:
+        print(eid)
+    return 0
+
+
+def _print_event(ev, output: str) -> None:
+    if output == "xml":
+        line = ev.to_xml()
+    elif output == "payload":
+        p = ev.payload
+        line = p if isinstance(p, str) and ev.format == "xml" else orjson.dumps(p).decode()
+    else:
+        line = ev.to_json().decode()
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def cmd_lease(args) -> int:
+    from .errors import TimeoutError as PTimeout
+    with _connect(args) as con:
+        lease = con.lease(args.channel, duration=args.duration, type=args.type)
+        if not args.quiet:
+            print(f"# leased {lease.channel.text} for {lease.granted:g} s on {con.router} "
+                  f"(type {args.type or 'any'})", file=sys.stderr)
+        n = 0
+        while args.count is None or n < args.count:
+            try:
+                ev = lease.receive(timeout=args.timeout)
+            except PTimeout:
+                raise PseprError(f"no event on {lease.channel.text} within {args.timeout} s") \
+                    from None
+            _print_event(ev, args.output)
+            n += 1
+    return 0
+
+
+def cmd_request(args) -> int:
+    payload, fmt, typ = _payload_from(args)
+    with _connect(args) as con:
+        ev = con.request(args.channel, payload, type=typ, format=fmt, timeout=args.timeout)
+        _print_event(ev, args.output)
+    return 0
+
+
+def _fmt_stats(st: dict) -> str:
+    lines = [f"router {st['router']} (authority {st['authority']}), up {st['uptime']:.0f} s"]
+    for key in ("connections", "leases", "channels_leased", "events_in", "events_out",
+                "dropped", "errors", "queued_events"):
+        lines.append(f"  {key:<16} {st[key]}")
+    lines.append(f"  {'in_rate':<16} {st['in_rate']:.1f}/s")
+    lines.append(f"  {'out_rate':<16} {st['out_rate']:.1f}/s")
+    for c in st.get("slow_connections", []):
+        lines.append(f"  slow: {c['principal']}/{c['instance']} dropped {c['dropped']}")
+    return "\n".join(lines)
+
+
+def cmd_stats(args) -> int:
+    with _connect(args) as con:
+        if not args.watch:
+            st = con.stats(timeout=args.timeout)
+            print(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() if args.json
+                  else _fmt_stats(st))
+            return 0
+        w = con.welcome
+        ch = f"/{w['authority']}/_sys/routers/{w['router']}/stats/"
+        lease = con.lease(ch, duration=600)
+        print(f"# watching {ch}", file=sys.stderr)
+        n = 0
+        while args.count is None or n < args.count:
+            st = lease.receive(timeout=max(args.timeout, 30.0)).payload
+            print(orjson.dumps(st).decode() if args.json else _fmt_stats(st) + "\n")
+            sys.stdout.flush()
+            n += 1
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    import zmq.auth
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    pub = d / f"{args.name}.key"
+    if pub.exists() and not args.force:
+        raise UsageError(f"{pub} exists; pass --force to overwrite")
+    public, secret = zmq.auth.create_certificates(str(d), args.name)
+    os.chmod(secret, 0o600)
+    key = zmq.auth.load_certificate(public)[0].decode()
+    print(f"public key file  {public}\nsecret key file  {secret}  (keep private)\n"
+          f"public key       {key}")
+    return 0
+
+
+def _router_config(args):
+    from routers.config import RouterConfig
+    listen = tuple(args.listen or ["tcp://127.0.0.1:7600"])
+    try:
+        cfg = RouterConfig.preset(args.preset, name=args.name, listen=listen)
+    except KeyError:
+        raise UsageError(f"unknown preset {args.preset!r}; choose from "
+                         f"{', '.join(RouterConfig.PRESETS)}") from None
+    changes = dict(curve=args.curve, secret_key_file=args.key, acl_file=args.acl,
+                   insecure=args.insecure)
+    if args.authority:
+        changes["authority"] = args.authority
+    if args.max_lease is not None:
+        changes["max_lease"] = args.max_lease
+    if args.stats_interval is not None:
+        changes["stats_interval"] = args.stats_interval
+    return cfg.replace(**changes)
+
+
+def cmd_router(args) -> int:
+    from routers.router import serve
+    serve(_router_config(args), announce=lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from routers.config import RouterConfig
+    from routers.router import Router
+    import signal
+    cfg = RouterConfig.preset("local", name="r1", listen=(args.listen,))
+    router = Router(cfg)
+    ep = router.endpoints[0]
+    print(f"""PsEPR local farm is up.
+  router r1      {ep}   (authority {cfg.authority}; stats every {cfg.stats_interval:g} s)
+
+Try, in another terminal (after `. .venv/bin/activate`):
+  psepr lease /example.com/ --count 1
+  psepr send /example.com/heartbeat/x.example.com/ --type heartbeat --json '{{"load": 0.4}}'
+  psepr stats
+Stop with Ctrl-C.""", flush=True)
+    signal.signal(signal.SIGTERM, lambda *a: router.stop())
+    signal.signal(signal.SIGINT, lambda *a: router.stop())
+    router.run()
+    print("PsEPR local farm stopped.")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.hop import main as bench_main
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="psepr", description="PsEPR-py: event overlay for farms "
+                                "of machines (routers, channels, leases).")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.add_argument("--version", action="version", version="psepr 0.1.0")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("router", help="run a router node (with its registry)", epilog=EPILOG_ROUTER,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--listen", action="append", metavar="URL",
+                   help="client endpoint (repeatable; port 0 = ephemeral); default "
+                        "tcp://127.0.0.1:7600")
+    r.add_argument("--name", default="r1", help="router name (default r1)")
+    r.add_argument("--authority", help="authority for system channels (default psepr.local)")
+    r.add_argument("--preset", default="lan", help="local, lan or wan (default lan)")
+    r.add_argument("--max-lease", type=float, metavar="S", help="longest lease grant (3600)")
+    r.add_argument("--stats-interval", type=float, metavar="S", help="seconds between stats events")
+    r.add_argument("--curve", action="store_true", help="require CURVE authentication")
+    r.add_argument("--key", metavar="FILE", help="router secret key file (with --curve)")
+    r.add_argument("--acl", metavar="FILE", help="ACL file (TOML, with --curve)")
+    r.add_argument("--insecure", action="store_true",
+                   help="allow non-loopback listening without CURVE")
+    r.set_defaults(func=cmd_router)
+
+    s = sub.add_parser("send", help="send events to a channel", epilog=EPILOG_SEND,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("channel")
+    s.add_argument("--type", help="event type (payload namespace)")
+    s.add_argument("--json", metavar="JSON", help="JSON payload ('-' reads stdin)")
+    s.add_argument("--xml", metavar="XML", help="XML payload element ('-' reads stdin)")
+    s.add_argument("--attribute", metavar="FIELD=VALUE", help="PsEPR attribute payload")
+    s.add_argument("--expire", type=float, metavar="S", help="attribute expiry in seconds")
+    s.add_argument("--text", help="a JSON string payload")
+    s.add_argument("--to-service", help="deliver only to this service")
+    s.add_argument("--to-instance", help="deliver only to this instance")
+    s.add_argument("--count", type=int, default=1, help="send N copies (default 1)")
+    s.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the router")
+    s.add_argument("-q", "--quiet", action="store_true", help="do not print the event id")
+    _add_router_arg(s)
+    s.set_defaults(func=cmd_send)
+
+    le = sub.add_parser("lease", help="lease a channel and print its events", epilog=EPILOG_LEASE,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    le.add_argument("channel")
+    le.add_argument("--type", help="only events of this type")
+    le.add_argument("--duration", type=float, default=3600.0, help="lease seconds (renewed)")
+    le.add_argument("--count", type=int, help="exit after N events")
+    le.add_argument("--timeout", type=float, help="fail if no event within S seconds")
+    le.add_argument("--output", choices=("json", "xml", "payload"), default="json",
+                    help="print events as JSON (default), PsEPR XML, or payload only")
+    le.add_argument("-q", "--quiet", action="store_true", help="no status line on stderr")
+    _add_router_arg(le)
+    le.set_defaults(func=cmd_lease)
+
+    rq = sub.add_parser("request", help="send a request and print the reply")
+    rq.add_argument("channel")
+    rq.add_argument("--type")
+    rq.add_argument("--json")
+    rq.add_argument("--xml")
+    rq.add_argument("--attribute")
+    rq.add_argument("--expire", type=float)
+    rq.add_argument("--text")
+    rq.add_argument("--timeout", type=float, default=2.0)
+    rq.add_argument("--output", choices=("json", "xml", "payload"), default="json")
+    _add_router_arg(rq)
+    rq.set_defaults(func=cmd_request)
+
+    st = sub.add_parser("stats", help="print a router's counters")
+    st.add_argument("--watch", action="store_true", help="follow the published stats events")
+    st.add_argument("--count", type=int, help="with --watch: exit after N")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--timeout", type=float, default=2.0)
+    _add_router_arg(st)
+    st.set_defaults(func=cmd_stats)
+
+    k = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key, NAME.key_secret)")
+    k.add_argument("name")
+    k.add_argument("--dir", default="keys", help="directory (default ./keys)")
+    k.add_argument("--force", action="store_true", help="overwrite existing files")
+    k.set_defaults(func=cmd_keygen)
+
+    run = sub.add_parser("run", help="start the embedded local farm (what `make run` does)")
+    run.add_argument("--listen", default="tcp://127.0.0.1:7600")
+    run.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="benchmarks (hop)")
+    b.add_argument("which", choices=("hop",), help="hop: sender -> router -> holders")
+    b.add_argument("--events", type=int, default=300_000, help="events per throughput run")
+    b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"psepr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except PseprError as exc:
+        print(f"psepr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"psepr {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # zmq errors, e.g. address in use
+        import zmq
+        if isinstance(exc, zmq.ZMQError):
+            print(f"psepr {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,674 @@
+"""The synchronous client: :func:`connect`, :class:`Connection`, :class:`Lease`.
+
+Theory of operation
+-------------------
+A background I/O thread owns the ZeroMQ DEALER socket (ZeroMQ sockets are not
+thread-safe) and drives the pure :class:`~psepr.session.Session`.  The user's
+threads never touch the socket:
+
+* ``send`` encodes the event in the caller's thread, appends it to a deque and
+  wakes the I/O thread through a pipe only when it is not already awake, so a
+  burst of sends becomes one SEND batch.  When more than ``send_queue`` events
+  wait, ``send`` blocks (back-pressure) instead of growing memory.
+* The I/O thread decodes DELIVER batches and appends each event to the
+  deque of every lease it was delivered on, then wakes readers once per batch.
+  ``lease.receive`` pops without a lock when something is there.
+* Everything else (lease, request, flush) is a control request whose answer
+  the I/O thread posts under the connection's condition variable.
+
+Events are delivered at most once: events handed to a router that dies are
+lost; events not yet handed over are sent to the next router.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import zmq
+
+from . import session as _session
+from ._common import build_config, configure_socket, inbox_channel
+from .channel import Channel, parse
+from .config import ClientConfig, router_list
+from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, TimeoutError,
+                     UsageError)
+from .event import Event, _check_name
+from .session import READY, Session, make_entry
+
+log = logging.getLogger("psepr.client")
+
+
+class Lease:
+    """A lease held by a :class:`Connection`; iterate it or call :meth:`receive`.
+
+    Attributes:
+        id: the lease id (unique within the connection).
+        channel: the leased :class:`~psepr.channel.Channel`.
+        type: the event-type filter, or None.
+        granted: the duration the router granted, in seconds.
+        dropped: events dropped because this lease's queue was full.
+    """
+
+    def __init__(self, con: "Connection", id: str, channel: Channel, type: str | None,
+                 duration: float) -> None:
+        self._con = con
+        self.id = id
+        self.channel = channel
+        self.type = type
+        self.duration = duration
+        self.granted = 0.0
+        self.dropped = 0
+        self._q: collections.deque = collections.deque()
+        self._error: Exception | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.id} {self.channel.text} type={self.type!r} granted={self.granted}>"
+
+    def receive(self, timeout: float | None = None) -> Event:
+        """The next event on this lease.
+
+        Args:
+            timeout: seconds to wait; None waits forever.
+
+        Returns:
+            The :class:`~psepr.event.Event`.
+
+        Raises:
+            TimeoutError: nothing arrived in time.
+            LeaseExpired: the router expired the lease (and the queue is empty).
+            ClosedError: the lease was released or the connection closed.
+        """
+        q = self._q
+        if q:
+            return q.popleft()
+        return self._con._wait_for(self, timeout)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            try:
+                yield self.receive()
+            except (ClosedError, LeaseExpired):
+                return
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Release the lease at the router (idempotent)."""
+        self._con._release(self, timeout)
+
+    def pending(self) -> int:
+        """Events waiting to be received."""
+        return len(self._q)
+
+
+class _Waiter:
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.result = None
+        self.error: Exception | None = None
+
+
+class Connection:
+    """A synchronous connection to one router of a list (see :func:`connect`)."""
+
+    def __init__(self, routers=None, *, config: ClientConfig | None = None,
+                 preset: str | None = None, service: str | None = None,
+                 instance: str | None = None, keyfile: "str | Path | None" = None,
+                 server_key: "str | Path | None" = None, shuffle: bool = False,
+                 context: zmq.Context | None = None, wait: bool = True) -> None:
+        self.config = build_config(config, preset, service, instance, keyfile, server_key)
+        self.routers = router_list(routers)
+        if shuffle:
+            import random
+            random.shuffle(self.routers)
+        self._ctx = context or zmq.Context.instance()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._leases: dict[str, Lease] = {}
+        self._notify: collections.deque = collections.deque(maxlen=self.config.lease_queue)
+        self._outq: collections.deque = collections.deque()
+        self._space = threading.Event()
+        self._woken = False
+        self._waiters: dict[int, _Waiter] = {}
+        self._requests: dict[str, _Waiter] = {}
+        self._inboxes: dict[str, Lease] = {}
+        self._errors: list[Exception] = []
+        self._lease_seq = 0
+        self._closed = False
+        self._ready_once = threading.Event()
+        self.welcome: dict | None = None
+        self.dropped_by_router = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._session = Session(self.config, self.routers, self, time.monotonic())
+        self._sock: zmq.Socket | None = None
+        self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
+        self._thread.start()
+        if wait:
+            limit = self.config.connect_timeout * len(self.routers) + 1.0
+            if not self._ready_once.wait(limit):
+                self.close()
+                raise ConnectionLost(f"could not reach any router of {', '.join(self.routers)} "
+                                     f"within {limit:.1f} s (is `psepr router` running?)")
+
+    # -- properties -------------------------------------------------------------
+    @property
+    def principal(self) -> str | None:
+        """The principal the router knows us by (from WELCOME)."""
+        return self.welcome.get("principal") if self.welcome else None
+
+    @property
+    def instance(self) -> str:
+        """This connection's instance name."""
+        return self._session.instance
+
+    @property
+    def router(self) -> str:
+        """The router endpoint in use."""
+        return self._session.router
+
+    @property
+    def authority(self) -> str | None:
+        """The router's own authority (where its system channels live)."""
+        return self.welcome.get("authority") if self.welcome else None
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- sending ------------------------------------------------------------------
+    def send(self, channel: "str | Channel | Event", payload: Any = None, *,
+             type: str | None = None, format: str | None = None,
+             to_service: str | None = None, to_instance: str | None = None,
+             reply_to: "str | Channel | None" = None, re: str | None = None,
+             id: str | None = None) -> str:
+        """Send one event (asynchronously; batched with other sends).
+
+        Args:
+            channel: destination channel, or a whole :class:`Event`.
+            payload: a JSON value, or XML text with ``format="xml"``.
+            type: payload type; for XML it defaults to the payload's namespace.
+            format: ``"json"`` (default) or ``"xml"``.
+            to_service, to_instance: deliver only to that service/instance.
+            reply_to, re: request/reply fields (see :meth:`request`, :meth:`reply`).
+            id: event id; a fresh unique id by default.
+
+        Returns:
+            The event id.
+
+        Raises:
+            ChannelError, EventError, XMLRefused: invalid input (nothing is sent).
+            TimeoutError: the send buffer stayed full for ``send_block_timeout``.
+            ClosedError: the connection is closed.
+        """
+        if self._closed:
+            raise ClosedError("connection is closed")
+        item = make_entry(channel, payload, type, format, to_service, to_instance, reply_to,
+                          re, id, self.config.max_event_bytes)
+        q = self._outq
+        if len(q) >= self.config.send_queue:
+            self._wait_space()
+        q.append(item)
+        if not self._woken:
+            self._woken = True
+            os.write(self._wake_w, b"s")
+        return item[0][0]
+
+    def _wait_space(self) -> None:
+        deadline = time.monotonic() + self.config.send_block_timeout
+        while len(self._outq) >= self.config.send_queue:
+            if self._closed:
+                raise ClosedError("connection is closed")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"send buffer full ({self.config.send_queue} events) for "
+                                   f"{self.config.send_block_timeout} s: router unreachable "
+                                   f"or too slow")
+            self._space.clear()
+            self._kick()
+            self._space.wait(min(remaining, 0.1))
+
+    def _kick(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"k")
+            except OSError:
+                pass
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every event sent so far was processed by the router.
+
+        Raises:
+            RemoteError: the first error the router reported since the last flush
+                (e.g. :class:`~psepr.errors.AccessDenied` for a channel).
+            TimeoutError: no confirmation within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while self._outq and time.monotonic() < deadline:
+            self._kick()
+            self._space.clear()
+            self._space.wait(0.05)
+        self._control(lambda s: s.ping(), timeout=max(0.0, deadline - time.monotonic()),
+                      what="flush")
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+    # -- leases ---------------------------------------------------------------------
+    def lease(self, channel: "str | Channel", duration: float = 3600.0, *,
+              type: str | None = None, id: str | None = None, renew: bool = True,
+              timeout: float = 5.0) -> Lease:
+        """Lease a channel (and everything below it).
+
+        Args:
+            channel: the channel; ``/`` and ``/authority/`` are allowed.
+            duration: requested seconds; the router may grant less.
+            type: receive only events of this type.
+            id: lease id; generated by default.  Re-using an id renews/changes it.
+            renew: renew automatically at 80 % of the grant (default True).
+            timeout: seconds to wait for the grant.
+
+        Returns:
+            The granted :class:`Lease`.
+
+        Raises:
+            ChannelError: invalid channel.
+            AccessDenied: the ACL refuses it.
+            TimeoutError: no grant in time.
+        """
+        ch = parse(channel)
+        if type is not None:
+            _check_name(type, "type")
+        with self._lock:
+            if self._closed:
+                raise ClosedError("connection is closed")
+            if id is None:
+                self._lease_seq += 1
+                id = f"L{self._lease_seq}"
+            else:
+                _check_name(id, "id")
+            lease = self._leases.get(id)
+            if lease is None:
+                lease = Lease(self, id, ch, type, duration)
+                self._leases[id] = lease
+            lease.channel, lease.type, lease.granted, lease._error = ch, type, 0.0, None
+            self._session.lease(id, ch, type, duration, renew)
+        self._kick()
+        self._wait_cond(lambda: lease.granted > 0 or lease._error is not None, timeout,
+                        f"lease on {ch.text} not granted within {timeout} s")
+        if lease._error is not None:
+            self._leases.pop(id, None)
+            raise lease._error
+        return lease
+
+    def _release(self, lease: Lease, timeout: float) -> None:
+        with self._lock:
+            if lease._closed:
+                return
+            lease._closed = True
+            self._leases.pop(lease.id, None)
+            req = self._session.unlease(lease.id)
+            self._cond.notify_all()
+        if req is not None:
+            self._kick()
+            self._wait_req(req, timeout, f"release of lease {lease.id}")
+
+    def receive(self, timeout: float | None = None) -> Event:
+        """The next event from any of this connection's leases, in arrival order.
+
+        An event matching two of your leases is returned once per lease.
+
+        Raises:
+            TimeoutError: nothing arrived in time.
+            ClosedError: the connection is closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        notify = self._notify
+        while True:
+            try:
+                lease = notify.popleft()
+            except IndexError:
+                with self._cond:
+                    if not notify:
+                        if self._closed:
+                            raise ClosedError("connection is closed") from None
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise TimeoutError(f"no event within {timeout} s") from None
+                        self._cond.wait(remaining)
+                continue
+            q = lease._q
+            if q:
+                return q.popleft()
+
+    # -- request/reply -------------------------------------------------------------
+    def request(self, channel: "str | Channel", payload: Any = None, *, type: str | None = None,
+                format: str | None = None, to_service: str | None = None,
+                to_instance: str | None = None, timeout: float = 2.0) -> Event:
+        """Send a request and wait for the first reply on this connection's inbox.
+
+        Args:
+            channel: where the request goes (responders lease it).
+            payload, type, format, to_service, to_instance: as for :meth:`send`.
+            timeout: the deadline in seconds.
+
+        Returns:
+            The reply :class:`Event` (its ``re`` is the request's id).
+
+        Raises:
+            TimeoutError: no reply within ``timeout`` (nobody listening, or too slow).
+        """
+        deadline = time.monotonic() + timeout
+        ch = parse(channel)
+        inbox = self._inbox(ch.authority, timeout)
+        w = _Waiter()
+        eid = _session.new_id()
+        with self._lock:
+            self._requests[eid] = w
+        try:
+            self.send(ch, payload, type=type, format=format, to_service=to_service,
+                      to_instance=to_instance, reply_to=inbox.channel, id=eid)
+            self._wait_cond(lambda: w.done, max(0.0, deadline - time.monotonic()),
+                            f"no reply to request {eid} on {ch.text} within {timeout} s")
+        finally:
+            with self._lock:
+                self._requests.pop(eid, None)
+        return w.result
+
+    def reply(self, request: Event, payload: Any = None, *, type: str | None = None,
+              format: str | None = None) -> str:
+        """Answer a request event on its ``reply_to`` channel.
+
+        Raises:
+            UsageError: the event has no ``reply_to``.
+        """
+        if request.reply_to is None:
+            raise UsageError(f"event {request.id} has no reply_to channel; it is not a request")
+        return self.send(request.reply_to, payload, type=type, format=format, re=request.id,
+                         to_instance=request.from_instance)
+
+    def _inbox(self, authority: str, timeout: float) -> Lease:
+        lease = self._inboxes.get(authority)
+        if lease is None:
+            self._wait_cond(lambda: self.welcome is not None, timeout, "not connected")
+            ch = inbox_channel(authority, self.principal, self.instance)
+            lease = self.lease(ch, id=f"inbox:{authority}", timeout=timeout)
+            self._inboxes[authority] = lease
+        return lease
+
+    # -- router information ----------------------------------------------------------
+    def stats(self, timeout: float = 2.0) -> dict:
+        """The router's counters (connections, leases, events in/out, drops...)."""
+        return self._control(lambda s: s.stats(), timeout, "stats")
+
+    # -- closing -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Say BYE, stop the I/O thread, close the socket.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._space.set()
+        try:
+            os.write(self._wake_w, b"c")
+        except OSError:
+            pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5.0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- waiting helpers -------------------------------------------------------------------
+    def _wait_cond(self, pred, timeout: float | None, message: str) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not pred():
+                if self._closed:
+                    raise ClosedError("connection is closed")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(message)
+                self._cond.wait(remaining)
+
+    def _wait_for(self, lease: Lease, timeout: float | None) -> Event:
+        q = lease._q
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not q:
+                if lease._error is not None:
+                    raise lease._error
+                if lease._closed or self._closed:
+                    raise ClosedError(f"lease {lease.id} is closed")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
+                self._cond.wait(remaining)
+            return q.popleft()
+
+    def _control(self, op, timeout: float, what: str):
+        with self._lock:
+            if self._closed:
+                raise ClosedError("connection is closed")
+            self._wait_cond(lambda: self._session.state == READY, timeout,
+                            f"{what}: not connected to a router within {timeout} s")
+            req = op(self._session)
+        self._kick()
+        return self._wait_req(req, timeout, what)
+
+    def _wait_req(self, req: int, timeout: float, what: str):
+        w = _Waiter()
+        with self._lock:
+            early = self._waiters.get(req)
+            if early is not None:  # answered before we started waiting
+                w = early
+            self._waiters[req] = w
+        try:
+            self._wait_cond(lambda: w.done, timeout, f"{what}: no answer within {timeout} s")
+        finally:
+            with self._lock:
+                self._waiters.pop(req, None)
+        if w.error is not None:
+            raise w.error
+        return w.result
+
+    # -- Sink: called by the Session, in the I/O thread, with the lock held ------------
+    def deliver(self, events: list[Event]) -> None:
+        leases = self._leases
+        notify = self._notify
+        limit = self.config.lease_queue
+        for ev in events:
+            for lid in ev.leases:
+                lease = leases.get(lid)
+                if lease is None:
+                    continue
+                if lid.startswith("inbox:"):
+                    w = self._requests.get(ev.re)
+                    if w is not None and not w.done:
+                        w.result, w.done = ev, True
+                    continue
+                q = lease._q
+                if len(q) >= limit:
+                    lease.dropped += 1
+                    if lease.dropped == 1 or lease.dropped % 10000 == 0:
+                        log.warning("lease %s on %s: queue full (%d), %d events dropped so far",
+                                    lid, lease.channel.text, limit, lease.dropped)
+                    continue
+                q.append(ev)
+                notify.append(lease)
+        self._cond.notify_all()
+
+    def ready(self, welcome: dict) -> None:
+        self.welcome = welcome
+        self._ready_once.set()
+        self._cond.notify_all()
+
+    def lease_granted(self, lease_id: str, granted: float) -> None:
+        lease = self._leases.get(lease_id)
+        if lease is not None:
+            lease.granted = granted
+            self._cond.notify_all()
+
+    def lease_failed(self, lease_id: str, exc: Exception) -> None:
+        lease = self._leases.get(lease_id)
+        if lease is not None:
+            lease._error = exc
+            self._cond.notify_all()
+
+    def lease_expired(self, lease_id: str) -> None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is not None:
+            log.warning("lease %s on %s expired at the router", lease_id, lease.channel.text)
+            lease._error = LeaseExpired(f"lease {lease_id} on {lease.channel.text} expired",
+                                        code="expired", channel=lease.channel.text, ref=lease_id)
+            self._cond.notify_all()
+
+    def completed(self, req: int, result: Any, exc: Exception | None) -> None:
+        w = self._waiters.get(req)
+        if w is None:
+            w = _Waiter()
+            self._waiters[req] = w
+        w.result, w.error, w.done = result, exc, True
+        self._cond.notify_all()
+
+    def async_error(self, exc: Exception) -> None:
+        log.warning("router %s: %s", self._session.router, exc)
+        if len(self._errors) < 100:
+            self._errors.append(exc)
+        self._cond.notify_all()
+
+    def dropped(self, n: int) -> None:
+        self.dropped_by_router += n
+        log.warning("router %s dropped %d events for this connection (slow reader); %d in all",
+                    self._session.router, n, self.dropped_by_router)
+
+    # -- the I/O thread -------------------------------------------------------------------
+    def _open(self, url: str) -> None:
+        if self._sock is not None:
+            self._poller.unregister(self._sock)
+            self._sock.close(linger=0)
+        sock = self._ctx.socket(zmq.DEALER)
+        configure_socket(sock, self.config)
+        sock.connect(url)
+        self._sock = sock
+        self._poller.register(sock, zmq.POLLIN)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # pragma: no cover - a bug; make it visible, wake waiters
+            log.exception("psepr I/O thread crashed")
+            with self._lock:
+                self._closed = True
+                self._cond.notify_all()
+        finally:
+            if self._sock is not None:
+                self._sock.close(linger=0)
+                self._sock = None
+
+    def _loop(self) -> None:
+        s = self._session
+        self._poller = poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        outq = self._outq
+        limit = self.config.send_queue
+        NOBLOCK = zmq.NOBLOCK
+        backlog: list = []
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                if self._closed:
+                    break
+                url = s.take_switch()
+                if url is not None:
+                    backlog = []
+                    self._open(url)
+                    s.start(now)
+                # Move user sends into the session (bounded by the session's queue).
+                self._woken = False
+                if outq and s.queued < limit:
+                    entries, chunks, nbytes = [], [], 0
+                    pop = outq.popleft
+                    for _ in range(min(len(outq), limit)):
+                        e, raw = pop()
+                        entries.append(e)
+                        chunks.append(raw)
+                        nbytes += len(raw)
+                    s.add_events(entries, chunks, nbytes)
+                    self._space.set()
+                if not backlog:
+                    backlog = s.take_out(now)
+            sock = self._sock
+            while backlog:
+                try:
+                    sock.send_multipart(backlog[0], NOBLOCK)
+                except zmq.Again:
+                    break
+                backlog.pop(0)
+            timeout = max(0.0, s.next_deadline(now) - now)
+            if backlog:
+                timeout = min(timeout, 0.01)
+            if outq and s.queued < limit:
+                timeout = 0.0
+            ready = dict(poller.poll(timeout * 1000.0))
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if ready.get(sock):
+                with self._lock:
+                    for _ in range(1000):
+                        try:
+                            frames = sock.recv_multipart(NOBLOCK)
+                        except zmq.Again:
+                            break
+                        s.on_message(frames, time.monotonic())
+            now = time.monotonic()
+            if now >= s.next_deadline(now):
+                with self._lock:
+                    s.tick(now)
+        # closing: say goodbye if we can
+        sock = self._sock
+        if sock is not None:
+            for frames in s.close():
+                try:
+                    sock.send_multipart(frames, NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+
+def connect(routers=None, **kwargs) -> Connection:
+    """Connect to a router (the first that answers from a list).
+
+    Args:
+        routers: an endpoint (``"tcp://127.0.0.1:7600"``), a list of them, or None
+            for ``PSEPR_ROUTERS`` / the servers file / the default.
+        **kwargs: ``config``, ``preset`` (local/lan/wan), ``service``, ``instance``,
+            ``keyfile`` and ``server_key`` (CURVE), ``shuffle``.
+
+    Returns:
+        A ready :class:`Connection` (also a context manager).
+
+    Raises:
+        ConnectionLost: no router answered.
+        ConfigError: bad arguments or key files.
+    """
+    return Connection(routers, **kwargs)
+
+
+__all__ = ["connect", "Connection", "Lease", "PseprError"]

@@ -1,0 +1,124 @@
+"""Client configuration: a frozen dataclass with named presets, and router discovery.
+
+Router addresses come from, in order: the argument to ``connect``, the
+``PSEPR_ROUTERS`` environment variable (comma- or space-separated), a servers
+file (``PSEPR_SERVERS_FILE``, else ``~/.config/psepr/servers``; one URL per
+line, ``#`` comments), else ``tcp://127.0.0.1:7600``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_ROUTER = "tcp://127.0.0.1:7600"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client connection behaves.
+
+    Attributes:
+        service: the service name declared in HELLO (the principal when the
+            router runs without CURVE; with CURVE the key decides).
+        instance: this connection's instance name (default: host-pid-n).
+        ping_interval: seconds between liveness pings (1 s: cheap, and it lets a
+            dead router be noticed well inside the 3 s fail-over target).
+        dead_after: seconds without any message from the router before the
+            connection is declared lost and the next router is tried.
+        connect_timeout: seconds to wait for WELCOME from one router.
+        renew_fraction: leases are renewed at this fraction of the grant (0.8,
+            as PsEPR clients did), leaving 20 % for retries.
+        renew_retry: seconds between renewal retries when no answer came.
+        batch_events / batch_bytes: a SEND message is cut at this many events or
+            payload bytes (big enough to amortise ZeroMQ's per-message cost,
+            small enough to keep latency and router memory low).
+        send_queue: events buffered before ``send`` blocks (back-pressure).
+        send_block_timeout: how long ``send`` blocks on a full buffer before it
+            raises :class:`~psepr.errors.TimeoutError`.
+        lease_queue: events buffered per lease before new ones are dropped and
+            counted in ``lease.dropped``.
+        max_event_bytes: largest payload accepted locally (1 MiB, as the router).
+        curve_server_key: router's Z85 public key (enables CURVE).
+        curve_public_key / curve_secret_key: this client's Z85 key pair.
+    """
+
+    service: str | None = None
+    instance: str | None = None
+    ping_interval: float = 1.0
+    dead_after: float = 3.0
+    connect_timeout: float = 2.0
+    renew_fraction: float = 0.8
+    renew_retry: float = 1.0
+    batch_events: int = 2000
+    batch_bytes: int = 256 << 10
+    send_queue: int = 100_000
+    send_block_timeout: float = 30.0
+    lease_queue: int = 100_000
+    max_event_bytes: int = 1 << 20
+    curve_server_key: str | None = None
+    curve_public_key: str | None = None
+    curve_secret_key: str | None = None
+
+    PRESETS = {
+        # Same host: routers answer in microseconds; notice death fast.
+        "local": dict(ping_interval=0.5, dead_after=1.5, connect_timeout=1.0),
+        # A machine room: defaults.
+        "lan": dict(),
+        # Wide area: tolerate latency spikes and loss before failing over.
+        "wan": dict(ping_interval=2.0, dead_after=10.0, connect_timeout=5.0, renew_retry=2.0),
+    }
+
+    @classmethod
+    def preset(cls, preset: str, /, **overrides) -> "ClientConfig":
+        """A configuration from a named preset with overrides (KeyError if unknown)."""
+        return cls(**{**cls.PRESETS[preset], **overrides})
+
+    def replace(self, **changes) -> "ClientConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _split(text: str) -> list[str]:
+    return [u for u in text.replace(",", " ").split() if u]
+
+
+def router_list(routers: "str | list[str] | tuple[str, ...] | None" = None) -> list[str]:
+    """Resolve the routers to try, in order (see module docs).
+
+    Args:
+        routers: a URL, a list of URLs, or None to consult the environment.
+
+    Returns:
+        A non-empty list of ZeroMQ endpoints.
+
+    Raises:
+        ConfigError: an empty list, a non-string entry, or an unreadable servers file.
+    """
+    if routers is None:
+        env = os.environ.get("PSEPR_ROUTERS", "").strip()
+        if env:
+            return _split(env)
+        path = Path(os.environ.get("PSEPR_SERVERS_FILE")
+                    or Path.home() / ".config" / "psepr" / "servers")
+        if path.exists():
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"cannot read servers file {path}: {exc.strerror}") from None
+            urls = [u for line in lines for u in _split(line.split("#", 1)[0])]
+            if urls:
+                return urls
+            raise ConfigError(f"servers file {path} lists no router")
+        return [DEFAULT_ROUTER]
+    if isinstance(routers, str):
+        urls = _split(routers)
+    else:
+        urls = list(routers)
+    if not urls or not all(isinstance(u, str) and "://" in u for u in urls):
+        raise ConfigError(f"routers must be ZeroMQ endpoints like tcp://127.0.0.1:7600, "
+                          f"got {routers!r}")
+    return urls

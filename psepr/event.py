@@ -1,0 +1,526 @@
+"""Events and their two lossless encodings (JSON and PsEPR XML).
+
+Theory of operation
+-------------------
+An :class:`Event` is addressed to a channel (optionally to one service or
+instance inside it), comes from a service (the authenticated principal, which
+the router stamps) and an instance, has a type (the payload's namespace), a
+sender time and a payload.  A payload is either a JSON value
+(``format == "json"``) or one XML element (``format == "xml"``) whose
+namespace is the event type, e.g. ``<payload xmlns="heartbeat">..</payload>``.
+
+Two whole-event encodings exist and convert into each other without loss:
+
+* JSON: ``{"id", "to": {"channel", "service", "instance"}, "from": {"service",
+  "instance"}, "type", "time", "reply_to", "re", "format", "payload"}``; an
+  XML payload is carried as its text.
+* PsEPR XML: ``<event xmlns="http://psepr.org/xs/event">`` with ``id``,
+  ``time``, ``to``, ``from``, ``reply-to``, ``re`` and ``payload`` children; a
+  JSON payload is carried as text in ``<payload xmlns="TYPE" format="json">``.
+
+XML from outside is parsed only with defusedxml (no DTD, no entities, no
+external references) and only below a size bound.  On the wire between SDK
+and router the payload travels as opaque bytes (JSON text or XML text, see
+:mod:`psepr.wire`); routers never look inside.  Events built from the wire
+decode their payload lazily, on first access, so that a client that only
+forwards or counts events does not pay for parsing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time as _time
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import defusedxml
+import defusedxml.ElementTree as DET
+import orjson
+
+from .channel import Channel, parse, parse_destination
+from .errors import EventError, XMLRefused
+
+#: XML namespace of the PsEPR event envelope.
+EVENT_NS = "http://psepr.org/xs/event"
+#: Event type of PsEPR attribute payloads (field, value, expire).
+ATTRIBUTE = "http://psepr.org/xs/payload/attribute"
+#: Default bound on one event's encoded size (payload or whole document).
+MAX_EVENT_BYTES = 1 << 20
+
+JSON = "json"
+XML = "xml"
+_FORMATS = (JSON, XML)
+_UNSET = object()
+
+
+def _check_name(value: Any, field: str, optional: bool = True) -> str | None:
+    """Names (ids, services, instances, types) are printable text without whitespace."""
+    if value is None:
+        if optional:
+            return None
+        raise EventError(f"event field {field!r} is required", field)
+    if not isinstance(value, str) or not value:
+        raise EventError(f"event field {field!r} must be a non-empty string, got {value!r}", field)
+    if len(value) > 1024:
+        raise EventError(f"event field {field!r} is longer than 1024 characters", field)
+    for ch in value:
+        if ch.isspace() or not ch.isprintable():
+            raise EventError(f"event field {field!r} = {value!r} contains whitespace or a "
+                             f"control character", field)
+    return value
+
+
+_id_prefix = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def new_id() -> str:
+    """A process-unique event id (random per-process prefix + counter)."""
+    return f"{_id_prefix}.{next(_id_counter)}"
+
+
+class Event:
+    """One event.  Equality compares every encoded field (not the delivering lease).
+
+    Attributes:
+        id: unique id chosen by the sender.
+        channel: destination :class:`~psepr.channel.Channel`.
+        type: payload namespace, or None.
+        time: sender's wall-clock time, seconds since the epoch.
+        format: ``"json"`` or ``"xml"``.
+        payload: the JSON value, or the XML payload element as text.
+        from_service: authenticated principal of the sender (router-stamped).
+        from_instance: the sender connection's instance name (router-stamped).
+        to_service / to_instance: directed delivery inside the channel, or None.
+        reply_to: channel where replies go (request/reply), or None.
+        re: id of the event this one answers, or None.
+        leases: ids of the local leases this event was delivered on (SDK only).
+    """
+
+    __slots__ = ("id", "channel", "type", "time", "format", "_payload", "_raw",
+                 "from_service", "from_instance", "to_service", "to_instance",
+                 "reply_to", "re", "leases")
+
+    def __init__(self, channel: "str | Channel", payload: Any = None, *, type: str | None = None,
+                 format: str | None = None, id: str | None = None, time: float | None = None,
+                 from_service: str | None = None, from_instance: str | None = None,
+                 to_service: str | None = None, to_instance: str | None = None,
+                 reply_to: "str | Channel | None" = None, re: str | None = None) -> None:
+        """Build and validate an event.
+
+        Args:
+            channel: destination channel (not the root).
+            payload: a JSON-serialisable value, or XML text when ``format="xml"``.
+            type: the payload namespace; for XML payloads it defaults to the
+                payload element's namespace and must agree with it.
+            format: ``"json"`` (default) or ``"xml"``.
+            id: event id; a fresh unique one by default.
+            time: sender time; now by default.
+            from_service, from_instance: normally left None (the router stamps them).
+            to_service, to_instance: directed delivery.
+            reply_to: reply channel for requests.
+            re: id of the request this event answers.
+
+        Raises:
+            ChannelError: invalid channel or reply_to.
+            EventError: invalid field, payload not serialisable, type mismatch.
+            XMLRefused: XML payload refused by the hardened parser.
+        """
+        self.channel = parse_destination(channel)
+        fmt = format or JSON
+        if fmt not in _FORMATS:
+            raise EventError(f"event format must be 'json' or 'xml', got {fmt!r}", "format")
+        self.format = fmt
+        if fmt == XML:
+            text, ns = check_xml_payload(payload)
+            if type is None:
+                type = ns
+            elif ns != type:
+                raise EventError(f"XML payload namespace {ns!r} does not match type {type!r}",
+                                 "type")
+            self._payload = text
+        else:
+            self._payload = payload
+        self._raw = None
+        self.type = _check_name(type, "type")
+        self.id = _check_name(id, "id") if id is not None else new_id()
+        if time is None:
+            time = _time.time()
+        if isinstance(time, bool) or not isinstance(time, (int, float)) or time != time:
+            raise EventError(f"event time must be a number, got {time!r}", "time")
+        self.time = float(time)
+        self.from_service = _check_name(from_service, "from.service")
+        self.from_instance = _check_name(from_instance, "from.instance")
+        self.to_service = _check_name(to_service, "to.service")
+        self.to_instance = _check_name(to_instance, "to.instance")
+        self.reply_to = parse(reply_to) if reply_to is not None else None
+        self.re = _check_name(re, "re")
+        self.leases: tuple = ()
+
+    @classmethod
+    def _from_wire(cls, id: str, channel: Channel, type: str | None, time: float, fmt: str,
+                   raw: bytes, from_service: str | None, from_instance: str | None,
+                   to_service: str | None, to_instance: str | None,
+                   reply_to: Channel | None, re: str | None, leases: tuple) -> "Event":
+        """Build an event from already-validated wire fields, payload undecoded."""
+        self = cls.__new__(cls)
+        self.id = id
+        self.channel = channel
+        self.type = type
+        self.time = time
+        self.format = fmt
+        self._payload = _UNSET
+        self._raw = raw
+        self.from_service = from_service
+        self.from_instance = from_instance
+        self.to_service = to_service
+        self.to_instance = to_instance
+        self.reply_to = reply_to
+        self.re = re
+        self.leases = leases
+        return self
+
+    @property
+    def payload(self) -> Any:
+        """The payload: a JSON value, or the XML payload element as text."""
+        p = self._payload
+        if p is _UNSET:
+            raw = self._raw
+            if self.format == JSON:
+                try:
+                    p = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    raise EventError(f"event {self.id}: payload is not valid JSON: {exc}",
+                                     "payload") from None
+            else:
+                p = bytes(raw).decode("utf-8", "replace")
+            self._payload = p
+        return p
+
+    def payload_bytes(self) -> bytes:
+        """The payload as it travels on the wire (JSON text or XML text, UTF-8).
+
+        Raises:
+            EventError: if a JSON payload cannot be serialised.
+        """
+        if self._raw is not None:
+            return bytes(self._raw)
+        if self.format == JSON:
+            try:
+                raw = orjson.dumps(self._payload)
+            except TypeError as exc:
+                raise EventError(f"payload is not JSON-serialisable: {exc}", "payload") from None
+        else:
+            raw = self._payload.encode("utf-8")
+        self._raw = raw
+        return raw
+
+    def xml_element(self) -> ET.Element:
+        """Parse an XML payload (hardened) into an ElementTree element.
+
+        Raises:
+            EventError: if the payload is JSON.
+            XMLRefused: if the payload is not acceptable XML.
+        """
+        if self.format != XML:
+            raise EventError(f"event {self.id} has a JSON payload, not XML", "payload")
+        return parse_xml(self.payload)
+
+    # -- equality ----------------------------------------------------------
+    def _key(self) -> tuple:
+        payload = self.payload
+        if self.format == XML:
+            payload = _canonical(payload)
+        else:
+            payload = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+        return (self.id, self.channel.text, self.type, self.time, self.format, payload,
+                self.from_service, self.from_instance, self.to_service, self.to_instance,
+                self.reply_to.text if self.reply_to else None, self.re)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # mutable-ish payload; events are not dict keys
+
+    def __repr__(self) -> str:
+        return (f"Event(id={self.id!r}, channel={self.channel.text!r}, type={self.type!r}, "
+                f"from={self.from_service!r}/{self.from_instance!r}, payload={self.payload!r})")
+
+    # -- codecs ------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The JSON encoding as a Python dict (see module docs for the shape)."""
+        return {
+            "id": self.id,
+            "to": {"channel": self.channel.text, "service": self.to_service,
+                   "instance": self.to_instance},
+            "from": {"service": self.from_service, "instance": self.from_instance},
+            "type": self.type,
+            "time": self.time,
+            "reply_to": self.reply_to.text if self.reply_to else None,
+            "re": self.re,
+            "format": self.format,
+            "payload": self.payload,
+        }
+
+    def to_json(self) -> bytes:
+        """Encode the whole event as JSON (UTF-8 bytes)."""
+        return orjson.dumps(self.to_dict())
+
+    def to_xml(self) -> str:
+        """Encode the whole event as a PsEPR XML document (text)."""
+        e = _xml_escape
+        parts = [f'<event xmlns="{EVENT_NS}">', f"<id>{e(self.id)}</id>",
+                 f"<time>{self.time!r}</time>", "<to>", f"<channel>{e(self.channel.text)}</channel>"]
+        if self.to_service is not None:
+            parts.append(f"<service>{e(self.to_service)}</service>")
+        if self.to_instance is not None:
+            parts.append(f"<instance>{e(self.to_instance)}</instance>")
+        parts.append("</to><from>")
+        if self.from_service is not None:
+            parts.append(f"<service>{e(self.from_service)}</service>")
+        if self.from_instance is not None:
+            parts.append(f"<instance>{e(self.from_instance)}</instance>")
+        parts.append("</from>")
+        if self.reply_to is not None:
+            parts.append(f"<reply-to>{e(self.reply_to.text)}</reply-to>")
+        if self.re is not None:
+            parts.append(f"<re>{e(self.re)}</re>")
+        if self.format == XML:
+            parts.append(self.payload)
+        else:
+            ns = _xml_escape_attr(self.type) if self.type is not None else ""
+            parts.append(f'<payload xmlns="{ns}" format="json">'
+                         f"{e(orjson.dumps(self.payload).decode())}</payload>")
+        parts.append("</event>")
+        return "".join(parts)
+
+
+def attribute(field: str, value: Any, expire: float | None = None) -> dict:
+    """Build a PsEPR attribute payload (send it with ``type=psepr.ATTRIBUTE``).
+
+    Args:
+        field: attribute name, e.g. ``"load_avg"``.
+        value: any JSON value.
+        expire: seconds after which the value is stale, or None for never.
+
+    Returns:
+        ``{"field": field, "value": value, "expire": expire}``
+
+    Raises:
+        EventError: if field is empty or expire is negative.
+    """
+    if not isinstance(field, str) or not field:
+        raise EventError(f"attribute field must be a non-empty string, got {field!r}", "field")
+    if expire is not None and (isinstance(expire, bool) or not isinstance(expire, (int, float))
+                               or expire < 0):
+        raise EventError(f"attribute expire must be a non-negative number, got {expire!r}",
+                         "expire")
+    return {"field": field, "value": value, "expire": expire}
+
+
+# -- XML helpers -------------------------------------------------------------
+
+def _xml_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _xml_escape_attr(text: str) -> str:
+    return _xml_escape(text).replace('"', "&quot;")
+
+
+def parse_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> ET.Element:
+    """Parse untrusted XML with the hardened parser.
+
+    Args:
+        data: the document text or bytes.
+        max_bytes: refuse documents larger than this.
+
+    Returns:
+        The root element.
+
+    Raises:
+        XMLRefused: for a DTD, an entity, an external reference, a syntax error
+            or a document above ``max_bytes``; the message says which.
+    """
+    size = len(data.encode("utf-8") if isinstance(data, str) else data)
+    if size > max_bytes:
+        raise XMLRefused(f"XML document of {size} bytes exceeds the limit of {max_bytes} bytes",
+                         "payload")
+    try:
+        return DET.fromstring(data, forbid_dtd=True, forbid_entities=True,
+                              forbid_external=True)
+    except defusedxml.DTDForbidden:
+        raise XMLRefused("XML refused: documents with a DTD (<!DOCTYPE>) are not accepted",
+                         "payload") from None
+    except defusedxml.EntitiesForbidden:
+        raise XMLRefused("XML refused: entity declarations are not accepted", "payload") from None
+    except defusedxml.ExternalReferenceForbidden:
+        raise XMLRefused("XML refused: external references are not accepted", "payload") from None
+    except ET.ParseError as exc:
+        raise XMLRefused(f"XML refused: not well-formed: {exc}", "payload") from None
+
+
+def _split_tag(tag: str) -> tuple[str | None, str]:
+    if tag.startswith("{"):
+        ns, _, local = tag[1:].partition("}")
+        return (ns or None), local
+    return None, tag
+
+
+def check_xml_payload(payload: Any, max_bytes: int = MAX_EVENT_BYTES) -> tuple[str, str | None]:
+    """Validate an XML payload: one ``payload`` element, hardened-parsed.
+
+    Args:
+        payload: the XML text (str or bytes).
+        max_bytes: size bound.
+
+    Returns:
+        ``(text, namespace)``: the payload text and its namespace (the type).
+
+    Raises:
+        EventError, XMLRefused: if it is not text, not acceptable XML, or its
+            root element is not ``payload``.
+    """
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        payload = bytes(payload).decode("utf-8")
+    if not isinstance(payload, str):
+        raise EventError(f"an XML payload must be text, got {type(payload).__name__}", "payload")
+    root = parse_xml(payload, max_bytes)
+    ns, local = _split_tag(root.tag)
+    if local != "payload":
+        raise EventError(f"the XML payload's root element must be <payload>, got <{local}>",
+                         "payload")
+    return payload.strip(), ns
+
+
+def _serialize_payload(elem: ET.Element) -> str:
+    """Serialize a parsed payload element using default namespaces (no ns0 prefixes)."""
+    out: list[str] = []
+
+    def walk(el: ET.Element, inherited: str | None) -> None:
+        ns, local = _split_tag(el.tag)
+        attrs = ""
+        if ns != inherited:
+            attrs += f' xmlns="{_xml_escape_attr(ns or "")}"'
+        extra = {}
+        for k, v in el.attrib.items():
+            ans, alocal = _split_tag(k)
+            if ans is None:
+                attrs += f' {alocal}="{_xml_escape_attr(v)}"'
+            else:
+                prefix = extra.setdefault(ans, f"a{len(extra)}")
+                attrs += f' {prefix}:{alocal}="{_xml_escape_attr(v)}"'
+        for ans, prefix in extra.items():
+            attrs += f' xmlns:{prefix}="{_xml_escape_attr(ans)}"'
+        out.append(f"<{local}{attrs}>")
+        if el.text:
+            out.append(_xml_escape(el.text))
+        for child in el:
+            walk(child, ns)
+            if child.tail:
+                out.append(_xml_escape(child.tail))
+        out.append(f"</{local}>")
+
+    walk(elem, EVENT_NS)
+    return "".join(out)
+
+
+def _canonical(text: str) -> str:
+    return ET.canonicalize(xml_data=text, rewrite_prefixes=True)
+
+
+def _child_text(parent: ET.Element, name: str) -> str | None:
+    el = parent.find(f"{{{EVENT_NS}}}{name}")
+    if el is None:
+        return None
+    return el.text or ""
+
+
+def from_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> Event:
+    """Decode a PsEPR XML event document.
+
+    Args:
+        data: the document.
+        max_bytes: size bound (default 1 MiB).
+
+    Returns:
+        The :class:`Event`.
+
+    Raises:
+        XMLRefused: hostile or malformed XML, or too large.
+        EventError, ChannelError: a required field is missing or invalid.
+    """
+    root = parse_xml(data, max_bytes)
+    if root.tag != f"{{{EVENT_NS}}}event":
+        raise EventError(f"root element must be <event xmlns=\"{EVENT_NS}\">, got {root.tag}",
+                         "event")
+    to = root.find(f"{{{EVENT_NS}}}to")
+    if to is None or _child_text(to, "channel") is None:
+        raise EventError("XML event has no <to><channel>", "to.channel")
+    frm = root.find(f"{{{EVENT_NS}}}from")
+    payload = None
+    for child in root:
+        if _split_tag(child.tag)[1] == "payload":
+            payload = child
+    if payload is None:
+        raise EventError("XML event has no <payload>", "payload")
+    ns, _ = _split_tag(payload.tag)
+    time_text = _child_text(root, "time")
+    try:
+        t = float(time_text) if time_text is not None else None
+    except ValueError:
+        raise EventError(f"XML event <time> is not a number: {time_text!r}", "time") from None
+    common = dict(
+        id=_child_text(root, "id"), time=t,
+        to_service=_child_text(to, "service"), to_instance=_child_text(to, "instance"),
+        from_service=_child_text(frm, "service") if frm is not None else None,
+        from_instance=_child_text(frm, "instance") if frm is not None else None,
+        reply_to=_child_text(root, "reply-to"), re=_child_text(root, "re"))
+    channel = _child_text(to, "channel")
+    if payload.get("format") == "json":
+        try:
+            value = orjson.loads(payload.text or "null")
+        except orjson.JSONDecodeError as exc:
+            raise EventError(f"JSON payload inside XML event is invalid: {exc}",
+                             "payload") from None
+        return Event(channel, value, type=ns, format=JSON, **common)
+    return Event(channel, _serialize_payload(payload), type=ns, format=XML, **common)
+
+
+def from_json(data: "str | bytes | dict", max_bytes: int = MAX_EVENT_BYTES) -> Event:
+    """Decode the JSON encoding of an event.
+
+    Args:
+        data: JSON text/bytes, or an already-decoded dict.
+        max_bytes: size bound (default 1 MiB).
+
+    Returns:
+        The :class:`Event`.
+
+    Raises:
+        EventError, ChannelError: malformed JSON, missing or invalid fields.
+    """
+    if isinstance(data, (str, bytes)):
+        if len(data) > max_bytes:
+            raise EventError(f"JSON event of {len(data)} bytes exceeds the limit of "
+                             f"{max_bytes} bytes", "event")
+        try:
+            data = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise EventError(f"event is not valid JSON: {exc}", "event") from None
+    if not isinstance(data, dict):
+        raise EventError("a JSON event must be an object", "event")
+    to = data.get("to") or {}
+    frm = data.get("from") or {}
+    if not isinstance(to, dict) or not isinstance(frm, dict):
+        raise EventError("event 'to' and 'from' must be objects", "to")
+    if "channel" not in to:
+        raise EventError("JSON event has no to.channel", "to.channel")
+    return Event(to["channel"], data.get("payload"), type=data.get("type"),
+                 format=data.get("format") or JSON, id=data.get("id"), time=data.get("time"),
+                 from_service=frm.get("service"), from_instance=frm.get("instance"),
+                 to_service=to.get("service"), to_instance=to.get("instance"),
+                 reply_to=data.get("reply_to"), re=data.get("re"))

@@ -1,0 +1,502 @@
+"""The client's protocol core: one session with a router, without I/O (pure).
+
+Theory of operation
+-------------------
+:class:`Session` holds everything a client connection knows: which router it
+talks to, whether HELLO was answered, the leases it holds (and when to renew
+them), the events waiting to be sent, and outstanding control requests.  The
+shells (:mod:`psepr.client` with a thread, :mod:`psepr.aio` with asyncio) move
+bytes: they call :meth:`Session.on_message` with each received message,
+:meth:`Session.tick` when :meth:`Session.next_deadline` passes, and send what
+:meth:`Session.take_out` returns.  The core reports back through a *sink*
+object (deliveries, grants, replies, errors) and asks for a new socket by
+setting :attr:`Session.switch_to`.
+
+Life cycle: ``start`` queues HELLO; WELCOME makes the session READY, which
+re-registers every lease (same ids, so a router sees renewals) and releases
+the buffered events.  An ERROR ``no-session`` (the router restarted) re-sends
+HELLO on the same socket.  Silence longer than ``dead_after``, or no WELCOME
+within ``connect_timeout``, moves to the next router in the list (with a
+jittered back-off after a full round).  Leases are renewed at
+``renew_fraction`` of the grant and retried every ``renew_retry`` seconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import socket
+import time as _time
+from typing import Any, Protocol
+
+import orjson
+
+from . import wire
+from .channel import Channel, parse, parse_destination
+from .config import ClientConfig
+from .errors import EventError, UsageError, remote_error
+from .event import JSON, XML, Event, _check_name, check_xml_payload, new_id
+from .wire import Kind
+
+log = logging.getLogger("psepr.client")
+
+CONNECTING = "connecting"
+READY = "ready"
+CLOSED = "closed"
+
+_K = wire.KIND_BYTES
+_instance_seq = itertools.count(1)
+
+
+def default_instance() -> str:
+    """``host-pid-n``: unique per connection on a host, readable in stats."""
+    return f"{socket.gethostname()}-{os.getpid()}-{next(_instance_seq)}"
+
+
+_type_ok: set[str] = set()
+
+
+def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str | None = None,
+               format: str | None = None, to_service: str | None = None,
+               to_instance: str | None = None, reply_to: "str | Channel | None" = None,
+               re: str | None = None, id: str | None = None,
+               max_bytes: int = 1 << 20) -> tuple[list, bytes]:
+    """Encode one event for a SEND batch.
+
+    Args:
+        channel: destination channel, or a whole :class:`Event` (then the other
+            arguments are ignored; its ``from`` fields are not sent).
+        payload: JSON value, or XML text with ``format="xml"``.
+        type: the payload type (namespace).
+        format: ``"json"`` (default) or ``"xml"``.
+        to_service, to_instance: directed delivery inside the channel.
+        reply_to, re: request/reply fields.
+        id: event id (fresh by default).
+        max_bytes: payload size bound.
+
+    Returns:
+        ``(entry, payload_bytes)`` as described in :mod:`psepr.wire`.
+
+    Raises:
+        ChannelError, EventError, XMLRefused: invalid input, named precisely.
+    """
+    if isinstance(channel, Event):
+        ev = channel
+        return make_entry(ev.channel, ev.payload, ev.type, ev.format, ev.to_service,
+                          ev.to_instance, ev.reply_to, ev.re, ev.id, max_bytes)
+    ch = parse_destination(channel)
+    if format is None or format == JSON:
+        try:
+            raw = orjson.dumps(payload)
+        except TypeError as exc:
+            raise EventError(f"payload is not JSON-serialisable: {exc}", "payload") from None
+        fmt = wire.FMT_JSON
+    elif format == XML:
+        text, ns = check_xml_payload(payload, max_bytes)
+        if type is None:
+            type = ns
+        elif type != ns:
+            raise EventError(f"XML payload namespace {ns!r} does not match type {type!r}",
+                             "type")
+        raw = text.encode("utf-8")
+        fmt = wire.FMT_XML
+    else:
+        raise EventError(f"event format must be 'json' or 'xml', got {format!r}", "format")
+    if len(raw) > max_bytes:
+        raise EventError(f"payload of {len(raw)} bytes exceeds the limit of {max_bytes} bytes",
+                         "payload")
+    if type is not None and type not in _type_ok:
+        _check_name(type, "type")
+        if len(_type_ok) < 10_000:
+            _type_ok.add(type)
+    entry = [id if id is not None else new_id(), ch.text, type, _time.time(), fmt, len(raw)]
+    if to_service is not None or to_instance is not None or reply_to is not None or re is not None:
+        opts = {}
+        if to_service is not None:
+            opts["ts"] = _check_name(to_service, "to_service")
+        if to_instance is not None:
+            opts["ti"] = _check_name(to_instance, "to_instance")
+        if reply_to is not None:
+            opts["rt"] = parse(reply_to).text
+        if re is not None:
+            opts["re"] = _check_name(re, "re")
+        entry.append(opts)
+    elif id is not None:
+        _check_name(id, "id")
+    return entry, raw
+
+
+class Sink(Protocol):
+    """What a shell implements to hear from the core."""
+
+    def deliver(self, events: list[Event]) -> None: ...
+    def ready(self, welcome: dict) -> None: ...
+    def lease_granted(self, lease_id: str, granted: float) -> None: ...
+    def lease_failed(self, lease_id: str, exc: Exception) -> None: ...
+    def lease_expired(self, lease_id: str) -> None: ...
+    def completed(self, req: int, result: Any, exc: Exception | None) -> None: ...
+    def async_error(self, exc: Exception) -> None: ...
+    def dropped(self, n: int) -> None: ...
+
+
+class LeaseState:
+    """What the core remembers of one lease."""
+
+    __slots__ = ("id", "channel", "type", "duration", "granted", "renew_at", "expires_at",
+                 "active", "renew", "asked")
+
+    def __init__(self, id: str, channel: Channel, type: str | None, duration: float,
+                 renew: bool) -> None:
+        self.id = id
+        self.channel = channel
+        self.type = type
+        self.duration = duration
+        self.granted = 0.0
+        self.renew_at = float("inf")
+        self.expires_at = float("inf")
+        self.active = False
+        self.renew = renew
+        self.asked = 0.0
+
+
+class Session:
+    """The protocol state of one client connection (see module docs).
+
+    Args:
+        config: client configuration.
+        routers: endpoints to try, in order.
+        sink: receives the core's reports.
+        now: current monotonic time.
+        rng: random generator (jitter); a new one by default.
+    """
+
+    def __init__(self, config: ClientConfig, routers: list[str], sink: Sink, now: float,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.routers = list(routers)
+        self.sink = sink
+        self.rng = rng or random.Random()
+        self.instance = config.instance or default_instance()
+        self.state = CONNECTING
+        self.index = 0
+        self.switch_to: str | None = self.routers[0]
+        self.welcome: dict | None = None
+        self.leases: dict[str, LeaseState] = {}
+        self._control: list[list[bytes]] = []
+        self._pend_e: list = []
+        self._pend_c: list = []
+        self._pend_bytes = 0
+        self._req = itertools.count(1)
+        self._waiting: dict[int, str] = {}   # req -> kind, for control requests
+        self._channels: dict[str, Channel] = {}
+        self._renewals: list = []            # heap of (renew_at, lease_id), lazily invalidated
+        self.last_rx = now
+        self.next_ping = now
+        self.hello_at = now
+        self.round_failures = 0
+        self.retry_at = 0.0
+        self.dropped_by_router = 0
+        self.reconnects = 0
+
+    # -- connection life cycle ------------------------------------------------
+    @property
+    def router(self) -> str:
+        """The endpoint currently in use."""
+        return self.routers[self.index]
+
+    def take_switch(self) -> str | None:
+        """The endpoint the shell must (re)connect a fresh socket to, once."""
+        url, self.switch_to = self.switch_to, None
+        return url
+
+    def start(self, now: float) -> None:
+        """The shell connected a fresh socket: say HELLO."""
+        self.state = CONNECTING
+        self.welcome = None
+        self.hello_at = now
+        self.last_rx = now
+        self._control = [m for m in self._control if m[0] != _K[Kind.HELLO]]
+        self._control.insert(0, wire.encode(Kind.HELLO, {
+            "v": wire.PROTOCOL_VERSION, "service": self.config.service,
+            "instance": self.instance, "client": "psepr-py/0.1"}))
+
+    def _next_router(self, now: float, why: str) -> None:
+        log.warning("router %s: %s; trying the next router", self.router, why)
+        self.index = (self.index + 1) % len(self.routers)
+        if self.index == 0:
+            self.round_failures += 1
+            backoff = min(0.25 * (2 ** min(self.round_failures, 4)), 5.0)
+            self.retry_at = now + backoff * (0.5 + self.rng.random())
+        else:
+            self.retry_at = now
+        self.state = CONNECTING
+        self.welcome = None
+        self.reconnects += 1
+        for ls in self.leases.values():
+            ls.active = False
+        self.switch_to = None  # decided in tick once retry_at passes
+        self._need_switch = True
+
+    _need_switch = False
+
+    def close(self) -> list[list[bytes]]:
+        """Mark closed and return the farewell messages to send (BYE)."""
+        self.state = CLOSED
+        return [wire.encode(Kind.BYE, {})]
+
+    # -- user requests -----------------------------------------------------------
+    def add_events(self, entries: list, chunks: list, nbytes: int) -> None:
+        """Queue encoded events for sending (order is kept)."""
+        self._pend_e.extend(entries)
+        self._pend_c.extend(chunks)
+        self._pend_bytes += nbytes
+
+    @property
+    def queued(self) -> int:
+        """Events waiting to be handed to the socket."""
+        return len(self._pend_e)
+
+    def lease(self, lease_id: str, channel: Channel, type: str | None, duration: float,
+              renew: bool = True) -> None:
+        """Ask for (or re-ask for) a lease; the sink hears the grant or failure."""
+        if not duration > 0:
+            raise UsageError(f"lease duration must be positive, got {duration!r}")
+        ls = self.leases.get(lease_id)
+        if ls is None:
+            ls = LeaseState(lease_id, channel, type, float(duration), renew)
+            self.leases[lease_id] = ls
+        if self.state == READY:
+            self._ask_lease(ls, _time.monotonic())
+
+    def _set_renew(self, ls: LeaseState, at: float) -> None:
+        ls.renew_at = at
+        if at != float("inf"):
+            heapq.heappush(self._renewals, (at, ls.id))
+
+    def _ask_lease(self, ls: LeaseState, now: float) -> None:
+        ls.asked = now
+        self._set_renew(ls, now + self.config.renew_retry)
+        self._control.append(wire.encode(Kind.LEASE, {
+            "id": ls.id, "channel": ls.channel.text, "type": ls.type, "duration": ls.duration}))
+
+    def unlease(self, lease_id: str) -> int | None:
+        """Release a lease; returns the request id to wait for, or None if not connected."""
+        self.leases.pop(lease_id, None)
+        if self.state != READY:
+            return None
+        return self._request(Kind.UNLEASE, {"id": lease_id})
+
+    def ping(self) -> int:
+        """Queue a PING; returns its request id (flush waits for the PONG)."""
+        return self._request(Kind.PING, {})
+
+    def stats(self) -> int:
+        """Ask the router for its counters; returns the request id."""
+        return self._request(Kind.STATS, {})
+
+    def _request(self, kind: Kind, header: dict) -> int:
+        req = next(self._req)
+        header["req"] = req
+        self._waiting[req] = kind.name
+        self._control.append(wire.encode(kind, header))
+        return req
+
+    # -- output --------------------------------------------------------------------
+    def take_out(self, now: float) -> list[list[bytes]]:
+        """Messages to send now: control first, then event batches (only when READY)."""
+        out = self._control
+        self._control = []
+        if self.state == CONNECTING:
+            # Only HELLO may go before WELCOME; keep the rest for later.
+            hello = [m for m in out if m[0] == _K[Kind.HELLO]]
+            self._control = [m for m in out if m[0] != _K[Kind.HELLO]]
+            return hello
+        if self.state != READY or not self._pend_e:
+            return out
+        entries, chunks = self._pend_e, self._pend_c
+        self._pend_e, self._pend_c, self._pend_bytes = [], [], 0
+        max_e = self.config.batch_events
+        max_b = self.config.batch_bytes
+        i, n = 0, len(entries)
+        while i < n:
+            j, size = i, 0
+            while j < n and j - i < max_e and (j == i or size + len(chunks[j]) <= max_b):
+                size += len(chunks[j])
+                j += 1
+            out.append([_K[Kind.SEND], orjson.dumps({"e": entries[i:j]}), b"".join(chunks[i:j])])
+            i = j
+        return out
+
+    def requeue(self, frames: list[bytes]) -> None:
+        """The socket could not take a message: put it back at the front."""
+        if frames[0] == _K[Kind.SEND]:
+            header = orjson.loads(frames[1])
+            entries = header["e"]
+            body = frames[2]
+            chunks, off = [], 0
+            for e in entries:
+                chunks.append(body[off:off + e[5]])
+                off += e[5]
+            self._pend_e[:0] = entries
+            self._pend_c[:0] = chunks
+            self._pend_bytes += len(body)
+        else:
+            self._control.insert(0, frames)
+
+    # -- input ---------------------------------------------------------------------
+    def on_message(self, frames: list, now: float) -> None:
+        """Handle one message from the router.  Bad messages are logged and dropped."""
+        self.last_rx = now
+        try:
+            kind, h, body = wire.decode(frames)
+        except wire.ProtocolError as exc:
+            log.warning("router %s sent a malformed message: %s", self.router, exc)
+            return
+        try:
+            if kind == Kind.DELIVER:
+                self._on_deliver(h, body)
+            elif kind == Kind.WELCOME:
+                self._on_welcome(h, now)
+            elif kind == Kind.LEASED:
+                ls = self.leases.get(h.get("id"))
+                if ls is not None:
+                    ls.granted = float(h["granted"])
+                    ls.active = True
+                    ls.expires_at = now + ls.granted
+                    self._set_renew(ls, now + ls.granted * self.config.renew_fraction
+                                    if ls.renew else float("inf"))
+                    self.sink.lease_granted(ls.id, ls.granted)
+            elif kind == Kind.PONG:
+                self._complete(h, None)
+                if h.get("d"):
+                    self._drops(h["d"])
+            elif kind in (Kind.UNLEASED, Kind.STATS_REPLY):
+                self._complete(h, h.get("stats") if kind == Kind.STATS_REPLY else h.get("id"))
+            elif kind == Kind.EXPIRED:
+                ls = self.leases.pop(h.get("id"), None)
+                if ls is not None:
+                    self.sink.lease_expired(ls.id)
+            elif kind == Kind.ERROR:
+                self._on_error(h, now)
+            else:
+                log.warning("router %s sent unknown message kind %s", self.router, kind)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            log.warning("router %s sent a malformed %s: %r", self.router, kind, exc)
+
+    def _on_welcome(self, h: dict, now: float) -> None:
+        self.welcome = h
+        self.state = READY
+        self.round_failures = 0
+        for ls in self.leases.values():
+            self._ask_lease(ls, now)
+        self.sink.ready(h)
+
+    def _complete(self, h: dict, result: Any) -> None:
+        req = h.get("req")
+        if self._waiting.pop(req, None) is not None:
+            self.sink.completed(req, result, None)
+
+    def _drops(self, n: int) -> None:
+        self.dropped_by_router += n
+        self.sink.dropped(n)
+
+    def _on_error(self, h: dict, now: float) -> None:
+        code = h.get("code", "remote")
+        msg = h.get("message", "")
+        if code == wire.E_NO_SESSION:
+            if self.state != CONNECTING:
+                log.info("router %s lost our session (restarted?); saying HELLO again",
+                         self.router)
+                for ls in self.leases.values():
+                    ls.active = False
+                self.start(now)
+            return
+        exc = remote_error(code, msg, h.get("channel"), h.get("ref"))
+        req = h.get("req")
+        if req is not None and self._waiting.pop(req, None) is not None:
+            self.sink.completed(req, None, exc)
+            return
+        ref = h.get("ref")
+        if ref is not None and ref in self.leases and not self.leases[ref].active:
+            self.leases.pop(ref)
+            self.sink.lease_failed(ref, exc)
+            return
+        if code == wire.E_VERSION:
+            self.sink.async_error(exc)
+            return
+        self.sink.async_error(exc)
+
+    def _on_deliver(self, h: dict, body) -> None:
+        if h.get("d"):
+            self._drops(h["d"])
+        mv = memoryview(body if body is not None else b"")
+        off = 0
+        events = []
+        channels = self._channels
+        from_wire = Event._from_wire
+        fmts = wire.FMT_NAMES
+        for ids, fsvc, finst, e in h["e"]:
+            eid, ch, typ, t, fmt, plen = e[:6]
+            c = channels.get(ch)
+            if c is None:
+                c = parse(ch)
+                if len(channels) > 50_000:
+                    channels.clear()
+                channels[ch] = c
+            raw = mv[off:off + plen]
+            off += plen
+            if len(e) == 7:
+                o = e[6]
+                rt = o.get("rt")
+                ev = from_wire(eid, c, typ, t, fmts[fmt], raw, fsvc, finst, o.get("ts"),
+                               o.get("ti"), parse(rt) if rt else None, o.get("re"), tuple(ids))
+            else:
+                ev = from_wire(eid, c, typ, t, fmts[fmt], raw, fsvc, finst, None, None, None,
+                               None, tuple(ids))
+            events.append(ev)
+        self.sink.deliver(events)
+
+    # -- time --------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Liveness, fail-over, renewals.  Call when :meth:`next_deadline` passes."""
+        if self.state == CLOSED:
+            return
+        if self._need_switch:
+            if now >= self.retry_at:
+                self._need_switch = False
+                self.switch_to = self.router
+            return
+        if self.state == CONNECTING:
+            if now - self.hello_at > self.config.connect_timeout:
+                self._next_router(now, f"no WELCOME within {self.config.connect_timeout} s")
+            return
+        if now - self.last_rx > self.config.dead_after:
+            self._next_router(now, f"silent for {now - self.last_rx:.1f} s")
+            return
+        if now >= self.next_ping:
+            self.next_ping = now + self.config.ping_interval
+            self._control.append(wire.encode(Kind.PING, {}))
+        heap = self._renewals
+        while heap and heap[0][0] <= now:
+            at, lid = heapq.heappop(heap)
+            ls = self.leases.get(lid)
+            if ls is not None and ls.renew_at == at:
+                self._ask_lease(ls, now)
+
+    def next_deadline(self, now: float) -> float:
+        """The monotonic time at which :meth:`tick` next has something to do."""
+        if self._need_switch:
+            return self.retry_at
+        if self.state == CONNECTING:
+            return self.hello_at + self.config.connect_timeout
+        nxt = min(self.next_ping, self.last_rx + self.config.dead_after)
+        heap = self._renewals
+        while heap and (heap[0][1] not in self.leases
+                        or self.leases[heap[0][1]].renew_at != heap[0][0]):
+            heapq.heappop(heap)   # stale entry
+        if heap and heap[0][0] < nxt:
+            nxt = heap[0][0]
+        return nxt

@@ -1,0 +1,83 @@
+"""Router configuration: a frozen dataclass with named presets.
+
+Every default is explained where it is declared.  Build one with
+``RouterConfig.preset("local", name="r1")`` or ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How one router behaves.
+
+    Attributes:
+        name: router name, unique in the overlay; appears in stats channels.
+        authority: naming authority for the router's own system channels
+            (``/<authority>/_sys/routers/<name>/stats/``).
+        listen: ZeroMQ endpoints for clients; port 0 binds an ephemeral port.
+        max_lease: longest lease grant in seconds (PsEPR's default was one hour).
+        max_event_bytes: largest payload of one event (1 MiB, like PsEPR's bound
+            on XML documents; bigger things belong in a file store).
+        max_message_bytes: largest incoming message (a SEND batch); ZeroMQ drops a
+            peer that exceeds it before we ever allocate for it.
+        deliver_bytes: a DELIVER message is cut at about this many payload bytes so
+            that one slow connection's queue holds bounded memory.
+        conn_queue: ZeroMQ send high-water mark per connection, in messages. With
+            ``deliver_bytes`` it bounds the router memory one connection can pin:
+            ``conn_queue * deliver_bytes`` (16 MiB with the defaults).  Beyond it
+            deliveries are dropped, counted and reported to the connection.
+        max_leases_per_conn: leases one connection may hold.
+        conn_timeout: a connection silent this long is forgotten with its leases
+            (clients ping every second while idle, so 30 s is generous).
+        stats_interval: seconds between published stats events.
+        max_per_turn: messages drained per loop turn before deliveries are flushed;
+            bounds latency and lets ZeroMQ's fair queueing interleave senders.
+        curve: require CURVE authentication (see ``secret_key_file``, ``acl_file``).
+        secret_key_file: the router's CURVE secret-key certificate file.
+        acl_file: TOML ACL (principals, keys, send/lease grants).
+        insecure: allow listening on non-loopback addresses without CURVE.
+    """
+
+    name: str = "r1"
+    authority: str = "psepr.local"
+    listen: tuple[str, ...] = ("tcp://127.0.0.1:7600",)
+    max_lease: float = 3600.0
+    max_event_bytes: int = 1 << 20
+    max_message_bytes: int = 8 << 20
+    deliver_bytes: int = 128 << 10
+    conn_queue: int = 128
+    max_leases_per_conn: int = 100_000
+    conn_timeout: float = 30.0
+    stats_interval: float = 5.0
+    max_per_turn: int = 1000
+    curve: bool = False
+    secret_key_file: str | None = None
+    acl_file: str | None = None
+    insecure: bool = False
+
+    PRESETS = {
+        # One host, loopback only: fast stats for humans watching `psepr stats`.
+        "local": dict(stats_interval=2.0),
+        # A machine room: defaults.
+        "lan": dict(),
+        # Wide area: longer silence before forgetting a client (lossy links).
+        "wan": dict(conn_timeout=90.0, stats_interval=10.0),
+    }
+
+    @classmethod
+    def preset(cls, preset: str, /, **overrides) -> "RouterConfig":
+        """A configuration from a named preset, with overrides.
+
+        Raises:
+            KeyError: unknown preset name.
+        """
+        return cls(**{**cls.PRESETS[preset], **overrides})
+
+    def replace(self, **changes) -> "RouterConfig":
+        return dataclasses.replace(self, **changes)
+
+

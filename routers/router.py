@@ -1,0 +1,234 @@
+"""The router process shell: ZeroMQ sockets, CURVE, the poll loop.
+
+Theory of operation
+-------------------
+One thread, one ROUTER socket per listen address, one :class:`RouterCore`.
+Each loop turn polls (with a timeout up to the core's next deadline), then
+*drains* each readable socket without blocking, up to ``max_per_turn``
+messages, handing each to the core; then it flushes the core's grouped output
+(one DELIVER per connection) and runs the core's periodic ``tick`` when due.
+Draining before flushing is what makes batching happen under load while a
+lone event still goes out at once.
+
+Sends use ``ROUTER_MANDATORY`` and ``NOBLOCK``: a full per-connection queue
+raises ``Again`` (counted as a drop, reported to the client) and a vanished
+peer raises ``EHOSTUNREACH`` (its session is forgotten).  Nothing blocks.
+
+The poll loop is the router's scheduler: periodic work is a deadline the loop
+already computes, so APScheduler (used by the services) would only add a
+thread hand-off here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from psepr.errors import ConfigError
+from registry.acl import ACL, load_acl
+from .config import RouterConfig
+from .core import Conn, RouterCore
+
+log = logging.getLogger("psepr.router")
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True if a ZeroMQ endpoint only listens on this host (loopback, ipc, inproc)."""
+    scheme = endpoint.split("://", 1)[0]
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _PrincipalAuthenticator(ThreadAuthenticator):
+    """ZAP handler that admits only keys in the ACL and names them by principal."""
+
+    def __init__(self, ctx: zmq.Context, acl: ACL) -> None:
+        super().__init__(ctx)
+        self._acl = acl
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self._acl.by_key.get(client_public_key.decode("ascii"), "anonymous")
+
+
+class _KeyProvider:
+    """Credentials provider for pyzmq's authenticator: admit keys the ACL names."""
+
+    def __init__(self, acl: ACL) -> None:
+        self._acl = acl
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key.decode("ascii") in self._acl.by_key
+
+
+class Router:
+    """A router with its registry, bound and ready to :meth:`run`.
+
+    Args:
+        config: the router configuration.
+        context: ZeroMQ context (a new one by default).
+
+    Raises:
+        ConfigError: insecure non-loopback listen address, missing keys, bad ACL.
+        zmq.ZMQError: an address could not be bound.
+    """
+
+    def __init__(self, config: RouterConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self._stop = threading.Event()
+        self._auth = None
+        acl = None
+        if config.curve:
+            if not config.secret_key_file or not config.acl_file:
+                raise ConfigError("--curve needs the router's secret key (--key) and an ACL "
+                                  "file (--acl)")
+            acl = load_acl(config.acl_file)
+            try:
+                public, secret = zmq.auth.load_certificate(config.secret_key_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot load router key {config.secret_key_file}: {exc}") from None
+            if secret is None:
+                raise ConfigError(f"{config.secret_key_file} holds no secret key (use the "
+                                  f".key_secret file from `psepr keygen`)")
+            self._auth = _PrincipalAuthenticator(self.ctx, acl)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=_KeyProvider(acl))
+        else:
+            bad = [e for e in config.listen if not is_loopback_endpoint(e)]
+            if bad and not config.insecure:
+                raise ConfigError(f"refusing to listen on non-loopback {', '.join(bad)} without "
+                                  f"--curve; pass --insecure to allow unauthenticated clients")
+        self.core = RouterCore(config, acl, now=time.monotonic())
+        self.sockets: list[zmq.Socket] = []
+        self.endpoints: list[str] = []
+        try:
+            for endpoint in config.listen:
+                s = self.ctx.socket(zmq.ROUTER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                s.setsockopt(zmq.SNDHWM, config.conn_queue)
+                s.setsockopt(zmq.RCVHWM, 1000)
+                s.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 65536)
+                if config.curve:
+                    s.curve_server = True
+                    s.curve_publickey = public
+                    s.curve_secretkey = secret
+                self.sockets.append(s)
+                s.bind(endpoint)
+                self.endpoints.append(s.getsockopt_string(zmq.LAST_ENDPOINT))
+        except zmq.ZMQError:
+            self.close()
+            raise
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (thread-safe, signal-safe)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`; then close the sockets."""
+        core = self.core
+        poller = zmq.Poller()
+        for s in self.sockets:
+            poller.register(s, zmq.POLLIN)
+        sock_of: dict[bytes, zmq.Socket] = {}
+        curve = self.config.curve
+        max_turn = self.config.max_per_turn
+        NOBLOCK = zmq.NOBLOCK
+        Again = zmq.Again
+
+        def send(conn: Conn, frames: list) -> bool:
+            s = sock_of.get(conn.ident) or self.sockets[0]
+            try:
+                s.send_multipart([conn.ident, *frames], NOBLOCK)
+                return True
+            except Again:
+                return False
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    core.forget(conn.ident)
+                    sock_of.pop(conn.ident, None)
+                    return False
+                raise
+
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                timeout = max(0.0, min(core.next_deadline(now) - now, 0.25))
+                ready = poller.poll(timeout * 1000.0)
+                for s, _ in ready:
+                    for _ in range(max_turn):
+                        try:
+                            if curve:
+                                fr = s.recv_multipart(NOBLOCK, copy=False)
+                                principal = fr[0].get("User-Id")
+                                frames = [f.bytes for f in fr]
+                            else:
+                                frames = s.recv_multipart(NOBLOCK)
+                                principal = None
+                        except Again:
+                            break
+                        ident = frames[0]
+                        if len(self.sockets) > 1:
+                            sock_of[ident] = s
+                        core.handle(ident, frames[1:], time.monotonic(), principal)
+                core.flush(send)
+                now = time.monotonic()
+                if now >= core.next_deadline(now):
+                    core.tick(now)
+                    core.flush(send)
+                if len(sock_of) > 2 * len(core.conns) + 1000:
+                    for ident in [i for i in sock_of if i not in core.conns]:
+                        del sock_of[ident]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close(linger=0)
+        self.sockets = []
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+
+def serve(config: RouterConfig, announce=print) -> None:
+    """Run a router in the foreground until SIGINT/SIGTERM (used by ``psepr router``).
+
+    Args:
+        config: the router configuration.
+        announce: called with one line per bound endpoint, and once when ready.
+    """
+    router = Router(config)
+    for ep in router.endpoints:
+        announce(f"psepr router {config.name} listening on {ep}")
+    announce(f"psepr router {config.name} ready (authority {config.authority}, "
+             f"{'CURVE' if config.curve else 'no authentication'})")
+    sys.stdout.flush()
+
+    def _stop(signum, frame):
+        router.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    router.run()
+
+
+__all__ = ["Router", "serve", "is_loopback_endpoint"]

@@ -248,8 +248,8 @@ class Connection:
         """Send one event; see :meth:`psepr.client.Connection.send`."""
         if self._closed:
             raise ClosedError("connection is closed")
-        entry, raw = make_entry(channel, payload, type, format, to_service, to_instance,
-                                reply_to, re, id, self.config.max_event_bytes)
+        item = make_entry(channel, payload, type, format, to_service, to_instance,
+                          reply_to, re, id, self.config.max_event_bytes)
         s = self._session
         if s.queued >= self.config.send_queue:
             deadline = time.monotonic() + self.config.send_block_timeout
@@ -258,9 +258,9 @@ class Connection:
                     raise TimeoutError(f"send buffer full ({self.config.send_queue} events)")
                 self._schedule_flush()
                 await asyncio.sleep(0.005)
-        s.add_events([entry], [raw], len(raw))
+        s.add_events([item])
         self._schedule_flush()
-        return entry[0]
+        return item[0]
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until the router processed everything sent; raise its first error."""
@@ -423,24 +423,28 @@ class Connection:
             lease._has.set()
 
     # -- Sink -------------------------------------------------------------------------------
-    def deliver(self, events: list[Event]) -> None:
+    def deliver(self, batches: list) -> None:
         leases = self._leases
         limit = self.config.lease_queue
-        for ev in events:
-            for lid in ev.leases:
+        for lids, events in batches:
+            for lid in lids:
                 lease = leases.get(lid)
                 if lease is None:
                     continue
                 if lid.startswith("inbox:"):
-                    fut = self._requests.get(ev.re)
-                    if fut is not None and not fut.done():
-                        fut.set_result(ev)
+                    for ev in events:
+                        fut = self._requests.get(ev.re)
+                        if fut is not None and not fut.done():
+                            fut.set_result(ev)
                     continue
-                if len(lease._q) >= limit:
-                    lease.dropped += 1
-                    continue
-                lease._q.append(ev)
-                self._notify.append(lease)
+                room = limit - len(lease._q)
+                if room < len(events):
+                    lease.dropped += len(events) - max(room, 0)
+                    log.warning("lease %s: queue full (%d); %d events dropped so far",
+                                lid, limit, lease.dropped)
+                    events = events[:max(room, 0)]
+                lease._q.extend(events)
+                self._notify.extend([lease] * len(events))
                 lease._has.set()
         self._any.set()
 

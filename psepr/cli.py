@@ -331,7 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+    # Short-lived client commands report every failure as their one error line;
+    # the SDK's warnings would repeat it (-v shows them).  Long-running commands
+    # (router, lease, stats --watch) keep warnings: fail-over, drops, expiry.
+    quiet = args.command in ("send", "request", "stats") and not getattr(args, "watch", False)
+    levels = [logging.ERROR if quiet else logging.WARNING, logging.INFO, logging.DEBUG]
+    logging.basicConfig(level=levels[min(args.verbose, 2)],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

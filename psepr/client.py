@@ -221,7 +221,7 @@ class Connection:
         if not self._woken:
             self._woken = True
             os.write(self._wake_w, b"s")
-        return item[0][0]
+        return item[0]
 
     def _wait_space(self) -> None:
         deadline = time.monotonic() + self.config.send_block_timeout
@@ -303,6 +303,7 @@ class Connection:
                 lease = Lease(self, id, ch, type, duration)
                 self._leases[id] = lease
             lease.channel, lease.type, lease.granted, lease._error = ch, type, 0.0, None
+            lease.duration = duration
             self._session.lease(id, ch, type, duration, renew)
         self._kick()
         self._wait_cond(lambda: lease.granted > 0 or lease._error is not None, timeout,
@@ -487,29 +488,31 @@ class Connection:
         return w.result
 
     # -- Sink: called by the Session, in the I/O thread, with the lock held ------------
-    def deliver(self, events: list[Event]) -> None:
+    def deliver(self, batches: list) -> None:
         leases = self._leases
         notify = self._notify
         limit = self.config.lease_queue
-        for ev in events:
-            for lid in ev.leases:
+        for lids, events in batches:
+            for lid in lids:
                 lease = leases.get(lid)
                 if lease is None:
-                    continue
+                    continue  # released meanwhile
                 if lid.startswith("inbox:"):
-                    w = self._requests.get(ev.re)
-                    if w is not None and not w.done:
-                        w.result, w.done = ev, True
+                    for ev in events:
+                        w = self._requests.get(ev.re)
+                        if w is not None and not w.done:
+                            w.result, w.done = ev, True
                     continue
                 q = lease._q
-                if len(q) >= limit:
-                    lease.dropped += 1
-                    if lease.dropped == 1 or lease.dropped % 10000 == 0:
-                        log.warning("lease %s on %s: queue full (%d), %d events dropped so far",
-                                    lid, lease.channel.text, limit, lease.dropped)
-                    continue
-                q.append(ev)
-                notify.append(lease)
+                room = limit - len(q)
+                if room < len(events):
+                    lost = len(events) - max(room, 0)
+                    lease.dropped += lost
+                    log.warning("lease %s on %s: queue full (%d); %d events dropped so far",
+                                lid, lease.channel.text, limit, lease.dropped)
+                    events = events[:max(room, 0)]
+                q.extend(events)
+                notify.extend([lease] * len(events))
         self._cond.notify_all()
 
     def ready(self, welcome: dict) -> None:
@@ -601,14 +604,8 @@ class Connection:
                 # Move user sends into the session (bounded by the session's queue).
                 self._woken = False
                 if outq and s.queued < limit:
-                    entries, chunks, nbytes = [], [], 0
                     pop = outq.popleft
-                    for _ in range(min(len(outq), limit)):
-                        e, raw = pop()
-                        entries.append(e)
-                        chunks.append(raw)
-                        nbytes += len(raw)
-                    s.add_events(entries, chunks, nbytes)
+                    s.add_events([pop() for _ in range(min(len(outq), limit))])
                     self._space.set()
                 if not backlog:
                     backlog = s.take_out(now)

@@ -29,7 +29,9 @@ forwards or counts events does not pay for parsing.
 from __future__ import annotations
 
 import itertools
+import math
 import os
+import re as _re
 import time as _time
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -68,6 +70,15 @@ def _check_name(value: Any, field: str, optional: bool = True) -> str | None:
         if ch.isspace() or not ch.isprintable():
             raise EventError(f"event field {field!r} = {value!r} contains whitespace or a "
                              f"control character", field)
+    return value
+
+
+def _check_type(value: Any) -> str | None:
+    """A type is a name that is also usable as an XML namespace (ElementTree: no '}')."""
+    _check_name(value, "type")
+    if value is not None and "}" in value:
+        raise EventError(f"event type {value!r} contains '}}', which an XML namespace "
+                         f"cannot hold", "type")
     return value
 
 
@@ -143,12 +154,13 @@ class Event:
         else:
             self._payload = payload
         self._raw = None
-        self.type = _check_name(type, "type")
+        self.type = _check_type(type)
         self.id = _check_name(id, "id") if id is not None else new_id()
         if time is None:
             time = _time.time()
-        if isinstance(time, bool) or not isinstance(time, (int, float)) or time != time:
-            raise EventError(f"event time must be a number, got {time!r}", "time")
+        if (isinstance(time, bool) or not isinstance(time, (int, float))
+                or not math.isfinite(time)):
+            raise EventError(f"event time must be a finite number, got {time!r}", "time")
         self.time = float(time)
         self.from_service = _check_name(from_service, "from.service")
         self.from_instance = _check_name(from_instance, "from.instance")
@@ -289,11 +301,16 @@ class Event:
         if self.re is not None:
             parts.append(f"<re>{e(self.re)}</re>")
         if self.format == XML:
-            parts.append(self.payload)
+            # Re-serialised, not pasted: an element of the payload without a namespace
+            # would otherwise inherit the event namespace (explicit xmlns="" instead).
+            parts.append(_serialize_payload(parse_xml(self.payload)))
         else:
             ns = _xml_escape_attr(self.type) if self.type is not None else ""
-            parts.append(f'<payload xmlns="{ns}" format="json">'
-                         f"{e(orjson.dumps(self.payload).decode())}</payload>")
+            # U+FFFE/U+FFFF are legal in JSON strings but not in XML: escape them
+            # the JSON way so that the document stays well-formed.
+            text = orjson.dumps(self.payload).decode()
+            text = text.replace("\ufffe", "\\ufffe").replace("\uffff", "\\uffff")
+            parts.append(f'<payload xmlns="{ns}" format="json">{e(text)}</payload>')
         parts.append("</event>")
         return "".join(parts)
 
@@ -324,11 +341,21 @@ def attribute(field: str, value: Any, expire: float | None = None) -> dict:
 # -- XML helpers -------------------------------------------------------------
 
 def _xml_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    # A raw CR would be read back as LF (XML end-of-line handling): keep it a reference.
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\r", "&#13;"))
 
 
 def _xml_escape_attr(text: str) -> str:
-    return _xml_escape(text).replace('"', "&quot;")
+    # Raw tabs and newlines in attribute values are read back as spaces.
+    return (_xml_escape(text).replace('"', "&quot;").replace("\n", "&#10;")
+            .replace("\t", "&#9;"))
+
+
+#: ``<?xml ...?>`` at the start of a payload: legal alone, illegal inside an event.
+_XML_DECL = _re.compile(r"^\ufeff?\s*<\?xml\s[^>]*\?>")
+#: The namespace bound to the reserved ``xml`` prefix (never declared).
+_XML_NS = "http://www.w3.org/XML/1998/namespace"
 
 
 def parse_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> ET.Element:
@@ -385,7 +412,11 @@ def check_xml_payload(payload: Any, max_bytes: int = MAX_EVENT_BYTES) -> tuple[s
             root element is not ``payload``.
     """
     if isinstance(payload, (bytes, bytearray, memoryview)):
-        payload = bytes(payload).decode("utf-8")
+        try:
+            payload = bytes(payload).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise XMLRefused(f"XML refused: payload bytes are not UTF-8: {exc}",
+                             "payload") from None
     if not isinstance(payload, str):
         raise EventError(f"an XML payload must be text, got {type(payload).__name__}", "payload")
     root = parse_xml(payload, max_bytes)
@@ -393,7 +424,7 @@ def check_xml_payload(payload: Any, max_bytes: int = MAX_EVENT_BYTES) -> tuple[s
     if local != "payload":
         raise EventError(f"the XML payload's root element must be <payload>, got <{local}>",
                          "payload")
-    return payload.strip(), ns
+    return _XML_DECL.sub("", payload).strip(), ns
 
 
 def _serialize_payload(elem: ET.Element) -> str:
@@ -410,6 +441,8 @@ def _serialize_payload(elem: ET.Element) -> str:
             ans, alocal = _split_tag(k)
             if ans is None:
                 attrs += f' {alocal}="{_xml_escape_attr(v)}"'
+            elif ans == _XML_NS:
+                attrs += f' xml:{alocal}="{_xml_escape_attr(v)}"'
             else:
                 prefix = extra.setdefault(ans, f"a{len(extra)}")
                 attrs += f' {prefix}:{alocal}="{_xml_escape_attr(v)}"'
@@ -504,8 +537,9 @@ def from_json(data: "str | bytes | dict", max_bytes: int = MAX_EVENT_BYTES) -> E
         EventError, ChannelError: malformed JSON, missing or invalid fields.
     """
     if isinstance(data, (str, bytes)):
-        if len(data) > max_bytes:
-            raise EventError(f"JSON event of {len(data)} bytes exceeds the limit of "
+        size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
+        if size > max_bytes:
+            raise EventError(f"JSON event of {size} bytes exceeds the limit of "
                              f"{max_bytes} bytes", "event")
         try:
             data = orjson.loads(data)

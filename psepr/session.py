@@ -38,7 +38,7 @@ from . import wire
 from .channel import Channel, parse, parse_destination
 from .config import ClientConfig
 from .errors import EventError, UsageError, remote_error
-from .event import JSON, XML, Event, _check_name, check_xml_payload, new_id
+from .event import _UNSET, JSON, XML, Event, _check_name, _check_type, check_xml_payload, new_id
 from .wire import Kind
 
 log = logging.getLogger("psepr.client")
@@ -59,11 +59,14 @@ def default_instance() -> str:
 _type_ok: set[str] = set()
 
 
+_dest_cache: dict[str, str] = {}
+
+
 def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str | None = None,
                format: str | None = None, to_service: str | None = None,
                to_instance: str | None = None, reply_to: "str | Channel | None" = None,
                re: str | None = None, id: str | None = None,
-               max_bytes: int = 1 << 20) -> tuple[list, bytes]:
+               max_bytes: int = 1 << 20) -> tuple:
     """Encode one event for a SEND batch.
 
     Args:
@@ -78,16 +81,22 @@ def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str 
         max_bytes: payload size bound.
 
     Returns:
-        ``(entry, payload_bytes)`` as described in :mod:`psepr.wire`.
+        ``(id, channel_text, type, time, fmt, opts, payload_bytes)``, the item
+        :func:`psepr.wire.pack_events` groups into SEND messages.
 
     Raises:
         ChannelError, EventError, XMLRefused: invalid input, named precisely.
     """
-    if isinstance(channel, Event):
-        ev = channel
-        return make_entry(ev.channel, ev.payload, ev.type, ev.format, ev.to_service,
-                          ev.to_instance, ev.reply_to, ev.re, ev.id, max_bytes)
-    ch = parse_destination(channel)
+    # Fast path: a channel text seen before is known to be a valid destination.
+    ch = _dest_cache.get(channel) if channel.__class__ is str else None
+    if ch is None:
+        if isinstance(channel, Event):
+            ev = channel
+            return make_entry(ev.channel, ev.payload, ev.type, ev.format, ev.to_service,
+                              ev.to_instance, ev.reply_to, ev.re, ev.id, max_bytes)
+        ch = parse_destination(channel).text
+        if len(_dest_cache) < 50_000:
+            _dest_cache[ch] = ch
     if format is None or format == JSON:
         try:
             raw = orjson.dumps(payload)
@@ -109,10 +118,10 @@ def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str 
         raise EventError(f"payload of {len(raw)} bytes exceeds the limit of {max_bytes} bytes",
                          "payload")
     if type is not None and type not in _type_ok:
-        _check_name(type, "type")
+        _check_type(type)
         if len(_type_ok) < 10_000:
             _type_ok.add(type)
-    entry = [id if id is not None else new_id(), ch.text, type, _time.time(), fmt, len(raw)]
+    opts = None
     if to_service is not None or to_instance is not None or reply_to is not None or re is not None:
         opts = {}
         if to_service is not None:
@@ -123,16 +132,17 @@ def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str 
             opts["rt"] = parse(reply_to).text
         if re is not None:
             opts["re"] = _check_name(re, "re")
-        entry.append(opts)
-    elif id is not None:
+    if id is None:
+        id = new_id()
+    else:
         _check_name(id, "id")
-    return entry, raw
+    return (id, ch, type, _time.time(), fmt, opts, raw)
 
 
 class Sink(Protocol):
     """What a shell implements to hear from the core."""
 
-    def deliver(self, events: list[Event]) -> None: ...
+    def deliver(self, batches: list[tuple[tuple, list[Event]]]) -> None: ...
     def ready(self, welcome: dict) -> None: ...
     def lease_granted(self, lease_id: str, granted: float) -> None: ...
     def lease_failed(self, lease_id: str, exc: Exception) -> None: ...
@@ -186,13 +196,13 @@ class Session:
         self.welcome: dict | None = None
         self.leases: dict[str, LeaseState] = {}
         self._control: list[list[bytes]] = []
-        self._pend_e: list = []
-        self._pend_c: list = []
-        self._pend_bytes = 0
+        self._pend: list = []                # encoded events (make_entry items) to send
         self._req = itertools.count(1)
         self._waiting: dict[int, str] = {}   # req -> kind, for control requests
         self._channels: dict[str, Channel] = {}
         self._renewals: list = []            # heap of (renew_at, lease_id), lazily invalidated
+        self._index: dict | None = None      # channel text -> leases on it (None: rebuild)
+        self._lids: dict = {}                # (channel, type) -> matching lease ids
         self.last_rx = now
         self.next_ping = now
         self.hello_at = now
@@ -224,7 +234,10 @@ class Session:
             "instance": self.instance, "client": "psepr-py/0.1"}))
 
     def _next_router(self, now: float, why: str) -> None:
-        log.warning("router %s: %s; trying the next router", self.router, why)
+        # Before the first WELCOME the caller hears of failure from connect() itself
+        # (ConnectionLost); a warning here too would make a second line of the error.
+        log.log(logging.WARNING if self.was_ready else logging.INFO,
+                "router %s: %s; trying the next router", self.router, why)
         self.index = (self.index + 1) % len(self.routers)
         if self.index == 0:
             self.round_failures += 1
@@ -241,6 +254,7 @@ class Session:
         self._need_switch = True
 
     _need_switch = False
+    was_ready = False   # True once any router welcomed this session
 
     def close(self) -> list[list[bytes]]:
         """Mark closed and return the farewell messages to send (BYE)."""
@@ -248,16 +262,14 @@ class Session:
         return [wire.encode(Kind.BYE, {})]
 
     # -- user requests -----------------------------------------------------------
-    def add_events(self, entries: list, chunks: list, nbytes: int) -> None:
-        """Queue encoded events for sending (order is kept)."""
-        self._pend_e.extend(entries)
-        self._pend_c.extend(chunks)
-        self._pend_bytes += nbytes
+    def add_events(self, items: list) -> None:
+        """Queue encoded events (:func:`make_entry` items) for sending, in order."""
+        self._pend.extend(items)
 
     @property
     def queued(self) -> int:
         """Events waiting to be handed to the socket."""
-        return len(self._pend_e)
+        return len(self._pend)
 
     def lease(self, lease_id: str, channel: Channel, type: str | None, duration: float,
               renew: bool = True) -> None:
@@ -268,8 +280,42 @@ class Session:
         if ls is None:
             ls = LeaseState(lease_id, channel, type, float(duration), renew)
             self.leases[lease_id] = ls
+        else:  # re-registration: renew, possibly with a new channel, type or duration
+            ls.channel, ls.type, ls.duration, ls.renew = channel, type, float(duration), renew
+        self._index = None
         if self.state == READY:
             self._ask_lease(ls, _time.monotonic())
+
+    def _drop_lease(self, lease_id, default=None):
+        self._index = None
+        return self.leases.pop(lease_id, default)
+
+    def lease_ids(self, channel: str, typ: str | None) -> tuple:
+        """Ids of this session's leases that cover ``channel`` and accept ``typ`` (cached)."""
+        key = (channel, typ)
+        if self._index is None:
+            index: dict = {}
+            for ls in self.leases.values():
+                index.setdefault(ls.channel.text, []).append(ls)
+            self._index = index
+            self._lids = {}
+        else:
+            lids = self._lids.get(key)
+            if lids is not None:
+                return lids
+        index = self._index
+        c = self._channels.get(channel)
+        if c is None:
+            c = parse(channel)
+            if len(self._channels) > 50_000:
+                self._channels.clear()
+            self._channels[channel] = c
+        lids = tuple(ls.id for p in c.prefixes() for ls in index.get(p, ())
+                     if ls.type is None or ls.type == typ)
+        if len(self._lids) > 50_000:
+            self._lids.clear()
+        self._lids[key] = lids
+        return lids
 
     def _set_renew(self, ls: LeaseState, at: float) -> None:
         ls.renew_at = at
@@ -284,7 +330,7 @@ class Session:
 
     def unlease(self, lease_id: str) -> int | None:
         """Release a lease; returns the request id to wait for, or None if not connected."""
-        self.leases.pop(lease_id, None)
+        self._drop_lease(lease_id, None)
         if self.state != READY:
             return None
         return self._request(Kind.UNLEASE, {"id": lease_id})
@@ -314,35 +360,25 @@ class Session:
             hello = [m for m in out if m[0] == _K[Kind.HELLO]]
             self._control = [m for m in out if m[0] != _K[Kind.HELLO]]
             return hello
-        if self.state != READY or not self._pend_e:
+        if self.state != READY or not self._pend:
             return out
-        entries, chunks = self._pend_e, self._pend_c
-        self._pend_e, self._pend_c, self._pend_bytes = [], [], 0
+        items, self._pend = self._pend, []
         max_e = self.config.batch_events
         max_b = self.config.batch_bytes
-        i, n = 0, len(entries)
+        i, n = 0, len(items)
         while i < n:
             j, size = i, 0
-            while j < n and j - i < max_e and (j == i or size + len(chunks[j]) <= max_b):
-                size += len(chunks[j])
+            while j < n and j - i < max_e and (j == i or size + len(items[j][6]) <= max_b):
+                size += len(items[j][6])
                 j += 1
-            out.append([_K[Kind.SEND], orjson.dumps({"e": entries[i:j]}), b"".join(chunks[i:j])])
+            out.append(wire.encode_send(items[i:j]))
             i = j
         return out
 
     def requeue(self, frames: list[bytes]) -> None:
         """The socket could not take a message: put it back at the front."""
         if frames[0] == _K[Kind.SEND]:
-            header = orjson.loads(frames[1])
-            entries = header["e"]
-            body = frames[2]
-            chunks, off = [], 0
-            for e in entries:
-                chunks.append(body[off:off + e[5]])
-                off += e[5]
-            self._pend_e[:0] = entries
-            self._pend_c[:0] = chunks
-            self._pend_bytes += len(body)
+            self._pend[:0] = wire.unpack_events(orjson.loads(frames[1]), frames[2])
         else:
             self._control.insert(0, frames)
 
@@ -351,13 +387,13 @@ class Session:
         """Handle one message from the router.  Bad messages are logged and dropped."""
         self.last_rx = now
         try:
-            kind, h, body = wire.decode(frames)
+            kind, h, rest = wire.decode(frames)
         except wire.ProtocolError as exc:
             log.warning("router %s sent a malformed message: %s", self.router, exc)
             return
         try:
             if kind == Kind.DELIVER:
-                self._on_deliver(h, body)
+                self._on_deliver(h, rest)
             elif kind == Kind.WELCOME:
                 self._on_welcome(h, now)
             elif kind == Kind.LEASED:
@@ -376,7 +412,7 @@ class Session:
             elif kind in (Kind.UNLEASED, Kind.STATS_REPLY):
                 self._complete(h, h.get("stats") if kind == Kind.STATS_REPLY else h.get("id"))
             elif kind == Kind.EXPIRED:
-                ls = self.leases.pop(h.get("id"), None)
+                ls = self._drop_lease(h.get("id"), None)
                 if ls is not None:
                     self.sink.lease_expired(ls.id)
             elif kind == Kind.ERROR:
@@ -389,6 +425,7 @@ class Session:
     def _on_welcome(self, h: dict, now: float) -> None:
         self.welcome = h
         self.state = READY
+        self.was_ready = True
         self.round_failures = 0
         for ls in self.leases.values():
             self._ask_lease(ls, now)
@@ -421,7 +458,7 @@ class Session:
             return
         ref = h.get("ref")
         if ref is not None and ref in self.leases and not self.leases[ref].active:
-            self.leases.pop(ref)
+            self._drop_lease(ref)
             self.sink.lease_failed(ref, exc)
             return
         if code == wire.E_VERSION:
@@ -429,35 +466,67 @@ class Session:
             return
         self.sink.async_error(exc)
 
-    def _on_deliver(self, h: dict, body) -> None:
-        if h.get("d"):
-            self._drops(h["d"])
-        mv = memoryview(body if body is not None else b"")
-        off = 0
-        events = []
+    def _on_deliver(self, meta: dict, rest: list) -> None:
+        if meta.get("d"):
+            self._drops(meta["d"])
+        senders = meta["s"]
+        if len(rest) != 2 * len(senders):
+            raise ValueError(f"DELIVER names {len(senders)} senders but has {len(rest)} frames")
+        batches: list = []
         channels = self._channels
-        from_wire = Event._from_wire
-        fmts = wire.FMT_NAMES
-        for ids, fsvc, finst, e in h["e"]:
-            eid, ch, typ, t, fmt, plen = e[:6]
-            c = channels.get(ch)
-            if c is None:
-                c = parse(ch)
-                if len(channels) > 50_000:
-                    channels.clear()
-                channels[ch] = c
-            raw = mv[off:off + plen]
-            off += plen
-            if len(e) == 7:
-                o = e[6]
-                rt = o.get("rt")
-                ev = from_wire(eid, c, typ, t, fmts[fmt], raw, fsvc, finst, o.get("ts"),
-                               o.get("ti"), parse(rt) if rt else None, o.get("re"), tuple(ids))
-            else:
-                ev = from_wire(eid, c, typ, t, fmts[fmt], raw, fsvc, finst, None, None, None,
-                               None, tuple(ids))
-            events.append(ev)
-        self.sink.deliver(events)
+        lease_ids = self.lease_ids
+        new = Event.__new__
+        unset = _UNSET
+        fmt_names = wire.FMT_NAMES
+        lcache = self._lids if self._index is not None else {}
+        for k, (fsvc, finst) in enumerate(senders):
+            h = orjson.loads(rest[2 * k])
+            mv = memoryview(rest[2 * k + 1])
+            ids, times, fmts, plens = h["i"], h["t"], h["f"], h["l"]
+            off = 0
+            j = 0
+            for ch, typ, opts, cnt in h["g"]:
+                lids = lcache.get((ch, typ))
+                if lids is None:
+                    lids = lease_ids(ch, typ)
+                    lcache = self._lids
+                if not lids:   # released meanwhile: skip the group's payloads
+                    off += sum(plens[j:j + cnt])
+                    j += cnt
+                    continue
+                c = channels.get(ch) or parse(ch)
+                if opts:
+                    rt = opts.get("rt")
+                    ts, ti, rt, re = (opts.get("ts"), opts.get("ti"),
+                                      parse(rt) if rt else None, opts.get("re"))
+                else:
+                    ts = ti = rt = re = None
+                events = []
+                add = events.append
+                # Inlined Event construction: this loop is the receiving client's
+                # per-event cost, so it avoids even a function call.
+                for i in range(j, j + cnt):
+                    end = off + plens[i]
+                    ev = new(Event)
+                    ev.id = ids[i]
+                    ev.channel = c
+                    ev.type = typ
+                    ev.time = times[i]
+                    ev.format = fmt_names[fmts[i]]
+                    ev._payload = unset
+                    ev._raw = mv[off:end]
+                    ev.from_service = fsvc
+                    ev.from_instance = finst
+                    ev.to_service = ts
+                    ev.to_instance = ti
+                    ev.reply_to = rt
+                    ev.re = re
+                    ev.leases = lids
+                    add(ev)
+                    off = end
+                j += cnt
+                batches.append((lids, events))
+        self.sink.deliver(batches)
 
     # -- time --------------------------------------------------------------------------
     def tick(self, now: float) -> None:

@@ -3,23 +3,37 @@
 Theory of operation
 -------------------
 Clients use a ZeroMQ DEALER socket connected to the router's ROUTER socket.
-Every message is two or three frames (after the routing-id frame that ZeroMQ's
-ROUTER adds and removes):
+After the routing-id frame that ZeroMQ's ROUTER adds and removes, a message is:
 
 1. *kind*: one byte, a code from :class:`Kind` (append-only; never renumber);
 2. *header*: a UTF-8 JSON object (orjson);
-3. *body*: optional opaque bytes; only SEND and DELIVER carry one.
+3. for SEND, the *body*: the events' payloads, concatenated, opaque.
+   DELIVER carries pairs of (header, body) frames instead (see below).
 
-SEND and DELIVER are batches: ``header["e"]`` is a list of event entries and
-the body is the concatenation of their payloads, in order, each entry giving
-its payload length.  A router routes on the entry fields and slices the body;
-it never parses a payload.
+SEND is a batch.  Its header holds the per-event fields column-wise, once for
+the whole message, and a list of *groups*: runs of consecutive events with the
+same destination::
 
-SEND entry:    ``[id, channel, type, time, fmt, plen]`` or the same with a 7th
-element ``opts``: ``{"ts": to_service, "ti": to_instance, "rt": reply_to,
-"re": in_reply_to}`` (keys optional).  ``fmt`` is 0 for JSON, 1 for XML.
-DELIVER entry: ``[lease_ids, from_service, from_instance, send_entry]``, the
-sender's entry forwarded unchanged after validation.
+    {"g": [[channel, type, opts, n], ...],
+     "i": [id, ...], "t": [time, ...], "f": [fmt, ...], "l": [length, ...]}
+
+``channel`` is the destination text, ``type`` a name or null, ``opts`` null or
+``{"ts": to_service, "ti": to_instance, "rt": reply_to, "re": in_reply_to}``
+(keys optional), ``n`` the number of events in the group.  The columns have
+one element per event, in order: id (string), sender time (number), payload
+format (0 JSON, 1 XML) and payload length; the body is the payloads in order.
+A router checks the columns with a few C-level operations per message and does
+per-group work only (one channel look-up and one lease match per group).
+
+DELIVER is ``[kind, meta, header1, body1, header2, body2, ...]``: one *segment*
+per SEND message that had something for this connection, the segment being
+that message's header and body - forwarded byte for byte when the connection
+gets every group of it, else rebuilt with just the groups it gets.  ``meta``
+is ``{"s": [[from_service, from_instance], ...], "d": dropped}``: the
+authenticated sender of each segment (stamped by the router; a client cannot
+forge it) and, when non-zero, how many events were dropped for this
+connection since the last report.  The receiving client decides which of its
+leases each group matches (the router has already checked that one does).
 """
 
 from __future__ import annotations
@@ -39,8 +53,8 @@ class Kind(enum.IntEnum):
 
     HELLO = 1        # c->r {"v", "service", "instance", "client"}
     WELCOME = 2      # r->c {"v", "router", "authority", "principal", "instance", "max_lease", ...}
-    SEND = 3         # c->r {"e": [entry...]} + body
-    DELIVER = 4      # r->c {"e": [deliver-entry...], "d"?: dropped} + body
+    SEND = 3         # c->r {"g": [[ch, type, opts, n]...], "i", "t", "f", "l"} + body
+    DELIVER = 4      # r->c {"s": [[from_service, from_instance]...], "d"?} + (header, body)*
     LEASE = 5        # c->r {"id", "channel", "type", "duration", "req"}
     LEASED = 6       # r->c {"id", "channel", "type", "granted", "req"}
     UNLEASE = 7      # c->r {"id", "req"}
@@ -60,7 +74,7 @@ FMT_JSON = 0
 FMT_XML = 1
 FMT_CODES = {"json": FMT_JSON, "xml": FMT_XML}
 FMT_NAMES = ("json", "xml")
-#: Keys allowed in a SEND entry's options object.
+#: Keys allowed in a group's options object.
 OPT_KEYS = frozenset(("ts", "ti", "rt", "re"))
 
 # Error codes sent in ERROR messages (docs/protocol.md lists their meaning).
@@ -92,23 +106,24 @@ def encode(kind: Kind, header: dict, body: bytes | None = None) -> list[bytes]:
     return frames
 
 
-def decode(frames: list) -> tuple[int, dict, bytes | None]:
+def decode(frames: list) -> tuple[int, dict, list]:
     """Split and check one message's frames (routing id already removed).
 
     Args:
-        frames: two or three byte strings.
+        frames: at least two byte strings.
 
     Returns:
-        ``(kind, header, body)``; body is None when absent.
+        ``(kind, header, rest)``: ``rest`` is the list of frames after the
+        header (the body of a SEND; the segments of a DELIVER).
 
     Raises:
-        ProtocolError: wrong frame count, kind not one byte, header not a JSON
+        ProtocolError: too few frames, kind not one byte, header not a JSON
             object.  The kind is *not* checked against :class:`Kind` so that
             callers can answer unknown kinds with a precise error.
     """
-    n = len(frames)
-    if n < 2 or n > 3:
-        raise ProtocolError(f"a message has 2 or 3 frames, got {n}", code=E_PROTOCOL)
+    if len(frames) < 2:
+        raise ProtocolError(f"a message has at least 2 frames, got {len(frames)}",
+                            code=E_PROTOCOL)
     k = frames[0]
     if len(k) != 1:
         raise ProtocolError(f"the kind frame must be exactly 1 byte, got {len(k)}",
@@ -119,4 +134,53 @@ def decode(frames: list) -> tuple[int, dict, bytes | None]:
         raise ProtocolError(f"the header frame is not valid JSON: {exc}", code=E_PROTOCOL) from None
     if type(header) is not dict:
         raise ProtocolError("the header frame must be a JSON object", code=E_PROTOCOL)
-    return k[0], header, (frames[2] if n == 3 else None)
+    return k[0], header, frames[2:]
+
+
+def pack_events(items: list) -> tuple[dict, list]:
+    """Lay events out as a SEND header (groups + columns) and payload chunks.
+
+    Args:
+        items: ``(id, channel, type, time, fmt, opts, payload_bytes)`` tuples, in
+            send order; ``opts`` is None or a dict.
+
+    Returns:
+        ``(header, chunks)``: the SEND header and the payloads to join into the body.
+    """
+    groups: list = []
+    ids, times, fmts, plens, chunks = [], [], [], [], []
+    last = None
+    group = None
+    for eid, ch, typ, t, fmt, opts, raw in items:
+        if group is not None and ch == last[0] and typ == last[1] and opts == last[2]:
+            group[3] += 1
+        else:
+            group = [ch, typ, opts, 1]
+            groups.append(group)
+            last = (ch, typ, opts)
+        ids.append(eid)
+        times.append(t)
+        fmts.append(fmt)
+        plens.append(len(raw))
+        chunks.append(raw)
+    return {"g": groups, "i": ids, "t": times, "f": fmts, "l": plens}, chunks
+
+
+def encode_send(items: list) -> list[bytes]:
+    """Frames of one SEND message carrying ``items`` (see :func:`pack_events`)."""
+    header, chunks = pack_events(items)
+    return [KIND_BYTES[Kind.SEND], orjson.dumps(header), b"".join(chunks)]
+
+
+def unpack_events(header: dict, body) -> list:
+    """The inverse of :func:`pack_events` (trusted input): items with memoryview payloads."""
+    mv = memoryview(body)
+    items, off, k = [], 0, 0
+    ids, times, fmts, plens = header["i"], header["t"], header["f"], header["l"]
+    for ch, typ, opts, n in header["g"]:
+        for j in range(k, k + n):
+            end = off + plens[j]
+            items.append((ids[j], ch, typ, times[j], fmts[j], opts, mv[off:end]))
+            off = end
+        k += n
+    return items

@@ -117,6 +117,8 @@ def load_acl(path: "str | Path") -> ACL:
             raise ConfigError(f"{path}: principals.{name} must be a table")
         key = entry.get("key")
         if key is None and "key_file" in entry:
+            if not isinstance(entry["key_file"], str):
+                raise ConfigError(f"{path}: principals.{name}.key_file must be a file name")
             key_path = (path.parent / entry["key_file"]).resolve()
             try:
                 public, _ = zmq.auth.load_certificate(str(key_path))

@@ -70,6 +70,9 @@ class LeaseTable:
         self._per_holder: dict[Hashable, dict[str, Lease]] = {}
         self._expiry: SortedList = SortedList()
         self._seq = itertools.count()
+        #: Bumped whenever the set of (holder, channel, type) changes (not on plain
+        #: renewals), so that callers may cache matching results.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -106,11 +109,14 @@ class LeaseTable:
             if len(mine) >= self.max_per_holder:
                 raise OverflowError(f"at most {self.max_per_holder} leases per connection")
             lease = Lease(holder, lease_id, channel, type)
+            self.generation += 1
             self._by_key[key] = lease
             mine[lease_id] = lease
             self.by_channel.setdefault(channel.text, []).append(lease)
         else:
             self._expiry.discard((lease.expires, lease._seq, key))
+            if lease.channel != channel or lease.type != type:
+                self.generation += 1
             if lease.channel != channel:
                 self._unindex(lease)
                 lease.channel = channel
@@ -138,6 +144,7 @@ class LeaseTable:
         lease = self._by_key.pop(key, None)
         if lease is None:
             return None
+        self.generation += 1
         self._expiry.discard((lease.expires, lease._seq, key))
         self._unindex(lease)
         mine = self._per_holder.get(holder)

@@ -36,6 +36,9 @@ class RouterConfig:
         stats_interval: seconds between published stats events.
         max_per_turn: messages drained per loop turn before deliveries are flushed;
             bounds latency and lets ZeroMQ's fair queueing interleave senders.
+        max_bytes_per_turn: bytes drained per socket per loop turn (about); what a
+            turn reads stays referenced until the flush, so this bounds that
+            memory when big SEND batches pile up (4 MiB: still many batches).
         curve: require CURVE authentication (see ``secret_key_file``, ``acl_file``).
         secret_key_file: the router's CURVE secret-key certificate file.
         acl_file: TOML ACL (principals, keys, send/lease grants).
@@ -54,6 +57,7 @@ class RouterConfig:
     conn_timeout: float = 30.0
     stats_interval: float = 5.0
     max_per_turn: int = 1000
+    max_bytes_per_turn: int = 4 << 20
     curve: bool = False
     secret_key_file: str | None = None
     acl_file: str | None = None

@@ -48,18 +48,69 @@ STATS_TYPE = "http://psepr.org/xs/payload/router-stats"
 ROUTER_SERVICE = "psepr-router"
 _K = wire.KIND_BYTES
 _MAX_CACHE = 100_000
+#: Control messages (PONG, LEASED, ERROR...) kept per connection while its ZeroMQ
+#: queue is full, retried on later turns; beyond this they are dropped and counted.
+_MAX_CONTROL_BACKLOG = 1000
 _JSON_NUM = (int, float)
+#: Most (header, body) segments in one DELIVER message.
+_MAX_SEGMENTS = 256
+_INT = {int}
+_STR = {str}
+_NUM = {int, float}
+_FMTS = {0, 1}
 
 
 def _name_ok(s: object) -> bool:
     return type(s) is str and 0 < len(s) <= 1024 and s.isprintable() and " " not in s
 
 
+def _clean(raw: bytes) -> bool:
+    """True if every JSON string in ``raw`` is printable ASCII without spaces.
+
+    orjson writes no whitespace between tokens and escapes every control
+    character, so a header with no byte outside ASCII, no space, no backslash,
+    no DEL (0x7f, ASCII but not printable) and no empty string (``""``) cannot
+    hold a string that breaks the name rules, except by length (checked apart).
+    """
+    return (raw.isascii() and b" " not in raw and b"\\" not in raw
+            and b"\x7f" not in raw and b'""' not in raw)
+
+
+def _starts(groups: list, plens: list) -> list:
+    """``[(first_event, first_byte), ...]`` per group, plus the end, for slicing."""
+    out = []
+    k = off = 0
+    for g in groups:
+        out.append((k, off))
+        cnt = g[3]
+        off += sum(plens[k:k + cnt])
+        k += cnt
+    out.append((k, off))
+    return out
+
+
+def _subset(header: dict, body: bytes, gis: list, starts: list, fsvc: str, finst: str) -> tuple:
+    """A segment holding only the groups ``gis`` of a SEND message."""
+    groups = header["g"]
+    ids, times, fmts, plens = header["i"], header["t"], header["f"], header["l"]
+    sg, si, st, sf, sl, chunks = [], [], [], [], [], []
+    for gi in gis:
+        (k0, b0), (k1, b1) = starts[gi], starts[gi + 1]
+        sg.append(groups[gi])
+        si += ids[k0:k1]
+        st += times[k0:k1]
+        sf += fmts[k0:k1]
+        sl += plens[k0:k1]
+        chunks.append(body[b0:b1])
+    hdr = orjson.dumps({"g": sg, "i": si, "t": st, "f": sf, "l": sl})
+    return (fsvc, finst, hdr, b"".join(chunks), len(si))
+
+
 class Conn:
     """One client session, keyed by its ZeroMQ routing id."""
 
-    __slots__ = ("ident", "principal", "instance", "last_seen", "out_entries", "out_chunks",
-                 "out_bytes", "control", "dirty", "pending_drops", "events_in", "events_out",
+    __slots__ = ("ident", "principal", "instance", "last_seen", "out_segs",
+                 "out_bytes", "out_events", "control", "dirty", "pending_drops", "events_in", "events_out",
                  "dropped", "errors", "may_send_cache", "created")
 
     def __init__(self, ident: bytes, principal: str, instance: str, now: float) -> None:
@@ -68,9 +119,9 @@ class Conn:
         self.instance = instance
         self.last_seen = now
         self.created = now
-        self.out_entries: list = []
-        self.out_chunks: list = []
+        self.out_segs: list = []     # (from_service, from_instance, header, body, n) to deliver
         self.out_bytes = 0
+        self.out_events = 0
         self.control: list = []      # framed control messages waiting for flush
         self.dirty = False
         self.pending_drops = 0       # drops not yet reported to the client
@@ -101,6 +152,9 @@ class RouterCore:
         self._dirty: list[Conn] = []
         self._channels: dict[str, tuple[str, ...]] = {}   # validated channel -> prefixes
         self._types: set[str] = set()                      # validated type names
+        # (channel, type) -> connections matching, valid for one lease-table generation
+        self._targets: dict = {}
+        self._targets_gen = -1
         self.started = now
         self.next_stats = now + config.stats_interval
         self.stats_channel = parse(f"/{config.authority}/_sys/routers/{config.name}/stats/")
@@ -111,6 +165,7 @@ class RouterCore:
         self.events_out = 0
         self.dropped = 0
         self.errors = 0
+        self.control_dropped = 0
         self.messages_in = 0
 
     # -- input ---------------------------------------------------------------
@@ -125,7 +180,7 @@ class RouterCore:
         """
         self.messages_in += 1
         try:
-            kind, header, body = wire.decode(frames)
+            kind, header, rest = wire.decode(frames)
         except wire.ProtocolError as exc:
             self._error(ident, wire.E_PROTOCOL, str(exc))
             return
@@ -136,7 +191,7 @@ class RouterCore:
                     self._error(ident, wire.E_NO_SESSION, "send before hello: say HELLO first")
                     return
                 conn.last_seen = now
-                self._on_send(conn, header, body)
+                self._on_send(conn, header, rest, frames[1])
             elif kind == Kind.HELLO:
                 self._on_hello(ident, header, now, principal)
             elif kind in _SESSION_KINDS:
@@ -274,166 +329,216 @@ class RouterCore:
         self._channels[ch] = prefs
         return prefs
 
-    def _on_send(self, conn: Conn, header: dict, body) -> None:
-        entries = header.get("e")
-        if type(entries) is not list:
-            self._error(conn.ident, wire.E_PROTOCOL, "SEND header needs a list 'e' of entries")
-            return
-        mv = memoryview(body) if body is not None else memoryview(b"")
-        total = len(mv)
-        used, ok = self.route(entries, mv, conn.principal, conn.instance, conn)
-        if ok and used != total:
+    def _on_send(self, conn: Conn, header: dict, rest: list, raw_header: bytes) -> None:
+        if len(rest) > 1:
             self._error(conn.ident, wire.E_PROTOCOL,
-                        f"SEND body has {total} bytes but the entries' lengths add up to {used}")
+                        f"SEND has one body frame after the header, got {len(rest)}")
+            return
+        self.route(header, raw_header, rest[0] if rest else b"", conn.principal, conn.instance,
+                   conn)
 
-    def route(self, entries: list, mv: memoryview, fsvc: str, finst: str,
-              sender: Conn | None) -> tuple[int, bool]:
-        """Route a batch of validated-on-the-fly entries to matching leases.
+    def route(self, header: dict, raw_header: bytes | None, body: bytes, fsvc: str, finst: str,
+              sender: Conn | None) -> None:
+        """Validate one SEND message and queue it for every connection that wants it.
+
+        The columns are checked once per message with C-level builtins
+        (``set(map(type, ...))``, ``min``, ``max``, ``sum``); a structural error
+        refuses the whole message before anything is queued.  Then per group: the
+        channel is looked up in the validated-channel cache, the ACL consulted
+        (cached per channel) and the leases matched (reused while consecutive
+        groups share a destination).  A group with a bad or forbidden channel is
+        refused alone.  A connection that gets every group receives the sender's
+        header and body byte for byte; one that gets some receives a rebuilt
+        header and the matching payload bytes.
 
         Args:
-            entries: SEND entries (see :mod:`psepr.wire`).
-            mv: the body, payloads concatenated.
+            header: the parsed SEND header (see :mod:`psepr.wire`).
+            raw_header: its bytes as received (forwarded as is), or None.
+            body: the payloads, concatenated.
             fsvc, finst: the sender's principal and instance (stamped on delivery).
             sender: the sending connection (for errors and counters), or None for
                 events the router originates.
-
-        Returns:
-            ``(bytes_used, ok)``: body bytes consumed, and False if a structural
-            error stopped the batch (the events before it were routed).
         """
+        groups = header.get("g")
+        ids = header.get("i")
+        times = header.get("t")
+        fmts = header.get("f")
+        plens = header.get("l")
+        if (type(groups) is not list or type(ids) is not list or type(times) is not list
+                or type(fmts) is not list or type(plens) is not list):
+            self._bad(sender, "a SEND header needs lists g, i, t, f and l", None,
+                      code=wire.E_PROTOCOL)
+            return
+        n = len(ids)
+        if len(times) != n or len(fmts) != n or len(plens) != n:
+            self._bad(sender, f"SEND columns differ in length: i {n}, t {len(times)}, "
+                      f"f {len(fmts)}, l {len(plens)}", None, code=wire.E_PROTOCOL)
+            return
+        if n:
+            if set(map(type, plens)) != _INT or min(plens) < 0:
+                self._bad(sender, "payload lengths must be non-negative integers", None,
+                          code=wire.E_PROTOCOL)
+                return
+            if sum(plens) != len(body):
+                self._bad(sender, f"SEND body has {len(body)} bytes but the payload lengths add "
+                          f"up to {sum(plens)}", None, code=wire.E_PROTOCOL)
+                return
+            clean = raw_header is not None and _clean(raw_header)
+            if set(map(type, ids)) != _STR or not (clean or all(map(_name_ok, ids))) \
+                    or (clean and max(map(len, ids)) > 1024):
+                bad = next((i for i in ids if not _name_ok(i)), None)
+                self._bad(sender, f"event id {bad!r} must be printable text without whitespace "
+                          f"(at most 1024 characters)", None)
+                return
+            if not set(map(type, times)) <= _NUM or not set(fmts) <= _FMTS:
+                self._bad(sender, f"event {ids[0]}...: times must be numbers and formats 0 "
+                          f"(JSON) or 1 (XML)", ids[0])
+                return
+            big = max(plens)
+            if big > self.config.max_event_bytes:
+                eid = ids[plens.index(big)]
+                self._bad(sender, f"event {eid}: payload of {big} bytes exceeds the limit of "
+                          f"{self.config.max_event_bytes} bytes", eid, code=wire.E_TOO_BIG)
+                return
+        elif body:
+            self._bad(sender, "SEND with no events has a body", None, code=wire.E_PROTOCOL)
+            return
         by_channel = self.leases.by_channel
         channels = self._channels
         types = self._types
         acl = self.acl
-        max_event = self.config.max_event_bytes
-        total = len(mv)
-        off = 0
-        n_in = 0
-        n_out = 0
-        ok = True
-        for e in entries:
-            # -- validate (cheap checks first; names cached) ---------------
-            if type(e) is not list:
-                self._bad(sender, "each SEND entry must be a list", None)
-                ok = False
+        if self._targets_gen != self.leases.generation or len(self._targets) > _MAX_CACHE:
+            self._targets = {}
+            self._targets_gen = self.leases.generation
+        tcache = self._targets
+        wanted: dict = {}      # conn -> indices of the groups it gets
+        refused = 0
+        total = 0
+        last_ch = last_typ = None
+        targets: tuple = ()
+        for gi, g in enumerate(groups):
+            if type(g) is not list or len(g) != 4:
+                self._bad(sender, f"group {gi} must be [channel, type, opts, n]", None,
+                          code=wire.E_PROTOCOL)
+                return
+            ch, typ, opts, cnt = g
+            if type(cnt) is not int or cnt <= 0:
+                self._bad(sender, f"group {gi}: n must be a positive integer, got {cnt!r}", None,
+                          code=wire.E_PROTOCOL)
+                return
+            first = total
+            total += cnt
+            if total > n:
                 break
-            ln = len(e)
-            if ln == 6:
-                eid, ch, typ, t, fmt, plen = e
-                opts = None
-            elif ln == 7:
-                eid, ch, typ, t, fmt, plen, opts = e
+            if opts is None and ch == last_ch and typ == last_typ and type(ch) is str:
+                pass  # same destination as the previous group: reuse `targets`
+            elif (opts is None and type(ch) is str and (typ is None or type(typ) is str)
+                  and (targets := tcache.get((ch, typ))) is not None
+                  and (acl is None or sender is None or sender.may_send_cache.get(ch))):
+                last_ch, last_typ = ch, typ   # a destination validated and matched before
             else:
-                self._bad(sender, f"a SEND entry has 6 or 7 elements, got {ln}", None)
-                ok = False
-                break
-            if type(plen) is not int or plen < 0 or off + plen > total:
-                self._bad(sender, f"entry payload length {plen!r} is not a valid length within "
-                          f"the {total}-byte body", eid if type(eid) is str else None)
-                ok = False
-                break
-            start = off
-            off += plen
-            if not _name_ok(eid):
-                self._bad(sender, f"event id {eid!r} must be printable text without whitespace",
-                          None)
-                continue
-            if type(t) not in _JSON_NUM or (fmt != 0 and fmt != 1) or type(fmt) is not int:
-                self._bad(sender, f"event {eid}: time must be a number and fmt 0 or 1", eid)
-                continue
-            if typ is not None and typ not in types:
-                if not _name_ok(typ):
-                    self._bad(sender, f"event {eid}: type {typ!r} must be printable text "
-                              f"without whitespace", eid)
-                    continue
-                if len(types) >= _MAX_CACHE:
-                    types.clear()
-                types.add(typ)
-            if plen > max_event:
-                self._bad(sender, f"event {eid}: payload of {plen} bytes exceeds the limit of "
-                          f"{max_event} bytes", eid, code=wire.E_TOO_BIG)
-                continue
-            prefs = channels.get(ch) if type(ch) is str else None
-            if prefs is None:
-                try:
-                    prefs = self._channel_prefixes(ch)
-                except ChannelError as exc:
-                    self._bad(sender, f"event {eid}: {exc}", eid, code=wire.E_BAD_CHANNEL,
-                              channel=str(ch))
-                    continue
-            to_svc = to_inst = None
-            if opts is not None:
-                if not self._opts_ok(opts):
-                    self._bad(sender, f"event {eid}: opts must be an object with keys among "
-                              f"ts, ti, rt, re holding names/channels", eid)
-                    continue
-                to_svc = opts.get("ts")
-                to_inst = opts.get("ti")
-            if acl is not None and sender is not None:
-                ok = sender.may_send_cache.get(ch)
-                if ok is None:
-                    ok = acl.may_send(sender.principal, parse(ch))
-                    sender.may_send_cache[ch] = ok
-                if not ok:
-                    self._bad(sender, f"principal {sender.principal!r} may not send to {ch}",
-                              eid, code=wire.E_DENIED, channel=ch)
-                    continue
-            n_in += 1
-            # -- match --------------------------------------------------------
-            first = None
-            ids = None
-            others = None
-            for p in prefs:
-                ls = by_channel.get(p)
-                if ls is None:
-                    continue
-                for lease in ls:
-                    lt = lease.type
-                    if lt is not None and lt != typ:
+                last_ch = None
+                eid = ids[first]
+                if typ is not None and typ not in types:
+                    if not _name_ok(typ):
+                        self._bad(sender, f"event {eid}: type {typ!r} must be printable text "
+                                  f"without whitespace", eid)
+                        refused += cnt
                         continue
-                    c = lease.holder
-                    if to_svc is not None and c.principal != to_svc:
+                    if len(types) >= _MAX_CACHE:
+                        types.clear()
+                    types.add(typ)
+                prefs = channels.get(ch) if type(ch) is str else None
+                if prefs is None:
+                    try:
+                        prefs = self._channel_prefixes(ch)
+                    except ChannelError as exc:
+                        self._bad(sender, f"event {eid}: {exc}", eid, code=wire.E_BAD_CHANNEL,
+                                  channel=str(ch))
+                        refused += cnt
                         continue
-                    if to_inst is not None and c.instance != to_inst:
+                to_svc = to_inst = None
+                if opts is not None:
+                    if not self._opts_ok(opts):
+                        self._bad(sender, f"event {eid}: opts must be an object with keys among "
+                                  f"ts, ti, rt, re holding names/channels", eid)
+                        refused += cnt
                         continue
-                    if first is None:
-                        first = c
-                        ids = [lease.id]
-                    elif c is first:
-                        ids.append(lease.id)
-                    else:
-                        if others is None:
-                            others = {}
-                        lst = others.get(c)
-                        if lst is None:
-                            others[c] = [lease.id]
-                        else:
-                            lst.append(lease.id)
-            if first is None:
-                continue
-            payload = mv[start:off]
-            item = [ids, fsvc, finst, e]
-            first.out_entries.append(item)
-            first.out_chunks.append(payload)
-            first.out_bytes += plen
-            if not first.dirty:
-                first.dirty = True
-                self._dirty.append(first)
-            n_out += 1
-            if others is not None:
-                for c, cids in others.items():
-                    c.out_entries.append([cids, fsvc, finst, e])
-                    c.out_chunks.append(payload)
-                    c.out_bytes += plen
-                    if not c.dirty:
-                        c.dirty = True
-                        self._dirty.append(c)
-                    n_out += 1
+                    to_svc = opts.get("ts")
+                    to_inst = opts.get("ti")
+                if acl is not None and sender is not None:
+                    allowed = sender.may_send_cache.get(ch)
+                    if allowed is None:
+                        allowed = acl.may_send(sender.principal, parse(ch))
+                        if len(sender.may_send_cache) < _MAX_CACHE:
+                            sender.may_send_cache[ch] = allowed
+                    if not allowed:
+                        self._bad(sender, f"principal {sender.principal!r} may not send to {ch}",
+                                  eid, code=wire.E_DENIED, channel=ch)
+                        refused += cnt
+                        continue
+                targets = self._match(prefs, by_channel, typ, to_svc, to_inst)
+                if opts is None:
+                    last_ch, last_typ = ch, typ
+                    tcache[(ch, typ)] = targets
+            for c in targets:
+                lst = wanted.get(c)
+                if lst is None:
+                    wanted[c] = [gi]
+                else:
+                    lst.append(gi)
+        if total != n:
+            self._bad(sender, f"the groups count {total} events but the columns hold {n}", None,
+                      code=wire.E_PROTOCOL)
+            return
+        # -- commit: nothing was queued before the whole message was checked --
+        n_in = n - refused
+        n_out = 0
+        dirty = self._dirty
+        ng = len(groups)
+        starts = None
+        for c, gis in wanted.items():
+            if len(gis) == ng and refused == 0:
+                if raw_header is None:
+                    raw_header = orjson.dumps(header)
+                seg = (fsvc, finst, raw_header, body, n)
+                cnt = n
+            else:
+                if starts is None:
+                    starts = _starts(groups, plens)
+                seg = _subset(header, body, gis, starts, fsvc, finst)
+                cnt = seg[4]
+            c.out_segs.append(seg)
+            c.out_events += cnt
+            c.out_bytes += len(seg[3])
+            n_out += cnt
+            if not c.dirty:
+                c.dirty = True
+                dirty.append(c)
         self.events_in += n_in
         self.events_out += n_out
         if sender is not None:
             sender.events_in += n_in
-        return off, ok
+
+    @staticmethod
+    def _match(prefs: tuple, by_channel: dict, typ, to_svc, to_inst) -> tuple:
+        """The connections holding at least one lease that covers the channel and type."""
+        found: dict = {}
+        for p in prefs:
+            ls = by_channel.get(p)
+            if ls is None:
+                continue
+            for lease in ls:
+                lt = lease.type
+                if lt is not None and lt != typ:
+                    continue
+                c = lease.holder
+                if to_svc is not None and c.principal != to_svc:
+                    continue
+                if to_inst is not None and c.instance != to_inst:
+                    continue
+                found[c] = True
+        return tuple(found)
 
     @staticmethod
     def _opts_ok(opts) -> bool:
@@ -471,43 +576,57 @@ class RouterCore:
             return
         self._dirty = []
         cut = self.config.deliver_bytes
+        retry = []
         for conn in dirty:
             conn.dirty = False
-            for frames in conn.control:
-                send(conn, frames)
-            conn.control = []
-            entries = conn.out_entries
-            if not entries:
+            control = conn.control
+            if control:
+                sent = 0
+                for frames in control:
+                    if not send(conn, frames):
+                        break
+                    sent += 1
+                conn.control = []
+                if sent < len(control) and self.conns.get(conn.ident) is conn:
+                    # Queue full: keep the rest (in order) for a later turn, so that a
+                    # slow reader still gets its PONG (and the drop count on it).
+                    kept = control[sent:sent + _MAX_CONTROL_BACKLOG]
+                    self.control_dropped += len(control) - sent - len(kept)
+                    conn.control = kept
+                    retry.append(conn)
+            segs = conn.out_segs
+            if not segs:
                 continue
-            chunks = conn.out_chunks
-            conn.out_entries = []
-            conn.out_chunks = []
-            nbytes = conn.out_bytes
+            conn.out_segs = []
             conn.out_bytes = 0
-            if nbytes <= cut:
-                self._send_deliver(conn, entries, chunks, send)
-            else:
-                i = 0
-                n = len(entries)
-                while i < n:
-                    j = i
-                    size = 0
-                    while j < n and (j == i or size + len(chunks[j]) <= cut):
-                        size += len(chunks[j])
-                        j += 1
-                    self._send_deliver(conn, entries[i:j], chunks[i:j], send)
-                    i = j
+            conn.out_events = 0
+            i, n = 0, len(segs)
+            while i < n:   # cut into DELIVER messages of about `cut` bytes
+                j, size = i, 0
+                while j < n and j - i < _MAX_SEGMENTS and (j == i or size + len(segs[j][3]) <= cut):
+                    size += len(segs[j][3])
+                    j += 1
+                self._send_deliver(conn, segs[i:j], send)
+                i = j
+        for conn in retry:
+            if not conn.dirty:
+                conn.dirty = True
+                self._dirty.append(conn)
 
-    def _send_deliver(self, conn: Conn, entries: list, chunks: list, send) -> None:
-        header = {"e": entries}
+    def _send_deliver(self, conn: Conn, segs: list, send) -> None:
+        meta = {"s": [[s[0], s[1]] for s in segs]}
         if conn.pending_drops:
-            header["d"] = conn.pending_drops
-        frames = [_K[Kind.DELIVER], orjson.dumps(header), b"".join(chunks)]
+            meta["d"] = conn.pending_drops
+        frames = [_K[Kind.DELIVER], orjson.dumps(meta)]
+        n = 0
+        for s in segs:
+            frames.append(s[2])
+            frames.append(s[3])
+            n += s[4]
         if send(conn, frames):
             conn.pending_drops = 0
-            conn.events_out += len(entries)
+            conn.events_out += n
         else:
-            n = len(entries)
             conn.pending_drops += n
             conn.dropped += n
             self.dropped += n
@@ -517,8 +636,7 @@ class RouterCore:
         conn = self.conns.pop(ident, None)
         if conn is not None:
             self.leases.release_holder(conn)
-            conn.out_entries = []
-            conn.out_chunks = []
+            conn.out_segs = []
 
     # -- time ----------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -557,8 +675,9 @@ class RouterCore:
             "channels_leased": len(self.leases.by_channel),
             "messages_in": self.messages_in, "events_in": self.events_in,
             "events_out": self.events_out, "dropped": self.dropped, "errors": self.errors,
+            "control_dropped": self.control_dropped,
             "in_rate": (self.events_in - in0) / dt, "out_rate": (self.events_out - out0) / dt,
-            "queued_events": sum(len(c.out_entries) for c in self.conns.values()),
+            "queued_events": sum(c.out_events for c in self.conns.values()),
             "slow_connections": [{"principal": c.principal, "instance": c.instance,
                                   "dropped": c.dropped} for c in slow],
         }
@@ -569,9 +688,10 @@ class RouterCore:
         self._last_rates = (now, self.events_in, self.events_out)
         payload = orjson.dumps(st)
         self._stats_seq += 1
-        entry = [f"{self.config.name}.stats.{self._stats_seq}", self.stats_channel.text,
-                 STATS_TYPE, _time.time(), wire.FMT_JSON, len(payload)]
-        self.route([entry], memoryview(payload), ROUTER_SERVICE, self.config.name, None)
+        header, chunks = wire.pack_events([(f"{self.config.name}.stats.{self._stats_seq}",
+                                            self.stats_channel.text, STATS_TYPE, _time.time(),
+                                            wire.FMT_JSON, None, payload)])
+        self.route(header, None, payload, ROUTER_SERVICE, self.config.name, None)
 
 
 _SESSION_KINDS = {

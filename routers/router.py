@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 from psepr.errors import ConfigError
@@ -65,7 +66,9 @@ class _PrincipalAuthenticator(ThreadAuthenticator):
         self._acl = acl
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self._acl.by_key.get(client_public_key.decode("ascii"), "anonymous")
+        # pyzmq passes the raw 32-byte key here (the credentials callback gets Z85).
+        key = zmq.utils.z85.encode(client_public_key).decode("ascii")
+        return self._acl.by_key.get(key, "anonymous")
 
 
 class _KeyProvider:
@@ -151,6 +154,7 @@ class Router:
         sock_of: dict[bytes, zmq.Socket] = {}
         curve = self.config.curve
         max_turn = self.config.max_per_turn
+        max_bytes = self.config.max_bytes_per_turn
         NOBLOCK = zmq.NOBLOCK
         Again = zmq.Again
 
@@ -174,6 +178,7 @@ class Router:
                 timeout = max(0.0, min(core.next_deadline(now) - now, 0.25))
                 ready = poller.poll(timeout * 1000.0)
                 for s, _ in ready:
+                    budget = max_bytes
                     for _ in range(max_turn):
                         try:
                             if curve:
@@ -189,6 +194,9 @@ class Router:
                         if len(self.sockets) > 1:
                             sock_of[ident] = s
                         core.handle(ident, frames[1:], time.monotonic(), principal)
+                        budget -= len(frames[-1])
+                        if budget <= 0:
+                            break
                 core.flush(send)
                 now = time.monotonic()
                 if now >= core.next_deadline(now):

@@ -1,0 +1,383 @@
+"""`psepr bench hop`: one hop through a router, each role its own process.
+
+Scenarios (100-byte JSON payloads, loopback):
+
+* ``1->1``      one sender -> router -> one lease holder: delivered events/s.
+* ``latency``   the same path paced at 5,000 events/s: p50/p99 one-way latency
+                (sender and receiver share CLOCK_MONOTONIC on one host).
+* ``fanout``    one sender -> router -> 10 holders (10 connections in 2
+                processes): deliveries/s summed over the holders.
+* ``10k``       one connection holding 10,000 leases on distinct channels; the
+                sender cycles through those channels: delivered events/s.
+
+Each scenario is measured for PsEPR and, in the same run, for a minimal raw
+pyzmq forwarder (PUB -> Python loop SUB/PUB -> SUB, one message per event;
+topics stand in for channels) and for libzmq's C proxy (``zmq.proxy``,
+XSUB/XPUB).  Receivers decode every payload, so all columns pay for the same
+work.  Every run is bounded in events and seconds.
+
+Roles run as ``python -m benchmarks.hop ROLE ...`` and print one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAD = 100
+
+
+def _payload(i: int, t: float = 0.0) -> dict:
+    # {"i":123456,"t":12345.123456,"p":"xxxx..."} -> about 100 bytes of JSON
+    return {"i": i, "t": t, "p": "x" * 56}
+
+
+# -- roles -------------------------------------------------------------------------
+
+def role_psepr_recv(a) -> None:
+    import psepr
+    cons = [psepr.connect(a.url, preset="local") for _ in range(a.conns)]
+    leases = []
+    for con in cons:
+        if a.leases == 1:
+            leases.append(con.lease(a.channel, duration=600))
+        else:
+            for k in range(a.leases):
+                con.lease(f"{a.channel}c{k}/", duration=600, timeout=30)
+    print(json.dumps({"ready": True}), flush=True)
+    import threading
+    results = [None] * len(cons)
+
+    def consume(idx: int, con) -> None:
+        lats = []
+        n = 0
+        first = last = None
+        deadline = time.monotonic() + a.seconds
+        while n < a.count:
+            try:
+                ev = con.receive(timeout=max(0.01, deadline - time.monotonic()))
+            except psepr.TimeoutError:
+                break
+            p = ev.payload
+            now = time.monotonic()
+            if first is None:
+                first = now
+            last = now
+            n += 1
+            if a.latency:
+                lats.append(now - p["t"])
+        results[idx] = {"n": n, "first": first, "last": last, "lat": lats,
+                        "dropped": con.dropped_by_router + sum(l.dropped for l in leases)}
+
+    threads = [threading.Thread(target=consume, args=(i, c)) for i, c in enumerate(cons)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for con in cons:
+        con.close()
+    print(json.dumps({"results": results}), flush=True)
+
+
+def role_psepr_send(a) -> None:
+    import psepr
+    con = psepr.connect(a.url, preset="local")
+    chans = [a.channel] if a.leases == 1 else [f"{a.channel}c{k}/" for k in range(a.leases)]
+    nch = len(chans)
+    send = con.send
+    t0 = time.monotonic()
+    if a.rate:
+        period = 1.0 / a.rate
+        for i in range(a.count):
+            # Sleep (never spin): a spinning thread would hold the GIL that the
+            # client's I/O thread needs, which measures the spin, not PsEPR.
+            delay = t0 + i * period - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            send(chans[i % nch], _payload(i, time.monotonic()))
+    else:
+        for i in range(a.count):
+            send(chans[i % nch], _payload(i))
+    con.flush(timeout=60)
+    t1 = time.monotonic()
+    con.close()
+    print(json.dumps({"sent": a.count, "seconds": t1 - t0}), flush=True)
+
+
+def role_raw_fwd(a) -> None:
+    import zmq
+    ctx = zmq.Context()
+    xsub = ctx.socket(zmq.XSUB if a.cproxy else zmq.SUB)
+    xpub = ctx.socket(zmq.XPUB if a.cproxy else zmq.PUB)
+    for s in (xsub, xpub):
+        s.setsockopt(zmq.SNDHWM, 200_000)
+        s.setsockopt(zmq.RCVHWM, 200_000)
+    pin = xsub.bind_to_random_port("tcp://127.0.0.1")
+    pout = xpub.bind_to_random_port("tcp://127.0.0.1")
+    print(json.dumps({"in": pin, "out": pout}), flush=True)
+    if a.cproxy:
+        zmq.proxy(xsub, xpub)
+        return
+    xsub.setsockopt(zmq.SUBSCRIBE, b"")
+    recv = xsub.recv_multipart
+    send = xpub.send_multipart
+    while True:
+        send(recv())
+
+
+def role_raw_recv(a) -> None:
+    import orjson
+    import zmq
+    ctx = zmq.Context()
+    socks = []
+    for _ in range(a.conns):
+        s = ctx.socket(zmq.SUB)
+        s.setsockopt(zmq.RCVHWM, 200_000)
+        s.connect(f"tcp://127.0.0.1:{a.port}")
+        topics = [a.channel] if a.leases == 1 else [f"{a.channel}c{k}/" for k in range(a.leases)]
+        for t in topics:
+            s.setsockopt(zmq.SUBSCRIBE, t.encode())
+        socks.append(s)
+    time.sleep(0.5)  # SUB subscriptions propagate asynchronously; no readiness signal exists
+    print(json.dumps({"ready": True}), flush=True)
+    import threading
+    results = [None] * len(socks)
+
+    def consume(idx, s):
+        lats, n, first, last = [], 0, None, None
+        deadline = time.monotonic() + a.seconds
+        poller = zmq.Poller()
+        poller.register(s, zmq.POLLIN)
+        while n < a.count:
+            if not poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                break
+            topic, body = s.recv_multipart()
+            p = orjson.loads(body)
+            now = time.monotonic()
+            if first is None:
+                first = now
+            last = now
+            n += 1
+            if a.latency:
+                lats.append(now - p["t"])
+            if now > deadline:
+                break
+        results[idx] = {"n": n, "first": first, "last": last, "lat": lats, "dropped": 0}
+
+    threads = [threading.Thread(target=consume, args=(i, s)) for i, s in enumerate(socks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"results": results}), flush=True)
+    os._exit(0)
+
+
+def role_raw_send(a) -> None:
+    import orjson
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUB)
+    s.setsockopt(zmq.SNDHWM, 200_000)
+    s.connect(f"tcp://127.0.0.1:{a.port}")
+    time.sleep(0.3)  # PUB connects asynchronously
+    chans = [a.channel] if a.leases == 1 else [f"{a.channel}c{k}/" for k in range(a.leases)]
+    topics = [c.encode() for c in chans]
+    nch = len(topics)
+    t0 = time.monotonic()
+    send = s.send_multipart
+    for i in range(a.count):
+        if a.rate:
+            delay = t0 + i / a.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            send([topics[i % nch], orjson.dumps(_payload(i, time.monotonic()))])
+        else:
+            send([topics[i % nch], orjson.dumps(_payload(i))])
+    t1 = time.monotonic()
+    time.sleep(0.5)
+    s.close(linger=5000)
+    print(json.dumps({"sent": a.count, "seconds": t1 - t0}), flush=True)
+
+
+ROLES = {"psepr-recv": role_psepr_recv, "psepr-send": role_psepr_send,
+         "raw-fwd": role_raw_fwd, "raw-recv": role_raw_recv, "raw-send": role_raw_send}
+
+
+# -- orchestration -------------------------------------------------------------------
+
+def _spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.hop", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _line(p: subprocess.Popen, timeout: float) -> dict:
+    import select
+    r, _, _ = select.select([p.stdout], [], [], timeout)
+    if not r:
+        raise RuntimeError(f"benchmark role {p.args[3]} gave no answer within {timeout} s")
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError(f"benchmark role {p.args[3]} exited (rc={p.wait()})")
+    return json.loads(line)
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _start_router() -> tuple[subprocess.Popen, str]:
+    p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "router", "--name", "bench",
+                          "--listen", "tcp://127.0.0.1:0"], cwd=ROOT, stdout=subprocess.PIPE,
+                         text=True)
+    url = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if "listening on" in line:
+            url = line.split("listening on")[1].split()[0]
+        if " ready " in line:
+            break
+    if url is None:
+        _stop(p)
+        raise RuntimeError("router did not start")
+    return p, url
+
+
+def _summarise(recv_out: list[dict], conns_total: int) -> dict:
+    res = [r for out in recv_out for r in out["results"]]
+    n = sum(r["n"] for r in res)
+    firsts = [r["first"] for r in res if r["first"] is not None]
+    lasts = [r["last"] for r in res if r["last"] is not None]
+    span = (max(lasts) - min(firsts)) if firsts else 0.0
+    lats = sorted(x for r in res for x in r["lat"])
+    out = {"received": n, "seconds": span, "rate": n / span if span > 0 else 0.0,
+           "dropped": sum(r["dropped"] for r in res)}
+    if lats:
+        out["p50_us"] = statistics.median(lats) * 1e6
+        out["p99_us"] = lats[min(len(lats) - 1, int(len(lats) * 0.99))] * 1e6
+    return out
+
+
+def run_psepr(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: int = 0,
+              seconds: float = 30.0) -> dict:
+    router, url = _start_router()
+    recvs: list[subprocess.Popen] = []
+    try:
+        common = ["--url", url, "--channel", "/bench/hop/", "--leases", str(leases),
+                  "--count", str(count), "--seconds", str(seconds)]
+        lat = ["--latency"] if rate else []
+        for _ in range(procs):
+            recvs.append(_spawn("psepr-recv", *common, "--conns", str(conns // procs), *lat))
+        for r in recvs:
+            _line(r, 60)
+        sender = _spawn("psepr-send", *common, "--rate", str(rate))
+        outs = [_line(r, seconds + 60) for r in recvs]
+        _line(sender, 60)
+        _stop(sender)
+        return _summarise(outs, conns)
+    finally:
+        _stop(*recvs, router)
+
+
+def run_raw(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: int = 0,
+            seconds: float = 30.0, cproxy: bool = False) -> dict:
+    fwd = _spawn("raw-fwd", *(["--cproxy"] if cproxy else []))
+    recvs: list[subprocess.Popen] = []
+    try:
+        ports = _line(fwd, 15)
+        common = ["--channel", "/bench/hop/", "--leases", str(leases), "--count", str(count),
+                  "--seconds", str(seconds)]
+        lat = ["--latency"] if rate else []
+        for _ in range(procs):
+            recvs.append(_spawn("raw-recv", *common, "--port", str(ports["out"]),
+                                "--conns", str(conns // procs), *lat))
+        for r in recvs:
+            _line(r, 60)
+        sender = _spawn("raw-send", *common, "--port", str(ports["in"]), "--rate", str(rate))
+        outs = [_line(r, seconds + 60) for r in recvs]
+        _line(sender, 60)
+        _stop(sender)
+        return _summarise(outs, conns)
+    finally:
+        _stop(*recvs, fwd)
+
+
+def main(args) -> int:
+    """Run every scenario for PsEPR, the raw Python forwarder and libzmq's proxy; print a table."""
+    n = 30_000 if args.quick else args.events
+    lat_n = 2_000 if args.quick else 15_000
+    k10 = 1_000 if args.quick else 10_000
+    scen = [
+        ("1->1 events/s", dict(count=n)),
+        ("latency @5k/s", dict(count=lat_n, rate=5000)),
+        ("fan-out x10 deliveries/s", dict(count=n // 2, conns=10, procs=2)),
+        (f"{k10} leases events/s", dict(count=n, leases=k10)),
+    ]
+    systems = [("psepr", run_psepr), ("raw-pyzmq", run_raw),
+               ("libzmq-proxy", lambda **kw: run_raw(cproxy=True, **kw))]
+    results: dict = {}
+    for title, kw in scen:
+        for sysname, fn in systems:
+            print(f"  running {title:<28} {sysname} ...", file=sys.stderr, flush=True)
+            results.setdefault(title, {})[sysname] = fn(**kw)
+    print(f"\npsepr bench hop  ({os.cpu_count()} cores, 100-byte JSON payloads, loopback)\n")
+    print(f"{'scenario':<28} " + " ".join(f"{s:>22}" for s, _ in systems))
+    for title, _ in scen:
+        row = results[title]
+        cells = []
+        for s, _ in systems:
+            r = row[s]
+            if "p50_us" in r:
+                cells.append(f"p50 {r['p50_us']:6.0f} p99 {r['p99_us']:6.0f} us")
+            else:
+                cells.append(f"{r['rate']:>12,.0f}/s" + (f" d{r['dropped']}" if r["dropped"]
+                                                          else ""))
+        print(f"{title:<28} " + " ".join(f"{c:>22}" for c in cells))
+    single = results[scen[0][0]]["psepr"]["rate"]
+    many = results[scen[3][0]]["psepr"]["rate"]
+    print(f"\n{k10} leases / single lease rate: {many / single if single else 0:.2f}x")
+    for title, _ in scen:
+        r = results[title]["psepr"]
+        print(f"  psepr {title}: received {r['received']} in {r['seconds']:.2f} s, "
+              f"dropped {r['dropped']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _role_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("role", choices=sorted(ROLES))
+    p.add_argument("--url")
+    p.add_argument("--port", type=int)
+    p.add_argument("--channel", default="/bench/hop/")
+    p.add_argument("--leases", type=int, default=1)
+    p.add_argument("--conns", type=int, default=1)
+    p.add_argument("--count", type=int, default=100_000)
+    p.add_argument("--rate", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--latency", action="store_true")
+    p.add_argument("--cproxy", action="store_true")
+    a = p.parse_args(argv)
+    ROLES[a.role](a)
+
+
+if __name__ == "__main__":
+    _role_main(sys.argv[1:])

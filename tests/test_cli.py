@@ -1,0 +1,279 @@
+"""The `psepr` command as a user runs it: real subprocesses against a real router.
+
+Proves that ``psepr lease`` prints the events ``psepr send`` sends (JSON and XML
+payloads, JSON and PsEPR-XML output), ``psepr stats`` prints the router's counters,
+``psepr keygen`` writes a CURVE key pair, ``psepr router`` prints the address it bound
+and refuses an unauthenticated non-loopback listen address, ``--help`` works, and
+every error is one line on stderr with exit status 2 (usage) or 1 (run time).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+import zmq.auth
+
+import psepr
+from tests.conftest import ROOT
+
+CH = "/cli.example.com/heartbeat/"
+
+
+def _env(router_url: str | None) -> dict:
+    env = {**os.environ}
+    env.pop("PSEPR_SERVERS_FILE", None)
+    if router_url is None:
+        env.pop("PSEPR_ROUTERS", None)
+    else:
+        env["PSEPR_ROUTERS"] = router_url
+    return env
+
+
+def psepr_cmd(*args: str, router: str | None = None, timeout: float = 20.0,
+              **kw) -> subprocess.CompletedProcess:
+    """Run ``psepr ARGS`` to completion."""
+    return subprocess.run([sys.executable, "-m", "psepr.cli", *args], cwd=ROOT,
+                          env=_env(router), capture_output=True, text=True, timeout=timeout,
+                          **kw)
+
+
+class LeaseProc:
+    """A running ``psepr lease`` whose '# leased' status line was seen."""
+
+    def __init__(self, router: str, *args: str, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "psepr.cli", "lease", *args],
+                                     cwd=ROOT, env=_env(router), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        self.status = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()   # the status line comes promptly, or EOF
+            if not line:
+                break
+            if line.startswith("# leased"):
+                self.status = line
+                return
+        self.stop()
+        raise AssertionError(f"psepr lease never reported its lease (rc={self.proc.poll()})")
+
+    def finish(self, timeout: float = 10.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=5)
+
+
+@pytest.fixture
+def lease_procs():
+    started: list[LeaseProc] = []
+
+    def _start(*a, **kw) -> LeaseProc:
+        p = LeaseProc(*a, **kw)
+        started.append(p)
+        return p
+
+    yield _start
+    for p in started:
+        p.stop()
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("psepr "), lines[0]
+    return lines[0]
+
+
+def _free_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+# -- send / lease ------------------------------------------------------------------------------
+
+def test_lease_count_one_prints_the_json_event_sent(router_proc, lease_procs):
+    lp = lease_procs(router_proc.url, CH, "--count", "1", "--type", "heartbeat")
+    assert CH in lp.status and "type heartbeat" in lp.status
+    sent = psepr_cmd("send", CH + "x.example.com/", "--type", "heartbeat", "--json",
+                     '{"load": 0.4}', router=router_proc.url)
+    assert sent.returncode == 0, sent.stderr
+    eid = sent.stdout.strip()
+    rc, out, err = lp.finish()
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1
+    ev = psepr.from_json(lines[0])
+    assert ev.id == eid and ev.payload == {"load": 0.4} and ev.type == "heartbeat"
+    assert ev.channel.text == CH + "x.example.com/"
+    assert ev.from_service == "anonymous"
+
+
+def test_xml_payload_is_printed_as_psepr_xml(router_proc, lease_procs):
+    lp = lease_procs(router_proc.url, CH, "--count", "1", "--output", "xml")
+    xml = '<payload xmlns="heartbeat"><load>0.4</load></payload>'
+    sent = psepr_cmd("send", CH + "x.example.com/", "--xml", xml, "--service", "probe",
+                     router=router_proc.url)
+    assert sent.returncode == 0, sent.stderr
+    rc, out, err = lp.finish()
+    assert rc == 0, err
+    line, = out.splitlines()
+    assert line.startswith('<event xmlns="http://psepr.org/xs/event">')
+    ev = psepr.from_xml(line)
+    assert ev.id == sent.stdout.strip()
+    assert ev.format == "xml" and ev.type == "heartbeat"
+    assert ev.xml_element().find("{heartbeat}load").text == "0.4"
+    assert ev.from_service == "probe"
+
+
+def test_json_event_printed_as_xml_round_trips(router_proc, lease_procs):
+    lp = lease_procs(router_proc.url, CH, "--count", "1", "--output", "xml")
+    sent = psepr_cmd("send", CH, "--type", "t", "--json", '{"a": [1, "two"]}',
+                     router=router_proc.url)
+    assert sent.returncode == 0, sent.stderr
+    rc, out, err = lp.finish()
+    assert rc == 0, err
+    ev = psepr.from_xml(out.strip())
+    assert ev.payload == {"a": [1, "two"]} and ev.type == "t"
+
+
+def test_lease_count_two_with_payload_output(router_proc, lease_procs):
+    lp = lease_procs(router_proc.url, CH, "--count", "2", "--output", "payload")
+    sent = psepr_cmd("send", CH, "--attribute", "load_avg=0.5", "--expire", "60", "--count", "2",
+                     router=router_proc.url)
+    assert sent.returncode == 0, sent.stderr
+    rc, out, err = lp.finish()
+    assert rc == 0, err
+    payloads = [orjson.loads(line) for line in out.splitlines()]
+    assert len(payloads) == 2
+    assert payloads[0]["field"] == "load_avg" and payloads[0]["value"] == 0.5
+
+
+def test_lease_timeout_is_a_one_line_error(router_proc):
+    r = psepr_cmd("lease", CH, "--timeout", "0.3", "--quiet", router=router_proc.url)
+    assert r.returncode == 1
+    assert "no event on " + CH in _one_line_error(r)
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+def test_stats_prints_counters(router_proc):
+    r = psepr_cmd("stats", router=router_proc.url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("router r1 (authority psepr.local)")
+    for key in ("connections", "leases", "events_in", "events_out", "dropped"):
+        assert re.search(rf"^\s+{key}\s+\d+$", r.stdout, re.M), key
+
+
+def test_stats_json_counts_the_events_sent(router_proc):
+    assert psepr_cmd("send", CH, "--count", "3", "--json", "1",
+                     router=router_proc.url).returncode == 0
+    r = psepr_cmd("stats", "--json", router=router_proc.url)
+    assert r.returncode == 0, r.stderr
+    st = orjson.loads(r.stdout)
+    assert st["router"] == "r1" and st["events_in"] == 3 and st["connections"] == 1
+
+
+# -- keygen -------------------------------------------------------------------------------------
+
+def test_keygen_writes_a_key_pair(tmp_path):
+    r = psepr_cmd("keygen", "alice", "--dir", str(tmp_path / "keys"))
+    assert r.returncode == 0, r.stderr
+    pub, sec = tmp_path / "keys" / "alice.key", tmp_path / "keys" / "alice.key_secret"
+    public, none = zmq.auth.load_certificate(str(pub))
+    public2, secret = zmq.auth.load_certificate(str(sec))
+    assert none is None and public == public2 and secret is not None
+    assert public.decode() in r.stdout
+    assert sec.stat().st_mode & 0o077 == 0
+    again = psepr_cmd("keygen", "alice", "--dir", str(tmp_path / "keys"))
+    assert again.returncode == 2 and "--force" in _one_line_error(again)
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def test_invalid_channel_is_a_usage_error(router_proc):
+    r = psepr_cmd("send", "not-a-channel", "--json", "1", router=router_proc.url)
+    assert r.returncode == 2
+    assert "not-a-channel" in _one_line_error(r)
+
+
+def test_invalid_json_is_a_usage_error():
+    r = psepr_cmd("send", CH, "--json", "{nope", router=_free_url())
+    assert r.returncode == 2
+    assert "--json is not valid JSON" in _one_line_error(r)
+
+
+def test_no_router_is_a_runtime_error_with_a_clear_message():
+    url = _free_url()
+    r = psepr_cmd("send", CH, "--json", "1", router=url)
+    assert r.returncode == 1
+    line = _one_line_error(r)
+    assert "could not reach any router" in line and url in line
+
+
+def test_lease_with_no_router_is_one_line_error():
+    url = _free_url()
+    r = psepr_cmd("lease", CH, router=url)
+    assert r.returncode == 1
+    line = _one_line_error(r)
+    assert "could not reach any router" in line and url in line
+
+def test_router_flag_overrides_environment(router_proc):
+    r = psepr_cmd("stats", "--json", "--router", router_proc.url, router=_free_url())
+    assert r.returncode == 0, r.stderr
+    assert orjson.loads(r.stdout)["router"] == "r1"
+
+
+# -- router -------------------------------------------------------------------------------------
+
+def test_router_refuses_non_loopback_without_curve():
+    r = psepr_cmd("router", "--listen", "tcp://0.0.0.0:0", timeout=10)
+    assert r.returncode == 2
+    line = _one_line_error(r)
+    assert "--insecure" in line and "0.0.0.0" in line
+
+
+def test_router_prints_the_bound_address():
+    proc = subprocess.Popen([sys.executable, "-m", "psepr.cli", "router", "--listen",
+                             "tcp://127.0.0.1:0", "--name", "cli-r"], cwd=ROOT,
+                            env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        first = proc.stdout.readline()
+        m = re.fullmatch(r"psepr router cli-r listening on tcp://127\.0\.0\.1:(\d+)\n", first)
+        assert m and int(m.group(1)) > 0, first
+        assert " ready " in proc.stdout.readline()
+        url = first.split()[-1]
+        with psepr.connect(url) as con:       # the printed address is the one that serves
+            assert con.welcome["router"] == "cli-r"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+# -- help ---------------------------------------------------------------------------------------
+
+def test_help():
+    r = psepr_cmd("--help")
+    assert r.returncode == 0
+    for cmd in ("router", "send", "lease", "stats", "keygen"):
+        assert cmd in r.stdout
+
+
+def test_send_help():
+    r = psepr_cmd("send", "--help")
+    assert r.returncode == 0
+    for opt in ("--router", "--json", "--xml", "--type", "examples:"):
+        assert opt in r.stdout
+

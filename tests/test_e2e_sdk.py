@@ -1,0 +1,317 @@
+"""End to end: the SDK against real `psepr router` processes (issue 2, acceptance 4).
+
+Proves that
+* the sync and the asyncio connections work as documented (``with``/``async with``,
+  ``await con.lease``, ``async for event in lease``, ``con.receive`` across leases);
+* leases are renewed automatically at 80 % of the grant and keep delivering;
+* after the router dies and a new one starts on the same port, the connection
+  re-registers every lease and delivery resumes;
+* fail-over: a dead router in the list is skipped, and a connection moves to the
+  next router (with its leases) when its router is killed;
+* the router list comes from ``PSEPR_ROUTERS`` or a servers file;
+* ``request()`` gets a reply from a responder, and raises ``TimeoutError`` at its
+  deadline when nobody answers;
+* errors come from one tree: a bad channel is a ``ChannelError`` (a ``UsageError``),
+  nobody listening is ``ConnectionLost``, and ``flush()`` raises the error the
+  router reported asynchronously (an event over the router's size limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import psepr
+import psepr.aio
+from psepr import ClientConfig
+
+CH = "/e2e.example.com/sdk/"
+FAST = ClientConfig.preset("local")          # ping 0.5 s, dead after 1.5 s, connect 1 s
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dead_url() -> str:
+    """A loopback endpoint nobody listens on."""
+    return f"tcp://127.0.0.1:{_free_port()}"
+
+
+def _wait_for_leases(con: psepr.Connection, n: int, timeout: float = 10.0) -> None:
+    """Poll the router's lease count (through ``con``) until it reaches ``n``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if con.stats()["leases"] >= n:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"router never held {n} lease(s) within {timeout} s")
+        time.sleep(0.05)
+
+
+# -- sync ---------------------------------------------------------------------------------
+
+def test_sync_connection_sends_and_receives(router_proc):
+    with psepr.connect(router_proc.url) as con:
+        lease = con.lease(CH, duration=120, type="heartbeat")
+        con.send(CH + "x.example.com/", {"load": 0.4}, type="heartbeat")
+        con.send(CH + "x.example.com/", psepr.attribute("load_avg", 0.4, expire=60),
+                 type="heartbeat")
+        ev = lease.receive(timeout=5)
+        assert ev.payload == {"load": 0.4} and ev.channel.text == CH + "x.example.com/"
+        assert lease.receive(timeout=5).payload["field"] == "load_avg"
+        with pytest.raises(psepr.TimeoutError):
+            lease.receive(timeout=0.2)
+
+
+def test_sync_connection_without_with_block(router_proc):
+    con = psepr.connect(router_proc.url)
+    try:
+        lease = con.lease(CH)
+        con.send(CH, "hello")
+        con.flush()
+        assert lease.receive(timeout=5).payload == "hello"
+    finally:
+        con.close()
+    con.close()                                   # idempotent
+    with pytest.raises(psepr.ClosedError):
+        con.send(CH, 1)
+
+
+def test_receive_returns_events_from_every_lease_in_arrival_order(router_proc):
+    with psepr.connect(router_proc.url) as sub, psepr.connect(router_proc.url) as pub:
+        la = sub.lease(CH + "a/")
+        lb = sub.lease(CH + "b/")
+        pub.send(CH + "b/", 1)
+        pub.send(CH + "a/", 2)
+        pub.send(CH + "b/", 3)
+        pub.flush()
+        got = [sub.receive(timeout=5) for _ in range(3)]
+        assert [e.payload for e in got] == [1, 2, 3]
+        assert [e.leases for e in got] == [(lb.id,), (la.id,), (lb.id,)]
+        with pytest.raises(psepr.TimeoutError):
+            sub.receive(timeout=0.2)
+
+
+# -- asyncio ------------------------------------------------------------------------------
+
+async def test_aio_connection_async_with_and_async_for(router_proc):
+    async with psepr.aio.connect(router_proc.url) as con:
+        lease = await con.lease(CH, duration=60)
+        assert lease.granted == 60
+        for i in range(3):
+            await con.send(CH + "n/", {"i": i})
+        got = []
+        async for event in lease:
+            got.append(event.payload["i"])
+            if len(got) == 3:
+                break
+        assert got == [0, 1, 2]
+
+
+async def test_aio_connect_awaited_receive_request_and_flush(router_proc):
+    con = await psepr.aio.connect(router_proc.url, service="aio-user")
+    responder = await psepr.aio.connect(router_proc.url)
+    try:
+        assert con.principal == "aio-user"
+        la = await con.lease(CH + "a/")
+        lb = await con.lease(CH + "b/")
+        await con.send(CH + "a/", 1)
+        await con.send(CH + "b/", 2)
+        await con.flush()
+        first, second = await con.receive(timeout=5), await con.receive(timeout=5)
+        assert (first.leases, second.leases) == ((la.id,), (lb.id,))
+        assert first.from_service == "aio-user"
+        with pytest.raises(psepr.TimeoutError):
+            await lb.receive(timeout=0.2)
+
+        svc = await responder.lease(CH + "echo/")
+
+        async def serve_one():
+            req = await svc.receive(timeout=5)
+            await responder.reply(req, {"echo": req.payload})
+
+        task = asyncio.create_task(serve_one())
+        reply = await con.request(CH + "echo/", {"q": 1}, timeout=5)
+        await task
+        assert reply.payload == {"echo": {"q": 1}}
+    finally:
+        await con.close()
+        await responder.close()
+
+
+# -- renewal -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_leases_are_renewed_automatically(start_router):
+    r = start_router("--max-lease", "2")
+    with psepr.connect(r.url, config=FAST) as sub, psepr.connect(r.url, config=FAST) as pub:
+        renewed = sub.lease(CH, duration=2, renew=True)
+        unrenewed = sub.lease(CH + "control/", duration=2, renew=False)
+        assert renewed.granted == 2.0
+        start = time.monotonic()
+        n = 0
+        # Probe every ~0.5 s for 5.5 s (several 2 s grants): each probe must arrive.
+        while time.monotonic() - start < 5.5:
+            pub.send(CH, {"n": n})
+            assert renewed.receive(timeout=3).payload == {"n": n}
+            n += 1
+            time.sleep(0.5)   # pacing the probes, not waiting for readiness
+        with pytest.raises(psepr.LeaseExpired):
+            unrenewed.receive(timeout=0)
+        assert pub.stats()["leases"] == 1
+
+
+# -- reconnect and fail-over ----------------------------------------------------------------
+
+def test_reconnect_reregisters_leases_after_router_restart(start_router):
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    r1 = start_router("--listen", url)
+    assert r1.url == url
+    with psepr.connect(url, config=FAST) as sub:
+        la = sub.lease(CH + "a/")
+        lb = sub.lease(CH + "b/", type="t")
+        r1.stop(signal.SIGKILL)
+        start_router("--listen", url, name="r1-again")
+        with psepr.connect(url, config=FAST) as pub:
+            _wait_for_leases(pub, 2)
+            pub.send(CH + "a/", "after restart")
+            pub.send(CH + "b/", "typed", type="t")
+            assert la.receive(timeout=5).payload == "after restart"
+            assert lb.receive(timeout=5).payload == "typed"
+        assert sub.welcome["router"] == "r1-again"
+
+
+def test_connect_skips_a_dead_router(router_proc):
+    dead = _dead_url()
+    with psepr.connect([dead, router_proc.url], config=FAST) as con:
+        assert con.router == router_proc.url
+        lease = con.lease(CH)
+        con.send(CH, "ok")
+        assert lease.receive(timeout=5).payload == "ok"
+
+
+def test_connection_fails_over_to_next_router_with_its_leases(start_router):
+    r1 = start_router(name="r1")
+    r2 = start_router(name="r2")
+    with psepr.connect([r1.url, r2.url], config=FAST) as sub:
+        assert sub.router == r1.url
+        lease = sub.lease(CH)
+        r1.stop(signal.SIGKILL)
+        with psepr.connect(r2.url, config=FAST) as pub:
+            _wait_for_leases(pub, 1)
+            assert sub.router == r2.url
+            pub.send(CH, "via r2")
+            assert lease.receive(timeout=5).payload == "via r2"
+            sub.send(CH, "sent after fail-over")
+            assert lease.receive(timeout=5).payload == "sent after fail-over"
+
+
+# -- router list ------------------------------------------------------------------------------
+
+def test_router_list_from_environment(router_proc, monkeypatch):
+    monkeypatch.setenv("PSEPR_ROUTERS", f"{_dead_url()}, {router_proc.url}")
+    with psepr.connect(config=FAST) as con:
+        assert con.routers[1] == router_proc.url
+        assert con.router == router_proc.url
+
+
+def test_router_list_from_servers_file(router_proc, monkeypatch, tmp_path):
+    servers = tmp_path / "servers"
+    servers.write_text(f"# routers of this farm\n{router_proc.url}   # r1\n\n")
+    monkeypatch.delenv("PSEPR_ROUTERS", raising=False)
+    monkeypatch.setenv("PSEPR_SERVERS_FILE", str(servers))
+    with psepr.connect(config=FAST) as con:
+        assert con.routers == [router_proc.url]
+        assert con.stats()["router"] == "r1"
+
+
+# -- request/reply -------------------------------------------------------------------------------
+
+def test_request_gets_a_reply_from_a_responder(router_proc):
+    with psepr.connect(router_proc.url) as client, \
+            psepr.connect(router_proc.url, service="echo") as server:
+        inbox = server.lease(CH + "echo/")
+        failures: list[BaseException] = []
+
+        def respond():
+            try:
+                req = inbox.receive(timeout=5)
+                server.reply(req, {"echo": req.payload, "by": req.from_service})
+                server.flush()
+            except BaseException as exc:  # reported by the test thread
+                failures.append(exc)
+
+        t = threading.Thread(target=respond, daemon=True)
+        t.start()
+        reply = client.request(CH + "echo/", {"q": 1}, timeout=5)
+        t.join(5)
+        assert not failures
+        assert reply.payload == {"echo": {"q": 1}, "by": "anonymous"}
+        assert reply.from_service == "echo"
+        assert reply.re is not None
+
+
+def test_request_without_responder_times_out_at_its_deadline(router_proc):
+    with psepr.connect(router_proc.url) as con:
+        start = time.monotonic()
+        with pytest.raises(psepr.TimeoutError) as info:
+            con.request(CH + "nobody/", {"q": 1}, timeout=0.5)
+        elapsed = time.monotonic() - start
+        assert 0.4 <= elapsed < 2.0
+        assert isinstance(info.value, TimeoutError)          # the builtin, too
+        assert isinstance(info.value, psepr.PseprError)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+def test_invalid_channel_raises_channel_error(router_proc):
+    with psepr.connect(router_proc.url) as con:
+        with pytest.raises(psepr.ChannelError) as info:
+            con.send("no-slashes", {"x": 1})
+        assert isinstance(info.value, psepr.UsageError)
+        assert isinstance(info.value, psepr.PseprError)
+        assert "no-slashes" in str(info.value)
+        with pytest.raises(psepr.ChannelError):
+            con.lease("/a//b/")
+        con.flush()                           # nothing was sent, nothing to report
+
+
+def test_connect_to_nothing_raises_connection_lost():
+    dead = _dead_url()
+    with pytest.raises(psepr.ConnectionLost) as info:
+        psepr.connect(dead, config=FAST.replace(connect_timeout=0.5))
+    assert dead in str(info.value)
+    assert isinstance(info.value, psepr.PseprError)
+
+
+def test_flush_raises_the_routers_asynchronous_error(router_proc):
+    # The client is configured to allow bigger events than the router (1 MiB):
+    # the router refuses the event and flush() reports it.
+    cfg = ClientConfig(max_event_bytes=4 << 20)
+    with psepr.connect(router_proc.url, config=cfg) as con, \
+            psepr.connect(router_proc.url) as sub:
+        lease = sub.lease(CH)
+        big_id = con.send(CH, "x" * (2 << 20))
+        with pytest.raises(psepr.RemoteError) as info:
+            con.flush()
+        assert info.value.code == "too-big" and info.value.ref == big_id
+        assert isinstance(info.value, psepr.ProtocolError)
+        con.send(CH, "small")
+        con.flush()                            # the error was reported once
+        assert lease.receive(timeout=5).payload == "small"
+
+
+def test_oversize_payload_is_refused_locally(router_proc):
+    with psepr.connect(router_proc.url) as con:
+        with pytest.raises(psepr.EventError) as info:
+            con.send(CH, "x" * (2 << 20))
+        assert info.value.field == "payload"
+        con.flush()

@@ -22,14 +22,18 @@ class RouterConfig:
         max_lease: longest lease grant in seconds (PsEPR's default was one hour).
         max_event_bytes: largest payload of one event (1 MiB, like PsEPR's bound
             on XML documents; bigger things belong in a file store).
-        max_message_bytes: largest incoming message (a SEND batch); ZeroMQ drops a
-            peer that exceeds it before we ever allocate for it.
-        deliver_bytes: a DELIVER message is cut at about this many payload bytes so
-            that one slow connection's queue holds bounded memory.
-        conn_queue: ZeroMQ send high-water mark per connection, in messages. With
-            ``deliver_bytes`` it bounds the router memory one connection can pin:
-            ``conn_queue * deliver_bytes`` (16 MiB with the defaults).  Beyond it
-            deliveries are dropped, counted and reported to the connection.
+        max_message_bytes: largest incoming message (a SEND batch): room for one
+            maximal event and its header.  ZeroMQ drops a peer that exceeds it
+            before the router allocates for it.
+        deliver_bytes: a DELIVER message takes segments (whole SEND messages, at
+            most ``max_message_bytes`` each, 256 KiB from the SDK) until it holds
+            about this many bytes, so one message stays small.
+        conn_queue: ZeroMQ send high-water mark per connection, in messages; also
+            the receive high-water mark per sender.  It bounds the memory one
+            slow connection can pin at ``conn_queue * (deliver_bytes + one
+            segment)``: about 24 MiB with SDK senders, at most 136 MiB with
+            hand-made 2 MiB messages.  Beyond it deliveries are dropped, counted
+            and reported to the connection.
         max_leases_per_conn: leases one connection may hold.
         conn_timeout: a connection silent this long is forgotten with its leases
             (clients ping every second while idle, so 30 s is generous).
@@ -50,9 +54,9 @@ class RouterConfig:
     listen: tuple[str, ...] = ("tcp://127.0.0.1:7600",)
     max_lease: float = 3600.0
     max_event_bytes: int = 1 << 20
-    max_message_bytes: int = 8 << 20
+    max_message_bytes: int = 2 << 20
     deliver_bytes: int = 128 << 10
-    conn_queue: int = 128
+    conn_queue: int = 64
     max_leases_per_conn: int = 100_000
     conn_timeout: float = 30.0
     stats_interval: float = 5.0

@@ -245,9 +245,10 @@ class RouterCore:
         service = h.get("service")
         instance = h.get("instance")
         for name, val in (("service", service), ("instance", instance)):
-            if val is not None and not _name_ok(val):
+            # Names end up as channel elements (inboxes): the element rules apply.
+            if val is not None and (not _name_ok(val) or "/" in val or "*" in val):
                 self._error(ident, wire.E_PROTOCOL, f"hello: {name} {val!r} must be printable "
-                            f"text without whitespace")
+                            f"text without whitespace, '/' or '*'")
                 return
         if principal is None:
             principal = service or "anonymous"

@@ -128,7 +128,7 @@ class Router:
                 s.setsockopt(zmq.LINGER, 0)
                 s.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 s.setsockopt(zmq.SNDHWM, config.conn_queue)
-                s.setsockopt(zmq.RCVHWM, 1000)
+                s.setsockopt(zmq.RCVHWM, config.conn_queue)
                 s.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 65536)
                 if config.curve:
                     s.curve_server = True

@@ -97,6 +97,14 @@ def cmd_send(args) -> int:
 
 
 def _print_event(ev, output: str) -> None:
+    try:
+        _write_event(ev, output)
+    except PseprError as exc:   # one bad event from someone else must not end the session
+        print(f"psepr: event {ev.id} from {ev.from_service} could not be printed: {exc}",
+              file=sys.stderr)
+
+
+def _write_event(ev, output: str) -> None:
     if output == "xml":
         line = ev.to_xml()
     elif output == "payload":

@@ -424,6 +424,10 @@ def check_xml_payload(payload: Any, max_bytes: int = MAX_EVENT_BYTES) -> tuple[s
     if local != "payload":
         raise EventError(f"the XML payload's root element must be <payload>, got <{local}>",
                          "payload")
+    if "format" in root.attrib:
+        # Reserved: <payload format="json"> marks a JSON payload in the XML encoding.
+        raise EventError("the XML payload's root may not carry a 'format' attribute (reserved)",
+                         "payload")
     return _XML_DECL.sub("", payload).strip(), ns
 
 

@@ -172,6 +172,15 @@ class LeaseState:
         self.asked = 0.0
 
 
+class _Barrier:
+    """A control message queued among the events, sent after those before it."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = frames
+
+
 class Session:
     """The protocol state of one client connection (see module docs).
 
@@ -197,6 +206,7 @@ class Session:
         self.leases: dict[str, LeaseState] = {}
         self._control: list[list[bytes]] = []
         self._pend: list = []                # encoded events (make_entry items) to send
+        self._barriers = 0                   # _Barrier markers in _pend (flush pings)
         self._req = itertools.count(1)
         self._waiting: dict[int, str] = {}   # req -> kind, for control requests
         self._channels: dict[str, Channel] = {}
@@ -336,8 +346,18 @@ class Session:
         return self._request(Kind.UNLEASE, {"id": lease_id})
 
     def ping(self) -> int:
-        """Queue a PING; returns its request id (flush waits for the PONG)."""
-        return self._request(Kind.PING, {})
+        """Queue a PING behind every event queued so far; returns its request id.
+
+        ``flush`` waits for the PONG, so the PING must not overtake events still
+        waiting here: the router answers it only after handling them.
+        """
+        if not self._pend:
+            return self._request(Kind.PING, {})
+        req = next(self._req)
+        self._waiting[req] = Kind.PING.name
+        self._pend.append(_Barrier(wire.encode(Kind.PING, {"req": req})))
+        self._barriers += 1
+        return req
 
     def stats(self) -> int:
         """Ask the router for its counters; returns the request id."""
@@ -352,7 +372,10 @@ class Session:
 
     # -- output --------------------------------------------------------------------
     def take_out(self, now: float) -> list[list[bytes]]:
-        """Messages to send now: control first, then event batches (only when READY)."""
+        """Messages to send now: control first, then event batches (only when READY).
+
+        A flush PING queued while events were waiting goes out right after them.
+        """
         out = self._control
         self._control = []
         if self.state == CONNECTING:
@@ -363,6 +386,23 @@ class Session:
         if self.state != READY or not self._pend:
             return out
         items, self._pend = self._pend, []
+        if self._barriers:
+            self._barriers = 0
+            run: list = []
+            for it in items:
+                if type(it) is _Barrier:
+                    self._pack(run, out)
+                    out.append(it.frames)
+                    run = []
+                else:
+                    run.append(it)
+            self._pack(run, out)
+        else:
+            self._pack(items, out)
+        return out
+
+    def _pack(self, items: list, out: list) -> None:
+        """Append SEND messages carrying ``items`` to ``out``, cut at the batch limits."""
         max_e = self.config.batch_events
         max_b = self.config.batch_bytes
         i, n = 0, len(items)
@@ -373,12 +413,14 @@ class Session:
                 j += 1
             out.append(wire.encode_send(items[i:j]))
             i = j
-        return out
 
     def requeue(self, frames: list[bytes]) -> None:
         """The socket could not take a message: put it back at the front."""
         if frames[0] == _K[Kind.SEND]:
             self._pend[:0] = wire.unpack_events(orjson.loads(frames[1]), frames[2])
+        elif frames[0] == _K[Kind.PING]:     # may be a flush barrier: keep it behind events
+            self._pend.insert(0, _Barrier(frames))
+            self._barriers += 1
         else:
             self._control.insert(0, frames)
 

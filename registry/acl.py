@@ -28,6 +28,7 @@ from psepr.channel import Channel, parse
 from psepr.errors import ChannelError, ConfigError
 
 INBOX = "_inbox"
+_ENTRY_KEYS = frozenset(("key", "key_file", "send", "lease"))
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,13 @@ def load_acl(path: "str | Path") -> ACL:
     for name, entry in table.items():
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: principals.{name} must be a table")
+        unknown = set(entry) - _ENTRY_KEYS
+        if unknown:
+            raise ConfigError(f"{path}: principals.{name}: unknown key(s) "
+                              f"{', '.join(sorted(unknown))}; expected {', '.join(sorted(_ENTRY_KEYS))}")
+        if not name or "/" in name or "*" in name or not name.isprintable() or " " in name:
+            raise ConfigError(f"{path}: principal name {name!r} must be printable text without "
+                              f"whitespace, '/' or '*'")
         key = entry.get("key")
         if key is None and "key_file" in entry:
             if not isinstance(entry["key_file"], str):

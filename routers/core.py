@@ -391,7 +391,8 @@ class RouterCore:
                 self._bad(sender, f"event id {bad!r} must be printable text without whitespace "
                           f"(at most 1024 characters)", None)
                 return
-            if not set(map(type, times)) <= _NUM or not set(fmts) <= _FMTS:
+            if (not set(map(type, times)) <= _NUM or set(map(type, fmts)) != _INT
+                    or not set(fmts) <= _FMTS):
                 self._bad(sender, f"event {ids[0]}...: times must be numbers and formats 0 "
                           f"(JSON) or 1 (XML)", ids[0])
                 return
@@ -440,10 +441,10 @@ class RouterCore:
             else:
                 last_ch = None
                 eid = ids[first]
-                if typ is not None and typ not in types:
-                    if not _name_ok(typ):
+                if typ is not None and (type(typ) is not str or typ not in types):
+                    if not _name_ok(typ) or "}" in typ:
                         self._bad(sender, f"event {eid}: type {typ!r} must be printable text "
-                                  f"without whitespace", eid)
+                                  f"without whitespace or '}}'", eid)
                         refused += cnt
                         continue
                     if len(types) >= _MAX_CACHE:

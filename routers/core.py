@@ -38,7 +38,7 @@ from psepr.channel import Channel, parse, parse_destination
 from psepr.errors import ChannelError
 from psepr import wire
 from psepr.wire import Kind
-from registry.acl import ACL
+from registry.acl import ACL, INBOX
 from registry.leases import LeaseTable
 from .config import RouterConfig
 
@@ -325,6 +325,10 @@ class RouterCore:
     def _channel_prefixes(self, ch: str) -> tuple[str, ...]:
         channel = parse_destination(ch)
         prefs = channel.prefixes()
+        if len(channel.parts) >= 3 and channel.parts[1] == INBOX:
+            # Inboxes are private: only leases on /<auth>/_inbox/<principal>/ or
+            # below receive them, never a broad lease such as /<auth>/ or /.
+            prefs = prefs[3:]
         if len(self._channels) >= _MAX_CACHE:
             self._channels.clear()
         self._channels[ch] = prefs

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +56,18 @@ class RouterProcess:
             self.stop()
             raise RuntimeError("router did not become ready")
         self.url = self.urls[0]
+        # Keep reading both pipes so that a chatty router never blocks on a full pipe;
+        # what it printed stays available in self.output for assertions.
+        self.output: list[str] = []
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._drain, args=(stream,), daemon=True).start()
+
+    def _drain(self, stream) -> None:
+        try:
+            for line in stream:
+                self.output.append(line)
+        except (ValueError, OSError):
+            pass
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -226,3 +226,34 @@ def test_client_cannot_forge_from_service_on_the_wire(router_proc):
         assert ev.id == "honest-1" and ev.from_service == "mallory"
         with pytest.raises(psepr.TimeoutError):
             lease.receive(timeout=0.3)
+
+
+def test_inbox_replies_reach_only_the_inbox_owner(router_proc):
+    """A broad lease (/example.com/, /) does not see replies sent to someone's inbox."""
+    with psepr.connect(router_proc.url, service="asker") as asker, \
+            psepr.connect(router_proc.url, service="echo") as echo, \
+            psepr.connect(router_proc.url, service="snoop") as snoop:
+        broad = snoop.lease("/example.com/")
+        root = snoop.lease("/")
+        service = echo.lease("/example.com/echo/")
+        import threading
+
+        def answer():
+            req = service.receive(timeout=5)
+            echo.reply(req, {"secret": 42})
+
+        t = threading.Thread(target=answer)
+        t.start()
+        reply = asker.request("/example.com/echo/", {"q": 1}, timeout=5)
+        t.join(5)
+        assert reply.payload == {"secret": 42}
+        assert reply.channel.parts[1] == "_inbox"
+        # The snoop saw the request on both leases, and nothing else.
+        seen = []
+        while True:
+            try:
+                seen.append(snoop.receive(timeout=0.5))
+            except psepr.TimeoutError:
+                break
+        assert [e.channel.text for e in seen] == ["/example.com/echo/"] * 2
+        assert broad.pending() == 0 and root.pending() == 0

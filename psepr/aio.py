@@ -113,7 +113,10 @@ class Connection:
         self._requests: dict[str, asyncio.Future] = {}
         self._inboxes: dict[str, Lease] = {}
         self._errors: list[Exception] = []
-        self._notify: collections.deque = collections.deque(maxlen=self.config.lease_queue)
+        # One entry per delivered event, naming its lease, in arrival order (see
+        # psepr.client.Connection: stale entries are compacted, never lost).
+        self._notify: collections.deque = collections.deque()
+        self._notify_limit = 2 * self.config.lease_queue
         self._any = asyncio.Event()
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
@@ -312,8 +315,8 @@ class Connection:
     async def receive(self, timeout: float | None = None) -> Event:
         """The next event from any lease; see :meth:`psepr.client.Connection.receive`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        notify = self._notify
         while True:
+            notify = self._notify
             while notify:
                 lease = notify.popleft()
                 if lease._q:
@@ -446,6 +449,13 @@ class Connection:
                 lease._q.extend(events)
                 self._notify.extend([lease] * len(events))
                 lease._has.set()
+        if len(self._notify) > self._notify_limit:
+            live = [lease for lease in leases.values() if lease._q]
+            notify = collections.deque()
+            for lease in live:
+                notify.extend([lease] * len(lease._q))
+            self._notify = notify
+            self._notify_limit = max(2 * self.config.lease_queue, 2 * len(notify))
         self._any.set()
 
     def ready(self, welcome: dict) -> None:

@@ -65,6 +65,7 @@ class Lease:
         self.granted = 0.0
         self.dropped = 0
         self._q: collections.deque = collections.deque()
+        self._has = threading.Event()    # set by the I/O thread when events arrive
         self._error: Exception | None = None
         self._closed = False
 
@@ -132,7 +133,13 @@ class Connection:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._leases: dict[str, Lease] = {}
-        self._notify: collections.deque = collections.deque(maxlen=self.config.lease_queue)
+        # One entry per delivered event, naming its lease, in arrival order: what
+        # con.receive() walks.  Entries whose event was taken through lease.receive()
+        # are skipped; compacted when stale entries pile up (see _compact).
+        self._arrivals: collections.deque = collections.deque()
+        self._arrivals_limit = 2 * self.config.lease_queue
+        self._any = threading.Event()    # set by the I/O thread when events arrive
+        self._touched: list[Lease] = []  # leases given events this I/O turn
         self._outq: collections.deque = collections.deque()
         self._space = threading.Event()
         self._woken = False
@@ -318,6 +325,7 @@ class Connection:
             if lease._closed:
                 return
             lease._closed = True
+            lease._has.set()
             self._leases.pop(lease.id, None)
             req = self._session.unlease(lease.id)
             self._cond.notify_all()
@@ -335,19 +343,21 @@ class Connection:
             ClosedError: the connection is closed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        notify = self._notify
         while True:
+            arrivals = self._arrivals      # re-read: _compact() may replace it
             try:
-                lease = notify.popleft()
+                lease = arrivals.popleft()
             except IndexError:
-                with self._cond:
-                    if not notify:
-                        if self._closed:
-                            raise ClosedError("connection is closed") from None
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            raise TimeoutError(f"no event within {timeout} s") from None
-                        self._cond.wait(remaining)
+                if self._closed:
+                    raise ClosedError("connection is closed") from None
+                self._any.clear()
+                if arrivals:
+                    continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no event within {timeout} s") from None
+                # Bounded wait: a wake-up cleared by another reader costs at most 50 ms.
+                self._any.wait(0.05 if remaining is None else min(remaining, 0.05))
                 continue
             q = lease._q
             if q:
@@ -421,6 +431,9 @@ class Connection:
                 return
             self._closed = True
             self._cond.notify_all()
+            for lease in self._leases.values():
+                lease._has.set()
+        self._any.set()
         self._space.set()
         try:
             os.write(self._wake_w, b"c")
@@ -447,19 +460,24 @@ class Connection:
                 self._cond.wait(remaining)
 
     def _wait_for(self, lease: Lease, timeout: float | None) -> Event:
+        # Readers wait on an Event the I/O thread sets after it has released the
+        # connection lock: the woken reader needs no lock, only the GIL.
         q = lease._q
+        has = lease._has
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not q:
-                if lease._error is not None:
-                    raise lease._error
-                if lease._closed or self._closed:
-                    raise ClosedError(f"lease {lease.id} is closed")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
-                self._cond.wait(remaining)
-            return q.popleft()
+        while not q:
+            if lease._error is not None:
+                raise lease._error
+            if lease._closed or self._closed:
+                raise ClosedError(f"lease {lease.id} is closed")
+            has.clear()
+            if q:
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
+            has.wait(0.05 if remaining is None else min(remaining, 0.05))
+        return q.popleft()
 
     def _control(self, op, timeout: float, what: str):
         with self._lock:
@@ -490,7 +508,8 @@ class Connection:
     # -- Sink: called by the Session, in the I/O thread, with the lock held ------------
     def deliver(self, batches: list) -> None:
         leases = self._leases
-        notify = self._notify
+        arrivals = self._arrivals
+        touched = self._touched
         limit = self.config.lease_queue
         for lids, events in batches:
             for lid in lids:
@@ -502,6 +521,7 @@ class Connection:
                         w = self._requests.get(ev.re)
                         if w is not None and not w.done:
                             w.result, w.done = ev, True
+                            self._cond.notify_all()
                     continue
                 q = lease._q
                 room = limit - len(q)
@@ -512,8 +532,31 @@ class Connection:
                                 lid, lease.channel.text, limit, lease.dropped)
                     events = events[:max(room, 0)]
                 q.extend(events)
-                notify.extend([lease] * len(events))
-        self._cond.notify_all()
+                arrivals.extend([lease] * len(events))
+                touched.append(lease)
+        if len(arrivals) > self._arrivals_limit:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop arrival entries whose events were taken through lease.receive().
+
+        Arrival order between leases becomes approximate (lease by lease) for the
+        events kept; within a lease it is exact.  Runs rarely: only when entries
+        outnumber twice the per-lease queue limit.
+        """
+        live = [lease for lease in self._leases.values() if lease._q]
+        arrivals = collections.deque()
+        for lease in live:
+            arrivals.extend([lease] * len(lease._q))
+        self._arrivals = arrivals
+        self._arrivals_limit = max(2 * self.config.lease_queue, 2 * len(arrivals))
+
+    def _wake_readers(self) -> None:
+        """Called by the I/O thread without the lock held: wake readers of fresh events."""
+        touched, self._touched = self._touched, []
+        for lease in touched:
+            lease._has.set()
+        self._any.set()
 
     def ready(self, welcome: dict) -> None:
         self.welcome = welcome
@@ -538,6 +581,7 @@ class Connection:
             log.warning("lease %s on %s expired at the router", lease_id, lease.channel.text)
             lease._error = LeaseExpired(f"lease {lease_id} on {lease.channel.text} expired",
                                         code="expired", channel=lease.channel.text, ref=lease_id)
+            lease._has.set()
             self._cond.notify_all()
 
     def completed(self, req: int, result: Any, exc: Exception | None) -> None:
@@ -635,6 +679,7 @@ class Connection:
                         except zmq.Again:
                             break
                         s.on_message(frames, time.monotonic())
+                self._wake_readers()
             now = time.monotonic()
             if now >= s.next_deadline(now):
                 with self._lock:

@@ -315,3 +315,32 @@ def test_oversize_payload_is_refused_locally(router_proc):
             con.send(CH, "x" * (2 << 20))
         assert info.value.field == "payload"
         con.flush()
+
+
+def test_con_receive_loses_nothing_when_a_reader_lags(router_proc):
+    """con.receive() finds every queued event even after its arrival list was compacted."""
+    cfg = psepr.ClientConfig(lease_queue=100)
+    with psepr.connect(router_proc.url, config=cfg) as rx, psepr.connect(router_proc.url) as tx:
+        a = rx.lease("/lag/a/")
+        b = rx.lease("/lag/b/")
+        for i in range(150):
+            tx.send("/lag/a/", {"i": i})
+            tx.send("/lag/b/", {"i": i})
+        tx.flush()
+        deadline = time.monotonic() + 10
+        while a.pending() + a.dropped < 150 or b.pending() + b.dropped < 150:
+            assert time.monotonic() < deadline, "events did not arrive"
+            time.sleep(0.01)
+        assert (a.pending(), a.dropped, b.pending(), b.dropped) == (100, 50, 100, 50)
+        first = a.receive(timeout=1)          # one taken through the lease directly
+        assert first.payload == {"i": 0}
+        got = []
+        while True:
+            try:
+                ev = rx.receive(timeout=0.5)
+            except psepr.TimeoutError:
+                break
+            got.append((ev.channel.text, ev.payload["i"]))
+        assert len(got) == 199 and len(set(got)) == 199
+        assert sorted(i for ch, i in got if ch == "/lag/a/") == list(range(1, 100))
+        assert sorted(i for ch, i in got if ch == "/lag/b/") == list(range(100))

@@ -66,6 +66,7 @@ class Lease:
         self.dropped = 0
         self._q: collections.deque = collections.deque()
         self._has = threading.Event()    # set by the I/O thread when events arrive
+        self._warn_at = 0.0
         self._error: Exception | None = None
         self._closed = False
 
@@ -139,7 +140,7 @@ class Connection:
         self._arrivals: collections.deque = collections.deque()
         self._arrivals_limit = 2 * self.config.lease_queue
         self._any = threading.Event()    # set by the I/O thread when events arrive
-        self._touched: list[Lease] = []  # leases given events this I/O turn
+        self._touched: dict[Lease, bool] = {}  # leases given events this I/O turn
         self._outq: collections.deque = collections.deque()
         self._space = threading.Event()
         self._woken = False
@@ -528,12 +529,16 @@ class Connection:
                 if room < len(events):
                     lost = len(events) - max(room, 0)
                     lease.dropped += lost
-                    log.warning("lease %s on %s: queue full (%d); %d events dropped so far",
-                                lid, lease.channel.text, limit, lease.dropped)
+                    now = time.monotonic()
+                    if now >= lease._warn_at:   # at most one warning per lease per 5 s
+                        lease._warn_at = now + 5.0
+                        log.warning("lease %s on %s: queue full (%d events, reader too slow); "
+                                    "%d dropped so far", lid, lease.channel.text, limit,
+                                    lease.dropped)
                     events = events[:max(room, 0)]
                 q.extend(events)
                 arrivals.extend([lease] * len(events))
-                touched.append(lease)
+                touched[lease] = True
         if len(arrivals) > self._arrivals_limit:
             self._compact()
 
@@ -553,10 +558,11 @@ class Connection:
 
     def _wake_readers(self) -> None:
         """Called by the I/O thread without the lock held: wake readers of fresh events."""
-        touched, self._touched = self._touched, []
+        touched, self._touched = self._touched, {}
         for lease in touched:
             lease._has.set()
-        self._any.set()
+        if touched:
+            self._any.set()
 
     def ready(self, welcome: dict) -> None:
         self.welcome = welcome

@@ -109,7 +109,7 @@ class Event:
         leases: ids of the local leases this event was delivered on (SDK only).
     """
 
-    __slots__ = ("id", "channel", "type", "time", "format", "_payload", "_raw",
+    __slots__ = ("id", "channel", "type", "time", "format", "_payload", "_raw", "_off", "_end",
                  "from_service", "from_instance", "to_service", "to_instance",
                  "reply_to", "re", "leases")
 
@@ -153,7 +153,10 @@ class Event:
             self._payload = text
         else:
             self._payload = payload
+        # Encoded payload: _raw[_off:_end].  A received event points into the
+        # message body it came in (no copy until the payload is first used).
         self._raw = None
+        self._off = self._end = 0
         self.type = _check_type(type)
         self.id = _check_name(id, "id") if id is not None else new_id()
         if time is None:
@@ -170,35 +173,12 @@ class Event:
         self.re = _check_name(re, "re")
         self.leases: tuple = ()
 
-    @classmethod
-    def _from_wire(cls, id: str, channel: Channel, type: str | None, time: float, fmt: str,
-                   raw: bytes, from_service: str | None, from_instance: str | None,
-                   to_service: str | None, to_instance: str | None,
-                   reply_to: Channel | None, re: str | None, leases: tuple) -> "Event":
-        """Build an event from already-validated wire fields, payload undecoded."""
-        self = cls.__new__(cls)
-        self.id = id
-        self.channel = channel
-        self.type = type
-        self.time = time
-        self.format = fmt
-        self._payload = _UNSET
-        self._raw = raw
-        self.from_service = from_service
-        self.from_instance = from_instance
-        self.to_service = to_service
-        self.to_instance = to_instance
-        self.reply_to = reply_to
-        self.re = re
-        self.leases = leases
-        return self
-
     @property
     def payload(self) -> Any:
         """The payload: a JSON value, or the XML payload element as text."""
         p = self._payload
         if p is _UNSET:
-            raw = self._raw
+            raw = self._raw[self._off:self._end]
             if self.format == JSON:
                 try:
                     p = orjson.loads(raw)
@@ -217,7 +197,7 @@ class Event:
             EventError: if a JSON payload cannot be serialised.
         """
         if self._raw is not None:
-            return bytes(self._raw)
+            return bytes(self._raw[self._off:self._end])
         if self.format == JSON:
             try:
                 raw = orjson.dumps(self._payload)
@@ -225,7 +205,7 @@ class Event:
                 raise EventError(f"payload is not JSON-serialisable: {exc}", "payload") from None
         else:
             raw = self._payload.encode("utf-8")
-        self._raw = raw
+        self._raw, self._off, self._end = raw, 0, len(raw)
         return raw
 
     def xml_element(self) -> ET.Element:

@@ -523,7 +523,7 @@ class Session:
         lcache = self._lids if self._index is not None else {}
         for k, (fsvc, finst) in enumerate(senders):
             h = orjson.loads(rest[2 * k])
-            mv = memoryview(rest[2 * k + 1])
+            body = rest[2 * k + 1]
             ids, times, fmts, plens = h["i"], h["t"], h["f"], h["l"]
             off = 0
             j = 0
@@ -556,7 +556,9 @@ class Session:
                     ev.time = times[i]
                     ev.format = fmt_names[fmts[i]]
                     ev._payload = unset
-                    ev._raw = mv[off:end]
+                    ev._raw = body
+                    ev._off = off
+                    ev._end = end
                     ev.from_service = fsvc
                     ev.from_instance = finst
                     ev.to_service = ts

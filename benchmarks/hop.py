@@ -5,8 +5,8 @@ Scenarios (100-byte JSON payloads, loopback):
 * ``1->1``      one sender -> router -> one lease holder: delivered events/s.
 * ``latency``   the same path paced at 5,000 events/s: p50/p99 one-way latency
                 (sender and receiver share CLOCK_MONOTONIC on one host).
-* ``fanout``    one sender -> router -> 10 holders (10 connections in 2
-                processes): deliveries/s summed over the holders.
+* ``fanout``    one sender -> router -> 10 holders (10 processes, one
+                connection each): deliveries/s summed over the holders.
 * ``10k``       one connection holding 10,000 leases on distinct channels; the
                 sender cycles through those channels: delivered events/s.
 
@@ -331,7 +331,7 @@ def main(args) -> int:
     scen = [
         ("1->1 events/s", dict(count=n)),
         ("latency @5k/s", dict(count=lat_n, rate=5000)),
-        ("fan-out x10 deliveries/s", dict(count=n // 2, conns=10, procs=2)),
+        ("fan-out x10 deliveries/s", dict(count=n // 2, conns=10, procs=10)),
         (f"{k10} leases events/s", dict(count=n, leases=k10)),
     ]
     systems = [("psepr", run_psepr), ("raw-pyzmq", run_raw),

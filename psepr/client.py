@@ -157,6 +157,11 @@ class Connection:
         os.set_blocking(self._wake_r, False)
         self._session = Session(self.config, self.routers, self, time.monotonic())
         self._sock: zmq.Socket | None = None
+        self._sock_lock = threading.Lock()      # whoever holds it drives the socket
+        self._backlog: list = []                # frames the socket refused, in order
+        self._readers = 0                       # threads waiting in receive()
+        self._reader_left = 0.0
+        self._reader_gone = threading.Event()
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
         if wait:
@@ -357,8 +362,11 @@ class Connection:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no event within {timeout} s") from None
-                # Bounded wait: a wake-up cleared by another reader costs at most 50 ms.
-                self._any.wait(0.05 if remaining is None else min(remaining, 0.05))
+                # Drive the socket ourselves (no hand-off); if another thread has it,
+                # wait - boundedly: a wake-up cleared by another reader costs <= 50 ms.
+                wait = 0.05 if remaining is None else min(remaining, 0.05)
+                if not self._drive(lambda: self._arrivals, time.monotonic() + wait):
+                    self._any.wait(wait)
                 continue
             q = lease._q
             if q:
@@ -477,7 +485,10 @@ class Connection:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
-            has.wait(0.05 if remaining is None else min(remaining, 0.05))
+            step = None if remaining is None else time.monotonic() + min(remaining, 0.05)
+            if not self._drive(lambda: q or lease._error is not None or lease._closed,
+                               step if step is not None else time.monotonic() + 0.05):
+                has.wait(0.05 if remaining is None else min(remaining, 0.05))
         return q.popleft()
 
     def _control(self, op, timeout: float, what: str):
@@ -629,75 +640,132 @@ class Connection:
                 self._closed = True
                 self._cond.notify_all()
         finally:
-            if self._sock is not None:
-                self._sock.close(linger=0)
-                self._sock = None
+            with self._sock_lock:
+                sock, self._sock = self._sock, None
+                if sock is not None:
+                    for frames in self._session.close():   # say goodbye if we can
+                        try:
+                            sock.send_multipart(frames, zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass
+                    sock.close(linger=0)
+            self._any.set()
 
     def _loop(self) -> None:
+        """The I/O thread: drive the socket unless a reader is driving it.
+
+        A thread blocked in ``receive`` drives the socket itself (see
+        :meth:`_drive`), so an event reaches it without a thread hand-off; the
+        I/O thread steps back while readers are active and for ``_LINGER``
+        seconds after, so that a reader calling ``receive`` in a loop keeps the
+        socket, and takes over again for timers, sends and queues otherwise.
+        """
+        self._poller = zmq.Poller()
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        while not self._closed:
+            if self._readers or time.monotonic() - self._reader_left < _LINGER:
+                self._reader_gone.wait(_LINGER)
+                self._reader_gone.clear()
+                continue
+            if not self._sock_lock.acquire(timeout=0.1):
+                continue
+            try:
+                self._io_step(None)
+            finally:
+                self._sock_lock.release()
+
+    def _drive(self, ready, deadline: float | None) -> bool:
+        """Run the socket from a reader's thread until ``ready()`` or the deadline.
+
+        Returns:
+            False if the socket could not be had (the caller waits instead).
+        """
+        with self._lock:
+            self._readers += 1
+        try:
+            if not self._sock_lock.acquire(blocking=False):
+                self._kick()    # ask the I/O thread to step back, then take the socket
+                if not self._sock_lock.acquire(timeout=0.05):
+                    return False
+            try:
+                while not ready() and not self._closed:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                    self._io_step(deadline)
+            finally:
+                self._sock_lock.release()
+            return True
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._reader_left = time.monotonic()
+            self._reader_gone.set()
+
+    def _io_step(self, deadline: float | None) -> None:
+        """One turn: switch sockets if asked, send what waits, poll, receive, tick.
+
+        Called with ``_sock_lock`` held, by the I/O thread or a reader.
+        """
         s = self._session
-        self._poller = poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller = self._poller
         outq = self._outq
         limit = self.config.send_queue
         NOBLOCK = zmq.NOBLOCK
-        backlog: list = []
-        while True:
-            now = time.monotonic()
-            with self._lock:
-                if self._closed:
-                    break
-                url = s.take_switch()
-                if url is not None:
-                    backlog = []
-                    self._open(url)
-                    s.start(now)
-                # Move user sends into the session (bounded by the session's queue).
-                self._woken = False
-                if outq and s.queued < limit:
-                    pop = outq.popleft
-                    s.add_events([pop() for _ in range(min(len(outq), limit))])
-                    self._space.set()
-                if not backlog:
-                    backlog = s.take_out(now)
-            sock = self._sock
-            while backlog:
-                try:
-                    sock.send_multipart(backlog[0], NOBLOCK)
-                except zmq.Again:
-                    break
-                backlog.pop(0)
-            timeout = max(0.0, s.next_deadline(now) - now)
-            if backlog:
-                timeout = min(timeout, 0.01)
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return
+            url = s.take_switch()
+            if url is not None:
+                self._backlog = []
+                self._open(url)
+                s.start(now)
+            # Move user sends into the session (bounded by the session's queue).
+            self._woken = False
             if outq and s.queued < limit:
-                timeout = 0.0
-            ready = dict(poller.poll(timeout * 1000.0))
-            if self._wake_r in ready:
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
-            if ready.get(sock):
-                with self._lock:
-                    for _ in range(1000):
-                        try:
-                            frames = sock.recv_multipart(NOBLOCK)
-                        except zmq.Again:
-                            break
-                        s.on_message(frames, time.monotonic())
-                self._wake_readers()
-            now = time.monotonic()
-            if now >= s.next_deadline(now):
-                with self._lock:
-                    s.tick(now)
-        # closing: say goodbye if we can
+                pop = outq.popleft
+                s.add_events([pop() for _ in range(min(len(outq), limit))])
+                self._space.set()
+            if not self._backlog:
+                self._backlog = s.take_out(now)
         sock = self._sock
-        if sock is not None:
-            for frames in s.close():
-                try:
-                    sock.send_multipart(frames, NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+        backlog = self._backlog
+        while backlog:
+            try:
+                sock.send_multipart(backlog[0], NOBLOCK)
+            except zmq.Again:
+                break
+            backlog.pop(0)
+        timeout = max(0.0, s.next_deadline(now) - now)
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - now))
+        if backlog:
+            timeout = min(timeout, 0.01)
+        if outq and s.queued < limit:
+            timeout = 0.0
+        ready = dict(poller.poll(timeout * 1000.0))
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        if ready.get(sock):
+            with self._lock:
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(NOBLOCK)
+                    except zmq.Again:
+                        break
+                    s.on_message(frames, time.monotonic())
+            self._wake_readers()
+        now = time.monotonic()
+        if now >= s.next_deadline(now):
+            with self._lock:
+                s.tick(now)
+
+
+#: How long the I/O thread leaves the socket to readers after the last one left.
+_LINGER = 0.005
 
 
 def connect(routers=None, **kwargs) -> Connection:

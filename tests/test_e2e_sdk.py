@@ -344,3 +344,31 @@ def test_con_receive_loses_nothing_when_a_reader_lags(router_proc):
         assert len(got) == 199 and len(set(got)) == 199
         assert sorted(i for ch, i in got if ch == "/lag/a/") == list(range(1, 100))
         assert sorted(i for ch, i in got if ch == "/lag/b/") == list(range(100))
+
+
+def test_many_reader_threads_and_a_sender_share_one_connection(router_proc):
+    """Readers drive the socket themselves; several at once must neither deadlock nor lose."""
+    with psepr.connect(router_proc.url) as con:
+        leases = [con.lease(f"/threads/{k}/") for k in range(3)]
+        got: dict[int, list] = {k: [] for k in range(3)}
+
+        def read(k: int) -> None:
+            for _ in range(500):
+                got[k].append(leases[k].receive(timeout=10).payload)
+
+        readers = [threading.Thread(target=read, args=(k,)) for k in range(3)]
+        for t in readers:
+            t.start()
+
+        def write() -> None:
+            for i in range(500):
+                for k in range(3):
+                    con.send(f"/threads/{k}/", i)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(30)
+        for t in readers:
+            t.join(30)
+        assert not writer.is_alive() and not any(t.is_alive() for t in readers)
+        assert all(got[k] == list(range(500)) for k in range(3))

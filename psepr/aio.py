@@ -30,6 +30,7 @@ import zmq
 import zmq.asyncio
 
 from . import session as _session
+from ._base import INBOX_PREFIX, ConnectionBase
 from ._common import build_config, configure_socket, inbox_channel
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
@@ -52,6 +53,7 @@ class Lease:
         self.dropped = 0
         self._q: collections.deque = collections.deque()
         self._has = asyncio.Event()
+        self._warn_at = 0.0
         self._error: Exception | None = None
         self._closed = False
 
@@ -93,7 +95,7 @@ class Lease:
         await self._con._release(self, timeout)
 
 
-class Connection:
+class Connection(ConnectionBase):
     """An asyncio connection; create with :func:`connect` (awaitable, or ``async with``)."""
 
     def __init__(self, routers=None, *, config: ClientConfig | None = None,
@@ -113,10 +115,7 @@ class Connection:
         self._requests: dict[str, asyncio.Future] = {}
         self._inboxes: dict[str, Lease] = {}
         self._errors: list[Exception] = []
-        # One entry per delivered event, naming its lease, in arrival order (see
-        # psepr.client.Connection: stale entries are compacted, never lost).
-        self._notify: collections.deque = collections.deque()
-        self._notify_limit = 2 * self.config.lease_queue
+        self._init_arrivals()
         self._any = asyncio.Event()
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
@@ -153,18 +152,6 @@ class Connection:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-    @property
-    def principal(self) -> str | None:
-        return self.welcome.get("principal") if self.welcome else None
-
-    @property
-    def instance(self) -> str:
-        return self._session.instance
-
-    @property
-    def router(self) -> str:
-        return self._session.router
 
     # -- socket management --------------------------------------------------------
     def _switch(self) -> None:
@@ -316,9 +303,9 @@ class Connection:
         """The next event from any lease; see :meth:`psepr.client.Connection.receive`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            notify = self._notify
-            while notify:
-                lease = notify.popleft()
+            arrivals = self._arrivals      # re-read: _compact() may replace it
+            while arrivals:
+                lease = arrivals.popleft()
                 if lease._q:
                     return lease._q.popleft()
             if self._closed:
@@ -364,7 +351,7 @@ class Connection:
         lease = self._inboxes.get(authority)
         if lease is None:
             ch = inbox_channel(authority, self.principal, self.instance)
-            lease = await self.lease(ch, id=f"inbox:{authority}", timeout=timeout)
+            lease = await self.lease(ch, id=f"{INBOX_PREFIX}{authority}", timeout=timeout)
             self._inboxes[authority] = lease
         return lease
 
@@ -427,36 +414,16 @@ class Connection:
 
     # -- Sink -------------------------------------------------------------------------------
     def deliver(self, batches: list) -> None:
-        leases = self._leases
-        limit = self.config.lease_queue
-        for lids, events in batches:
-            for lid in lids:
-                lease = leases.get(lid)
-                if lease is None:
-                    continue
-                if lid.startswith("inbox:"):
-                    for ev in events:
-                        fut = self._requests.get(ev.re)
-                        if fut is not None and not fut.done():
-                            fut.set_result(ev)
-                    continue
-                room = limit - len(lease._q)
-                if room < len(events):
-                    lease.dropped += len(events) - max(room, 0)
-                    log.warning("lease %s: queue full (%d); %d events dropped so far",
-                                lid, limit, lease.dropped)
-                    events = events[:max(room, 0)]
-                lease._q.extend(events)
-                self._notify.extend([lease] * len(events))
-                lease._has.set()
-        if len(self._notify) > self._notify_limit:
-            live = [lease for lease in leases.values() if lease._q]
-            notify = collections.deque()
-            for lease in live:
-                notify.extend([lease] * len(lease._q))
-            self._notify = notify
-            self._notify_limit = max(2 * self.config.lease_queue, 2 * len(notify))
+        self._file(batches)
         self._any.set()
+
+    def _answer(self, event: Event) -> None:
+        fut = self._requests.get(event.re)
+        if fut is not None and not fut.done():
+            fut.set_result(event)
+
+    def _touch(self, lease: Lease) -> None:
+        lease._has.set()
 
     def ready(self, welcome: dict) -> None:
         self.welcome = welcome
@@ -476,11 +443,7 @@ class Connection:
             fut.set_exception(exc)
 
     def lease_expired(self, lease_id: str) -> None:
-        lease = self._leases.pop(lease_id, None)
-        if lease is not None:
-            lease._error = LeaseExpired(f"lease {lease_id} on {lease.channel.text} expired",
-                                        code="expired", channel=lease.channel.text, ref=lease_id)
-            lease._has.set()
+        self._expire(lease_id)
 
     def completed(self, req: int, result: Any, exc: Exception | None) -> None:
         fut = self._futs.get(req)
@@ -491,15 +454,6 @@ class Connection:
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
-
-    def async_error(self, exc: Exception) -> None:
-        log.warning("router %s: %s", self._session.router, exc)
-        if len(self._errors) < 100:
-            self._errors.append(exc)
-
-    def dropped(self, n: int) -> None:
-        self.dropped_by_router += n
-        log.warning("router dropped %d events for this connection (slow reader)", n)
 
 
 def connect(routers=None, **kwargs) -> Connection:

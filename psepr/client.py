@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import zmq
 
 from . import session as _session
+from ._base import INBOX_PREFIX, ConnectionBase
 from ._common import build_config, configure_socket, inbox_channel
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
@@ -117,7 +118,7 @@ class _Waiter:
         self.error: Exception | None = None
 
 
-class Connection:
+class Connection(ConnectionBase):
     """A synchronous connection to one router of a list (see :func:`connect`)."""
 
     def __init__(self, routers=None, *, config: ClientConfig | None = None,
@@ -134,11 +135,7 @@ class Connection:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._leases: dict[str, Lease] = {}
-        # One entry per delivered event, naming its lease, in arrival order: what
-        # con.receive() walks.  Entries whose event was taken through lease.receive()
-        # are skipped; compacted when stale entries pile up (see _compact).
-        self._arrivals: collections.deque = collections.deque()
-        self._arrivals_limit = 2 * self.config.lease_queue
+        self._init_arrivals()
         self._any = threading.Event()    # set by the I/O thread when events arrive
         self._touched: dict[Lease, bool] = {}  # leases given events this I/O turn
         self._outq: collections.deque = collections.deque()
@@ -170,27 +167,6 @@ class Connection:
                 self.close()
                 raise ConnectionLost(f"could not reach any router of {', '.join(self.routers)} "
                                      f"within {limit:.1f} s (is `psepr router` running?)")
-
-    # -- properties -------------------------------------------------------------
-    @property
-    def principal(self) -> str | None:
-        """The principal the router knows us by (from WELCOME)."""
-        return self.welcome.get("principal") if self.welcome else None
-
-    @property
-    def instance(self) -> str:
-        """This connection's instance name."""
-        return self._session.instance
-
-    @property
-    def router(self) -> str:
-        """The router endpoint in use."""
-        return self._session.router
-
-    @property
-    def authority(self) -> str | None:
-        """The router's own authority (where its system channels live)."""
-        return self.welcome.get("authority") if self.welcome else None
 
     def __enter__(self) -> "Connection":
         return self
@@ -423,7 +399,7 @@ class Connection:
         if lease is None:
             self._wait_cond(lambda: self.welcome is not None, timeout, "not connected")
             ch = inbox_channel(authority, self.principal, self.instance)
-            lease = self.lease(ch, id=f"inbox:{authority}", timeout=timeout)
+            lease = self.lease(ch, id=f"{INBOX_PREFIX}{authority}", timeout=timeout)
             self._inboxes[authority] = lease
         return lease
 
@@ -519,53 +495,16 @@ class Connection:
 
     # -- Sink: called by the Session, in the I/O thread, with the lock held ------------
     def deliver(self, batches: list) -> None:
-        leases = self._leases
-        arrivals = self._arrivals
-        touched = self._touched
-        limit = self.config.lease_queue
-        for lids, events in batches:
-            for lid in lids:
-                lease = leases.get(lid)
-                if lease is None:
-                    continue  # released meanwhile
-                if lid.startswith("inbox:"):
-                    for ev in events:
-                        w = self._requests.get(ev.re)
-                        if w is not None and not w.done:
-                            w.result, w.done = ev, True
-                            self._cond.notify_all()
-                    continue
-                q = lease._q
-                room = limit - len(q)
-                if room < len(events):
-                    lost = len(events) - max(room, 0)
-                    lease.dropped += lost
-                    now = time.monotonic()
-                    if now >= lease._warn_at:   # at most one warning per lease per 5 s
-                        lease._warn_at = now + 5.0
-                        log.warning("lease %s on %s: queue full (%d events, reader too slow); "
-                                    "%d dropped so far", lid, lease.channel.text, limit,
-                                    lease.dropped)
-                    events = events[:max(room, 0)]
-                q.extend(events)
-                arrivals.extend([lease] * len(events))
-                touched[lease] = True
-        if len(arrivals) > self._arrivals_limit:
-            self._compact()
+        self._file(batches)
 
-    def _compact(self) -> None:
-        """Drop arrival entries whose events were taken through lease.receive().
+    def _answer(self, event: Event) -> None:
+        w = self._requests.get(event.re)
+        if w is not None and not w.done:
+            w.result, w.done = event, True
+            self._cond.notify_all()
 
-        Arrival order between leases becomes approximate (lease by lease) for the
-        events kept; within a lease it is exact.  Runs rarely: only when entries
-        outnumber twice the per-lease queue limit.
-        """
-        live = [lease for lease in self._leases.values() if lease._q]
-        arrivals = collections.deque()
-        for lease in live:
-            arrivals.extend([lease] * len(lease._q))
-        self._arrivals = arrivals
-        self._arrivals_limit = max(2 * self.config.lease_queue, 2 * len(arrivals))
+    def _touch(self, lease: Lease) -> None:
+        self._touched[lease] = True
 
     def _wake_readers(self) -> None:
         """Called by the I/O thread without the lock held: wake readers of fresh events."""
@@ -593,12 +532,7 @@ class Connection:
             self._cond.notify_all()
 
     def lease_expired(self, lease_id: str) -> None:
-        lease = self._leases.pop(lease_id, None)
-        if lease is not None:
-            log.warning("lease %s on %s expired at the router", lease_id, lease.channel.text)
-            lease._error = LeaseExpired(f"lease {lease_id} on {lease.channel.text} expired",
-                                        code="expired", channel=lease.channel.text, ref=lease_id)
-            lease._has.set()
+        if self._expire(lease_id) is not None:
             self._cond.notify_all()
 
     def completed(self, req: int, result: Any, exc: Exception | None) -> None:
@@ -610,15 +544,8 @@ class Connection:
         self._cond.notify_all()
 
     def async_error(self, exc: Exception) -> None:
-        log.warning("router %s: %s", self._session.router, exc)
-        if len(self._errors) < 100:
-            self._errors.append(exc)
+        super().async_error(exc)
         self._cond.notify_all()
-
-    def dropped(self, n: int) -> None:
-        self.dropped_by_router += n
-        log.warning("router %s dropped %d events for this connection (slow reader); %d in all",
-                    self._session.router, n, self.dropped_by_router)
 
     # -- the I/O thread -------------------------------------------------------------------
     def _open(self, url: str) -> None:

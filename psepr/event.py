@@ -144,13 +144,7 @@ class Event:
             raise EventError(f"event format must be 'json' or 'xml', got {fmt!r}", "format")
         self.format = fmt
         if fmt == XML:
-            text, ns = check_xml_payload(payload)
-            if type is None:
-                type = ns
-            elif ns != type:
-                raise EventError(f"XML payload namespace {ns!r} does not match type {type!r}",
-                                 "type")
-            self._payload = text
+            self._payload, type = xml_payload_and_type(payload, type)
         else:
             self._payload = payload
         # Encoded payload: _raw[_off:_end].  A received event points into the
@@ -409,6 +403,29 @@ def check_xml_payload(payload: Any, max_bytes: int = MAX_EVENT_BYTES) -> tuple[s
         raise EventError("the XML payload's root may not carry a 'format' attribute (reserved)",
                          "payload")
     return _XML_DECL.sub("", payload).strip(), ns
+
+
+def xml_payload_and_type(payload: Any, type: str | None,
+                         max_bytes: int = MAX_EVENT_BYTES) -> tuple[str, str | None]:
+    """Check an XML payload and reconcile it with the event type.
+
+    Args:
+        payload: the XML payload text.
+        type: the type the caller gave, or None to take the payload's namespace.
+        max_bytes: size bound.
+
+    Returns:
+        ``(text, type)``.
+
+    Raises:
+        EventError, XMLRefused: bad XML, or a type that differs from the namespace.
+    """
+    text, ns = check_xml_payload(payload, max_bytes)
+    if type is None:
+        type = ns
+    elif type != ns:
+        raise EventError(f"XML payload namespace {ns!r} does not match type {type!r}", "type")
+    return text, type
 
 
 def _serialize_payload(elem: ET.Element) -> str:

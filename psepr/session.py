@@ -38,7 +38,7 @@ from . import wire
 from .channel import Channel, parse, parse_destination
 from .config import ClientConfig
 from .errors import EventError, UsageError, remote_error
-from .event import _UNSET, JSON, XML, Event, _check_name, _check_type, check_xml_payload, new_id
+from .event import _UNSET, JSON, XML, Event, _check_name, _check_type, new_id, xml_payload_and_type
 from .wire import Kind
 
 log = logging.getLogger("psepr.client")
@@ -104,12 +104,7 @@ def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str 
             raise EventError(f"payload is not JSON-serialisable: {exc}", "payload") from None
         fmt = wire.FMT_JSON
     elif format == XML:
-        text, ns = check_xml_payload(payload, max_bytes)
-        if type is None:
-            type = ns
-        elif type != ns:
-            raise EventError(f"XML payload namespace {ns!r} does not match type {type!r}",
-                             "type")
+        text, type = xml_payload_and_type(payload, type, max_bytes)
         raw = text.encode("utf-8")
         fmt = wire.FMT_XML
     else:

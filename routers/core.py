@@ -34,7 +34,7 @@ from typing import Callable
 
 import orjson
 
-from psepr.channel import Channel, parse, parse_destination
+from psepr.channel import parse, parse_destination
 from psepr.errors import ChannelError
 from psepr import wire
 from psepr.wire import Kind

@@ -1,0 +1,133 @@
+"""What the synchronous and asyncio connections share.
+
+Both shells keep, per lease, a bounded deque of delivered events, and per
+connection an *arrivals* deque naming the lease of each delivered event in
+arrival order (what ``con.receive()`` walks).  Filing a delivered batch into
+those queues, enforcing the per-lease limit, and answering requests from the
+inbox are the same in both; only how waiting readers are woken differs, which
+each shell supplies through :meth:`ConnectionBase._answer` and
+:meth:`ConnectionBase._touch`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+from .errors import LeaseExpired
+
+log = logging.getLogger("psepr.client")
+
+#: Prefix of the lease ids of request inboxes (see ``request``).
+INBOX_PREFIX = "inbox:"
+
+
+class ConnectionBase:
+    """Shared identity properties and delivery bookkeeping (a mixin).
+
+    Subclasses set ``config``, ``_session``, ``welcome``, ``_leases``,
+    ``_errors`` and ``dropped_by_router`` and call :meth:`_init_arrivals`.
+    """
+
+    def _init_arrivals(self) -> None:
+        # One entry per delivered event, naming its lease, in arrival order.
+        # Entries whose event was taken through lease.receive() are skipped;
+        # compacted when stale entries pile up (see _compact), never lost.
+        self._arrivals: collections.deque = collections.deque()
+        self._arrivals_limit = 2 * self.config.lease_queue
+
+    @property
+    def principal(self) -> str | None:
+        """The principal the router knows us by (from WELCOME)."""
+        return self.welcome.get("principal") if self.welcome else None
+
+    @property
+    def instance(self) -> str:
+        """This connection's instance name."""
+        return self._session.instance
+
+    @property
+    def router(self) -> str:
+        """The router endpoint in use."""
+        return self._session.router
+
+    @property
+    def authority(self) -> str | None:
+        """The router's own authority (where its system channels live)."""
+        return self.welcome.get("authority") if self.welcome else None
+
+    # -- hooks -------------------------------------------------------------------
+    def _answer(self, event) -> None:
+        """Hand a reply that arrived on an inbox to its waiting request."""
+        raise NotImplementedError
+
+    def _touch(self, lease) -> None:
+        """A lease got events: arrange for its readers to be woken."""
+        raise NotImplementedError
+
+    # -- filing deliveries -------------------------------------------------------
+    def _file(self, batches: list) -> None:
+        """Put delivered ``(lease_ids, events)`` batches into the lease queues."""
+        leases = self._leases
+        arrivals = self._arrivals
+        limit = self.config.lease_queue
+        for lids, events in batches:
+            for lid in lids:
+                lease = leases.get(lid)
+                if lease is None:
+                    continue  # released meanwhile
+                if lid.startswith(INBOX_PREFIX):
+                    for ev in events:
+                        self._answer(ev)
+                    continue
+                q = lease._q
+                room = limit - len(q)
+                if room < len(events):
+                    lease.dropped += len(events) - max(room, 0)
+                    now = time.monotonic()
+                    if now >= lease._warn_at:   # at most one warning per lease per 5 s
+                        lease._warn_at = now + 5.0
+                        log.warning("lease %s on %s: queue full (%d events, reader too slow); "
+                                    "%d dropped so far", lid, lease.channel.text, limit,
+                                    lease.dropped)
+                    events = events[:max(room, 0)]
+                q.extend(events)
+                arrivals.extend([lease] * len(events))
+                self._touch(lease)
+        if len(arrivals) > self._arrivals_limit:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop arrival entries whose events were taken through lease.receive().
+
+        Arrival order between leases becomes approximate (lease by lease) for the
+        events kept; within a lease it stays exact.  Runs rarely: only when the
+        entries outnumber twice the per-lease queue limit.
+        """
+        arrivals: collections.deque = collections.deque()
+        for lease in [lease for lease in self._leases.values() if lease._q]:
+            arrivals.extend([lease] * len(lease._q))
+        self._arrivals = arrivals
+        self._arrivals_limit = max(2 * self.config.lease_queue, 2 * len(arrivals))
+
+    def _expire(self, lease_id: str):
+        """Mark a lease expired at the router; returns it (or None if unknown)."""
+        lease = self._leases.pop(lease_id, None)
+        if lease is not None:
+            log.warning("lease %s on %s expired at the router", lease_id, lease.channel.text)
+            lease._error = LeaseExpired(f"lease {lease_id} on {lease.channel.text} expired",
+                                        code="expired", channel=lease.channel.text, ref=lease_id)
+            lease._has.set()
+        return lease
+
+    # -- Sink methods both shells share ------------------------------------------
+    def async_error(self, exc: Exception) -> None:
+        log.warning("router %s: %s", self._session.router, exc)
+        if len(self._errors) < 100:
+            self._errors.append(exc)
+
+    def dropped(self, n: int) -> None:
+        self.dropped_by_router += n
+        log.warning("router %s dropped %d events for this connection (slow reader); %d in all",
+                    self._session.router, n, self.dropped_by_router)

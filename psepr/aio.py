@@ -139,7 +139,8 @@ class Connection(ConnectionBase):
         except asyncio.TimeoutError:
             await self.close()
             raise ConnectionLost(f"could not reach any router of {', '.join(self.routers)} "
-                                 f"within {limit:.1f} s (is `psepr router` running?)") from None
+                                 f"within {limit:.1f} s (is `psepr router` running there? "
+                                 f"does it need CURVE keys?)") from None
         return self
 
     def __await__(self):

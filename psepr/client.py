@@ -2,19 +2,24 @@
 
 Theory of operation
 -------------------
-A background I/O thread owns the ZeroMQ DEALER socket (ZeroMQ sockets are not
-thread-safe) and drives the pure :class:`~psepr.session.Session`.  The user's
-threads never touch the socket:
+ZeroMQ sockets are not thread-safe, so exactly one thread drives the DEALER
+socket at a time: whoever holds ``_sock_lock`` runs :meth:`Connection._io_step`
+(send what waits, poll, decode, tick the pure :class:`~psepr.session.Session`).
 
 * ``send`` encodes the event in the caller's thread, appends it to a deque and
-  wakes the I/O thread through a pipe only when it is not already awake, so a
-  burst of sends becomes one SEND batch.  When more than ``send_queue`` events
-  wait, ``send`` blocks (back-pressure) instead of growing memory.
-* The I/O thread decodes DELIVER batches and appends each event to the
-  deque of every lease it was delivered on, then wakes readers once per batch.
-  ``lease.receive`` pops without a lock when something is there.
+  wakes the driving thread through a pipe only when it is not already awake, so
+  a burst of sends becomes one SEND batch.  When more than ``send_queue``
+  events wait, ``send`` blocks (back-pressure) instead of growing memory.
+* A thread blocked in ``receive`` drives the socket itself, so an arriving
+  event reaches it with no thread hand-off.  A background I/O thread drives the
+  socket the rest of the time (timers, pings, renewals, sends, and filling lease
+  queues nobody is waiting on); it steps back while readers are active and for
+  a few milliseconds after, so a reader calling ``receive`` in a loop keeps it.
+* Decoded events go to the deque of every lease they match; ``lease.receive``
+  pops without a lock when something is there.  Readers not driving the socket
+  wait on an Event that the driver sets after releasing the connection lock.
 * Everything else (lease, request, flush) is a control request whose answer
-  the I/O thread posts under the connection's condition variable.
+  is posted under the connection's condition variable.
 
 Events are delivered at most once: events handed to a router that dies are
 lost; events not yet handed over are sent to the next router.
@@ -166,7 +171,8 @@ class Connection(ConnectionBase):
             if not self._ready_once.wait(limit):
                 self.close()
                 raise ConnectionLost(f"could not reach any router of {', '.join(self.routers)} "
-                                     f"within {limit:.1f} s (is `psepr router` running?)")
+                                     f"within {limit:.1f} s (is `psepr router` running there? "
+                                     f"does it need CURVE keys?)")
 
     def __enter__(self) -> "Connection":
         return self

@@ -21,6 +21,7 @@ strings.  Parsing is cached because the same channels recur constantly.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from .errors import ChannelError
@@ -139,8 +140,24 @@ def _check_element(text: str, element: str, index: int) -> None:
                                f"character U+{ord(ch):04X}")
 
 
+#: An ASCII channel that obeys every rule: printable, no space, '/' or '*' in elements.
+_ASCII_OK = re.compile(r"/(?:[!-)+-.0-~]+/)*")
+
+
 @lru_cache(maxsize=65536)
 def _parse_text(text: str) -> Channel:
+    if text.isascii() and _ASCII_OK.fullmatch(text):
+        # Fast path (the common case): only the bounds remain to be checked.
+        if text == "/":
+            return Channel("/", ())
+        parts = tuple(text[1:-1].split("/"))
+        if len(text) <= MAX_LENGTH and len(parts) <= MAX_DEPTH:
+            return Channel(text, parts)
+    return _parse_slow(text)
+
+
+def _parse_slow(text: str) -> Channel:
+    """Full check, rule by rule, so that the error names the rule broken."""
     if not text.startswith("/"):
         raise ChannelError(text, "rooted", "a channel must begin with '/'")
     if not text.endswith("/"):

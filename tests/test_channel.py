@@ -270,3 +270,21 @@ def test_arbitrary_text_parses_or_raises_channel_error(text):
     assert isinstance(ch, Channel)
     assert ch.text == text
     assert text_of(ch.parts) == text
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=60)
+       .map(lambda t: "/" + t + "/"))
+def test_ascii_fast_path_agrees_with_the_rule_by_rule_check(text):
+    """The regex fast path accepts exactly what the full, rule-naming check accepts."""
+    from psepr.channel import _parse_slow, _parse_text
+    try:
+        slow = _parse_slow(text)
+    except ChannelError:
+        slow = None
+    try:
+        fast = _parse_text.__wrapped__(text)
+    except ChannelError:
+        fast = None
+    assert (slow is None) == (fast is None)
+    if slow is not None:
+        assert slow.parts == fast.parts and slow.text == fast.text

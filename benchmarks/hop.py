@@ -10,6 +10,9 @@ Scenarios (100-byte JSON payloads, loopback):
 * ``10k``       one connection holding 10,000 leases on distinct channels; the
                 sender cycles through those channels: delivered events/s.
 
+Every client role, PsEPR's and the baselines' alike, runs with
+``psepr.tune_gc()`` (as the router does); see its docstring.
+
 Each scenario is measured for PsEPR and, in the same run, for a minimal raw
 pyzmq forwarder (PUB -> Python loop SUB/PUB -> SUB, one message per event;
 topics stand in for channels) and for libzmq's C proxy (``zmq.proxy``,
@@ -341,7 +344,8 @@ def main(args) -> int:
         for sysname, fn in systems:
             print(f"  running {title:<28} {sysname} ...", file=sys.stderr, flush=True)
             results.setdefault(title, {})[sysname] = fn(**kw)
-    print(f"\npsepr bench hop  ({os.cpu_count()} cores, 100-byte JSON payloads, loopback)\n")
+    print(f"\npsepr bench hop  ({os.cpu_count()} cores, 100-byte JSON payloads, loopback, "
+          f"every process with psepr.tune_gc())\n")
     print(f"{'scenario':<28} " + " ".join(f"{s:>22}" for s, _ in systems))
     for title, _ in scen:
         row = results[title]
@@ -367,6 +371,9 @@ def main(args) -> int:
 
 
 def _role_main(argv: list[str]) -> None:
+    # Every role of every system gets the same collector tuning (see psepr.tune_gc).
+    from psepr.config import tune_gc
+    tune_gc()
     p = argparse.ArgumentParser()
     p.add_argument("role", choices=sorted(ROLES))
     p.add_argument("--url")

@@ -14,7 +14,7 @@ The public API (see README.md)::
 from . import errors
 from .channel import Channel, covers, parse as channel
 from .client import Connection, Lease, connect
-from .config import ClientConfig
+from .config import ClientConfig, tune_gc
 from .errors import (AccessDenied, ChannelError, ClosedError, ConfigError, ConnectionLost,
                      EventError, LeaseExpired, NoRoute, ProtocolError, PseprError, RemoteError,
                      SlowConsumer, TimeoutError, UsageError, XMLRefused)
@@ -23,7 +23,7 @@ from .event import ATTRIBUTE, EVENT_NS, Event, attribute, from_json, from_xml
 __version__ = "0.1.0"
 
 __all__ = [
-    "connect", "Connection", "Lease", "ClientConfig", "Event", "Channel", "channel", "covers",
+    "connect", "Connection", "Lease", "ClientConfig", "tune_gc", "Event", "Channel", "channel", "covers",
     "attribute", "ATTRIBUTE", "EVENT_NS", "from_json", "from_xml", "errors", "aio",
     "PseprError", "UsageError", "ChannelError", "EventError", "XMLRefused", "ConfigError",
     "RemoteError", "AccessDenied", "ProtocolError", "LeaseExpired", "ClosedError",

@@ -34,6 +34,7 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
+from psepr.config import tune_gc
 from psepr.errors import ConfigError
 from registry.acl import ACL, load_acl
 from .config import RouterConfig
@@ -225,6 +226,7 @@ def serve(config: RouterConfig, announce=print) -> None:
         announce: called with one line per bound endpoint, and once when ready.
     """
     router = Router(config)
+    tune_gc()   # a router allocates per message; see psepr.config.tune_gc
     for ep in router.endpoints:
         announce(f"psepr router {config.name} listening on {ep}")
     announce(f"psepr router {config.name} ready (authority {config.authority}, "

@@ -215,6 +215,8 @@ class Session:
         self.retry_at = 0.0
         self.dropped_by_router = 0
         self.reconnects = 0
+        self._need_switch = False   # a new socket is wanted once retry_at passes
+        self.was_ready = False      # True once any router welcomed this session
 
     # -- connection life cycle ------------------------------------------------
     @property
@@ -257,9 +259,6 @@ class Session:
             ls.active = False
         self.switch_to = None  # decided in tick once retry_at passes
         self._need_switch = True
-
-    _need_switch = False
-    was_ready = False   # True once any router welcomed this session
 
     def close(self) -> list[list[bytes]]:
         """Mark closed and return the farewell messages to send (BYE)."""

@@ -12,16 +12,22 @@ turn with a ``send`` function; periodic work happens in :meth:`RouterCore.tick`.
   when CURVE is on, else the service name the client declared (the embedded
   local mode has no authentication to offer).  Every event the session sends
   is stamped with that principal and instance: a client cannot forge them.
-* SEND carries a batch.  For each entry the core validates the fields, looks
-  the channel up in a cache of validated channels (one dict hit for a known
-  channel), checks the ACL, then looks up each prefix of the channel in the
-  lease table (O(depth)) and appends the entry to the output of every
-  connection holding a matching lease, once per connection with the list of
-  its matching lease ids.  The payload is sliced out of the body, never parsed.
-* Output is grouped per connection for the whole turn and flushed as one
-  DELIVER message per connection (cut at ``deliver_bytes``).  If ZeroMQ's
-  per-connection queue is full the shell reports a drop; the core counts it
-  and piggybacks the count ("d") on the next DELIVER or PONG to that client.
+* SEND carries a batch laid out column-wise (see :mod:`psepr.wire`).  The
+  core checks the whole message with a few C-level builtins before it queues
+  anything, then works per *group* (a run of events to one destination), never
+  per event: one look-up in a (channel, type) -> connections cache valid for
+  one lease-table generation, else channel validation (cached), the ACL
+  (cached per connection) and one dict look-up per prefix of the channel in
+  the lease table.  Payloads are never parsed.
+* Output is grouped per connection for the whole turn and flushed as DELIVER
+  messages of about ``deliver_bytes``, each carrying whole *segments*: the
+  sender's header and body byte for byte when the connection gets every group
+  of the message, else a rebuilt subset.  If ZeroMQ's per-connection queue is
+  full the shell reports a drop; the core counts it and piggybacks the count
+  ("d") on the next DELIVER or PONG to that client.  Control replies that do
+  not fit are kept (bounded) and retried.
+* Inbox channels are private: only leases at or below
+  ``/<authority>/_inbox/<principal>/`` receive them.
 * Bad input is answered with ERROR (code, message, the offending id/channel)
   and never raises out of :meth:`handle`.
 """

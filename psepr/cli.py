@@ -219,8 +219,10 @@ def cmd_run(args) -> int:
     from routers.config import RouterConfig
     from routers.router import Router
     import signal
+    from .config import tune_gc
     cfg = RouterConfig.preset("local", name="r1", listen=(args.listen,))
     router = Router(cfg)
+    tune_gc()
     ep = router.endpoints[0]
     print(f"""PsEPR local farm is up.
   router r1      {ep}   (authority {cfg.authority}; stats every {cfg.stats_interval:g} s)

@@ -90,8 +90,8 @@ class Router:
         context: ZeroMQ context (a new one by default).
 
     Raises:
-        ConfigError: insecure non-loopback listen address, missing keys, bad ACL.
-        zmq.ZMQError: an address could not be bound.
+        ConfigError: insecure non-loopback listen address, missing keys, bad ACL,
+            an address that cannot be bound (in use, malformed).
     """
 
     def __init__(self, config: RouterConfig, context: zmq.Context | None = None) -> None:
@@ -136,9 +136,12 @@ class Router:
                     s.curve_publickey = public
                     s.curve_secretkey = secret
                 self.sockets.append(s)
-                s.bind(endpoint)
+                try:
+                    s.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
                 self.endpoints.append(s.getsockopt_string(zmq.LAST_ENDPOINT))
-        except zmq.ZMQError:
+        except (zmq.ZMQError, ConfigError):
             self.close()
             raise
 

@@ -240,7 +240,10 @@ Stop with Ctrl-C.""", flush=True)
 
 
 def cmd_bench(args) -> int:
-    from benchmarks.hop import main as bench_main
+    if args.which == "core":
+        from benchmarks.core import main as bench_main
+    else:
+        from benchmarks.hop import main as bench_main
     return bench_main(args)
 
 
@@ -329,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default="tcp://127.0.0.1:7600")
     run.set_defaults(func=cmd_run)
 
-    b = sub.add_parser("bench", help="benchmarks (hop)")
-    b.add_argument("which", choices=("hop",), help="hop: sender -> router -> holders")
+    b = sub.add_parser("bench", help="benchmarks (hop, core)")
+    b.add_argument("which", choices=("hop", "core"),
+                   help="hop: sender -> router -> holders, each its own process; "
+                        "core: the router and client cores alone, in process")
     b.add_argument("--events", type=int, default=300_000, help="events per throughput run")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -5,8 +5,8 @@ connection an *arrivals* deque naming the lease of each delivered event in
 arrival order (what ``con.receive()`` walks).  Filing a delivered batch into
 those queues, enforcing the per-lease limit, and answering requests from the
 inbox are the same in both; only how waiting readers are woken differs, which
-each shell supplies through :meth:`ConnectionBase._answer` and
-:meth:`ConnectionBase._touch`.
+each shell supplies (:meth:`ConnectionBase._answer`, and waking the readers of
+the leases :meth:`ConnectionBase._file` lists in ``_touched``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class ConnectionBase:
         # compacted when stale entries pile up (see _compact), never lost.
         self._arrivals: collections.deque = collections.deque()
         self._arrivals_limit = 2 * self.config.lease_queue
+        self._touched: dict = {}    # leases given events since the shell last woke readers
 
     @property
     def principal(self) -> str | None:
@@ -62,22 +63,19 @@ class ConnectionBase:
         """Hand a reply that arrived on an inbox to its waiting request."""
         raise NotImplementedError
 
-    def _touch(self, lease) -> None:
-        """A lease got events: arrange for its readers to be woken."""
-        raise NotImplementedError
-
     # -- filing deliveries -------------------------------------------------------
     def _file(self, batches: list) -> None:
         """Put delivered ``(lease_ids, events)`` batches into the lease queues."""
         leases = self._leases
         arrivals = self._arrivals
+        touched = self._touched
         limit = self.config.lease_queue
         for lids, events in batches:
             for lid in lids:
                 lease = leases.get(lid)
                 if lease is None:
                     continue  # released meanwhile
-                if lid.startswith(INBOX_PREFIX):
+                if lease._inbox:
                     for ev in events:
                         self._answer(ev)
                     continue
@@ -94,7 +92,7 @@ class ConnectionBase:
                     events = events[:max(room, 0)]
                 q.extend(events)
                 arrivals.extend([lease] * len(events))
-                self._touch(lease)
+                touched[lease] = True
         if len(arrivals) > self._arrivals_limit:
             self._compact()
 

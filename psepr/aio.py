@@ -54,6 +54,7 @@ class Lease:
         self._q: collections.deque = collections.deque()
         self._has = asyncio.Event()
         self._warn_at = 0.0
+        self._inbox = id.startswith(INBOX_PREFIX)   # a request inbox: replies, not a queue
         self._error: Exception | None = None
         self._closed = False
 
@@ -416,15 +417,15 @@ class Connection(ConnectionBase):
     # -- Sink -------------------------------------------------------------------------------
     def deliver(self, batches: list) -> None:
         self._file(batches)
+        touched, self._touched = self._touched, {}
+        for lease in touched:
+            lease._has.set()
         self._any.set()
 
     def _answer(self, event: Event) -> None:
         fut = self._requests.get(event.re)
         if fut is not None and not fut.done():
             fut.set_result(event)
-
-    def _touch(self, lease: Lease) -> None:
-        lease._has.set()
 
     def ready(self, welcome: dict) -> None:
         self.welcome = welcome

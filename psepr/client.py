@@ -73,6 +73,7 @@ class Lease:
         self._q: collections.deque = collections.deque()
         self._has = threading.Event()    # set by the I/O thread when events arrive
         self._warn_at = 0.0
+        self._inbox = id.startswith(INBOX_PREFIX)   # a request inbox: replies, not a queue
         self._error: Exception | None = None
         self._closed = False
 
@@ -142,7 +143,6 @@ class Connection(ConnectionBase):
         self._leases: dict[str, Lease] = {}
         self._init_arrivals()
         self._any = threading.Event()    # set by the I/O thread when events arrive
-        self._touched: dict[Lease, bool] = {}  # leases given events this I/O turn
         self._outq: collections.deque = collections.deque()
         self._space = threading.Event()
         self._woken = False
@@ -508,9 +508,6 @@ class Connection(ConnectionBase):
         if w is not None and not w.done:
             w.result, w.done = event, True
             self._cond.notify_all()
-
-    def _touch(self, lease: Lease) -> None:
-        self._touched[lease] = True
 
     def _wake_readers(self) -> None:
         """Called by the I/O thread without the lock held: wake readers of fresh events."""

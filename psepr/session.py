@@ -204,10 +204,9 @@ class Session:
         self._barriers = 0                   # _Barrier markers in _pend (flush pings)
         self._req = itertools.count(1)
         self._waiting: dict[int, str] = {}   # req -> kind, for control requests
-        self._channels: dict[str, Channel] = {}
         self._renewals: list = []            # heap of (renew_at, lease_id), lazily invalidated
         self._index: dict | None = None      # channel text -> leases on it (None: rebuild)
-        self._lids: dict = {}                # (channel, type) -> matching lease ids
+        self._routes: dict = {}              # (channel, type) -> (lease ids, Channel)
         self.last_rx = now
         self.next_ping = now
         self.hello_at = now
@@ -295,31 +294,29 @@ class Session:
         return self.leases.pop(lease_id, default)
 
     def lease_ids(self, channel: str, typ: str | None) -> tuple:
-        """Ids of this session's leases that cover ``channel`` and accept ``typ`` (cached)."""
+        """Ids of this session's leases that cover ``channel`` and accept ``typ``."""
+        return self._route(channel, typ)[0]
+
+    def _route(self, channel: str, typ: str | None) -> tuple:
+        """``(lease_ids, Channel)`` for a delivered group, cached until leases change."""
         key = (channel, typ)
         if self._index is None:
             index: dict = {}
             for ls in self.leases.values():
                 index.setdefault(ls.channel.text, []).append(ls)
             self._index = index
-            self._lids = {}
+            self._routes = {}
         else:
-            lids = self._lids.get(key)
-            if lids is not None:
-                return lids
-        index = self._index
-        c = self._channels.get(channel)
-        if c is None:
-            c = parse(channel)
-            if len(self._channels) > 50_000:
-                self._channels.clear()
-            self._channels[channel] = c
-        lids = tuple(ls.id for p in c.prefixes() for ls in index.get(p, ())
+            r = self._routes.get(key)
+            if r is not None:
+                return r
+        c = parse(channel)
+        lids = tuple(ls.id for p in c.prefixes() for ls in self._index.get(p, ())
                      if ls.type is None or ls.type == typ)
-        if len(self._lids) > 50_000:
-            self._lids.clear()
-        self._lids[key] = lids
-        return lids
+        if len(self._routes) > 50_000:
+            self._routes.clear()
+        r = self._routes[key] = (lids, c)
+        return r
 
     def _set_renew(self, ls: LeaseState, at: float) -> None:
         ls.renew_at = at
@@ -509,12 +506,13 @@ class Session:
         if len(rest) != 2 * len(senders):
             raise ValueError(f"DELIVER names {len(senders)} senders but has {len(rest)} frames")
         batches: list = []
-        channels = self._channels
-        lease_ids = self.lease_ids
+        route = self._route
         new = Event.__new__
         unset = _UNSET
         fmt_names = wire.FMT_NAMES
-        lcache = self._lids if self._index is not None else {}
+        rcache = self._routes if self._index is not None else {}
+        last_lids = events = None
+        ts = ti = rt = re = None
         for k, (fsvc, finst) in enumerate(senders):
             h = orjson.loads(rest[2 * k])
             body = rest[2 * k + 1]
@@ -522,22 +520,27 @@ class Session:
             off = 0
             j = 0
             for ch, typ, opts, cnt in h["g"]:
-                lids = lcache.get((ch, typ))
-                if lids is None:
-                    lids = lease_ids(ch, typ)
-                    lcache = self._lids
+                r = rcache.get((ch, typ))
+                if r is None:
+                    r = route(ch, typ)
+                    rcache = self._routes
+                lids, c = r
                 if not lids:   # released meanwhile: skip the group's payloads
                     off += sum(plens[j:j + cnt])
                     j += cnt
                     continue
-                c = channels.get(ch) or parse(ch)
                 if opts:
                     rt = opts.get("rt")
                     ts, ti, rt, re = (opts.get("ts"), opts.get("ti"),
                                       parse(rt) if rt else None, opts.get("re"))
-                else:
+                elif ts is not None or ti is not None or rt is not None or re is not None:
                     ts = ti = rt = re = None
-                events = []
+                if lids is not last_lids:
+                    # Consecutive groups for the same leases share one batch (a
+                    # subtree lease receiving many channels files them together).
+                    events = []
+                    batches.append((lids, events))
+                    last_lids = lids
                 add = events.append
                 # Inlined Event construction: this loop is the receiving client's
                 # per-event cost, so it avoids even a function call.
@@ -563,7 +566,6 @@ class Session:
                     add(ev)
                     off = end
                 j += cnt
-                batches.append((lids, events))
         self.sink.deliver(batches)
 
     # -- time --------------------------------------------------------------------------

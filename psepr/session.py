@@ -151,7 +151,7 @@ class LeaseState:
     """What the core remembers of one lease."""
 
     __slots__ = ("id", "channel", "type", "duration", "granted", "renew_at", "expires_at",
-                 "active", "renew", "asked")
+                 "active", "renew")
 
     def __init__(self, id: str, channel: Channel, type: str | None, duration: float,
                  renew: bool) -> None:
@@ -164,7 +164,6 @@ class LeaseState:
         self.expires_at = float("inf")
         self.active = False
         self.renew = renew
-        self.asked = 0.0
 
 
 class _Barrier:
@@ -324,7 +323,6 @@ class Session:
             heapq.heappush(self._renewals, (at, ls.id))
 
     def _ask_lease(self, ls: LeaseState, now: float) -> None:
-        ls.asked = now
         self._set_renew(ls, now + self.config.renew_retry)
         self._control.append(wire.encode(Kind.LEASE, {
             "id": ls.id, "channel": ls.channel.text, "type": ls.type, "duration": ls.duration}))

@@ -72,7 +72,6 @@ class Kind(enum.IntEnum):
 KIND_BYTES = {k: bytes([k]) for k in Kind}
 FMT_JSON = 0
 FMT_XML = 1
-FMT_CODES = {"json": FMT_JSON, "xml": FMT_XML}
 FMT_NAMES = ("json", "xml")
 #: Keys allowed in a group's options object.
 OPT_KEYS = frozenset(("ts", "ti", "rt", "re"))

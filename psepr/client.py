@@ -317,8 +317,8 @@ class Connection(ConnectionBase):
             self._leases.pop(lease.id, None)
             req = self._session.unlease(lease.id)
             self._cond.notify_all()
+        self._kick()    # wakes a reader driving the socket for this lease, too
         if req is not None:
-            self._kick()
             self._wait_req(req, timeout, f"release of lease {lease.id}")
 
     def receive(self, timeout: float | None = None) -> Event:
@@ -346,9 +346,9 @@ class Connection(ConnectionBase):
                     raise TimeoutError(f"no event within {timeout} s") from None
                 # Drive the socket ourselves (no hand-off); if another thread has it,
                 # wait - boundedly: a wake-up cleared by another reader costs <= 50 ms.
-                wait = 0.05 if remaining is None else min(remaining, 0.05)
-                if not self._drive(lambda: self._arrivals, time.monotonic() + wait):
-                    self._any.wait(wait)
+                drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
+                if not self._drive(lambda: self._arrivals, time.monotonic() + drive):
+                    self._any.wait(0.05 if remaining is None else min(remaining, 0.05))
                 continue
             q = lease._q
             if q:
@@ -467,9 +467,11 @@ class Connection(ConnectionBase):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
-            step = None if remaining is None else time.monotonic() + min(remaining, 0.05)
+            drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
             if not self._drive(lambda: q or lease._error is not None or lease._closed,
-                               step if step is not None else time.monotonic() + 0.05):
+                               time.monotonic() + drive):
+                # Another thread drives: wait, boundedly (a wake-up cleared by another
+                # reader then costs at most 50 ms).
                 has.wait(0.05 if remaining is None else min(remaining, 0.05))
         return q.popleft()
 
@@ -593,8 +595,15 @@ class Connection(ConnectionBase):
         self._poller = zmq.Poller()
         self._poller.register(self._wake_r, zmq.POLLIN)
         while not self._closed:
-            if self._readers or time.monotonic() - self._reader_left < _LINGER:
-                self._reader_gone.wait(_LINGER)
+            # Readers drive the socket; wake when the last leaves (or each second),
+            # then linger so that a reader calling receive() in a loop keeps it.
+            if self._readers:
+                self._reader_gone.wait(1.0)
+                self._reader_gone.clear()
+                continue
+            idle = time.monotonic() - self._reader_left
+            if idle < _LINGER:
+                self._reader_gone.wait(_LINGER - idle)
                 self._reader_gone.clear()
                 continue
             if not self._sock_lock.acquire(timeout=0.1):
@@ -696,6 +705,9 @@ class Connection(ConnectionBase):
 
 #: How long the I/O thread leaves the socket to readers after the last one left.
 _LINGER = 0.005
+#: Longest single stretch a reader drives the socket before re-checking its state
+#: (arrivals, sends and timers end a stretch early).
+_DRIVE = 1.0
 
 
 def connect(routers=None, **kwargs) -> Connection:

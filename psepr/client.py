@@ -163,7 +163,7 @@ class Connection(ConnectionBase):
         self._backlog: list = []                # frames the socket refused, in order
         self._readers = 0                       # threads waiting in receive()
         self._reader_left = 0.0
-        self._reader_gone = threading.Event()
+        self._io_wake = threading.Event()       # wakes the I/O thread (sends, control)
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
         if wait:
@@ -216,6 +216,7 @@ class Connection(ConnectionBase):
         if not self._woken:
             self._woken = True
             os.write(self._wake_w, b"s")
+            self._io_wake.set()
         return item[0]
 
     def _wait_space(self) -> None:
@@ -233,12 +234,14 @@ class Connection(ConnectionBase):
             self._space.wait(min(remaining, 0.1))
 
     def _kick(self) -> None:
+        """Wake whoever drives the socket (the pipe) and the I/O thread (the Event)."""
         if not self._woken:
             self._woken = True
             try:
                 os.write(self._wake_w, b"k")
             except OSError:
                 pass
+        self._io_wake.set()
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every event sent so far was processed by the router.
@@ -426,6 +429,7 @@ class Connection(ConnectionBase):
                 lease._has.set()
         self._any.set()
         self._space.set()
+        self._io_wake.set()
         try:
             os.write(self._wake_w, b"c")
         except OSError:
@@ -595,17 +599,21 @@ class Connection(ConnectionBase):
         self._poller = zmq.Poller()
         self._poller.register(self._wake_r, zmq.POLLIN)
         while not self._closed:
-            # Readers drive the socket; wake when the last leaves (or each second),
-            # then linger so that a reader calling receive() in a loop keeps it.
+            # While a reader drives, it also serves sends and timers (it polls the
+            # wake-up pipe): sleep.  After the last reader left, linger a little so
+            # that one calling receive() in a loop keeps the socket - unless work
+            # arrives (a send or control request sets _io_wake).  Readers do not
+            # wake this thread when they leave: at thousands of receive() calls a
+            # second that would cost a thread switch each.
             if self._readers:
-                self._reader_gone.wait(1.0)
-                self._reader_gone.clear()
+                self._io_wake.wait(0.2)
+                self._io_wake.clear()
                 continue
             idle = time.monotonic() - self._reader_left
-            if idle < _LINGER:
-                self._reader_gone.wait(_LINGER - idle)
-                self._reader_gone.clear()
+            if idle < _LINGER and not self._io_wake.is_set():
+                self._io_wake.wait(_LINGER - idle)
                 continue
+            self._io_wake.clear()
             if not self._sock_lock.acquire(timeout=0.1):
                 continue
             try:
@@ -638,7 +646,6 @@ class Connection(ConnectionBase):
             with self._lock:
                 self._readers -= 1
                 self._reader_left = time.monotonic()
-            self._reader_gone.set()
 
     def _io_step(self, deadline: float | None) -> None:
         """One turn: switch sockets if asked, send what waits, poll, receive, tick.

@@ -23,6 +23,7 @@ from routers.core import RouterCore
 class _Sink:
     def __init__(self) -> None:
         self.events = 0
+        self.full_ids: set = set()
 
     def deliver(self, batches) -> None:
         self.events += sum(len(events) for _, events in batches)

@@ -37,6 +37,9 @@ class ConnectionBase:
         self._arrivals: collections.deque = collections.deque()
         self._arrivals_limit = 2 * self.config.lease_queue
         self._touched: dict = {}    # leases given events since the shell last woke readers
+        #: Ids of leases whose queue is full: the session does not even build events
+        #: only these would receive (they would be dropped); see overflow().
+        self.full_ids: set = set()
 
     @property
     def principal(self) -> str | None:
@@ -81,20 +84,40 @@ class ConnectionBase:
                     continue
                 q = lease._q
                 room = limit - len(q)
-                if room < len(events):
-                    lease.dropped += len(events) - max(room, 0)
-                    now = time.monotonic()
-                    if now >= lease._warn_at:   # at most one warning per lease per 5 s
-                        lease._warn_at = now + 5.0
-                        log.warning("lease %s on %s: queue full (%d events, reader too slow); "
-                                    "%d dropped so far", lid, lease.channel.text, limit,
-                                    lease.dropped)
-                    events = events[:max(room, 0)]
+                if room <= len(events):
+                    self.full_ids.add(lid)
+                    if room < len(events):
+                        self._dropped_here(lease, len(events) - max(room, 0))
+                        events = events[:max(room, 0)]
                 q.extend(events)
                 arrivals.extend([lease] * len(events))
                 touched[lease] = True
         if len(arrivals) > self._arrivals_limit:
             self._compact()
+
+    def _dropped_here(self, lease, n: int) -> None:
+        lease.dropped += n
+        now = time.monotonic()
+        if now >= lease._warn_at:   # at most one warning per lease per 5 s
+            lease._warn_at = now + 5.0
+            log.warning("lease %s on %s: queue full (%d events, reader too slow); %d dropped "
+                        "so far", lease.id, lease.channel.text, self.config.lease_queue,
+                        lease.dropped)
+
+    def overflow(self, lids: tuple, n: int) -> None:
+        """Sink: ``n`` events for these (all full) leases were not even decoded."""
+        for lid in lids:
+            lease = self._leases.get(lid)
+            if lease is not None:
+                self._dropped_here(lease, n)
+
+    def _refresh_full(self) -> None:
+        """Forget full leases that have room again (the shell calls it before reading)."""
+        if self.full_ids:
+            limit = self.config.lease_queue
+            leases = self._leases
+            self.full_ids = {lid for lid in self.full_ids
+                             if lid in leases and len(leases[lid]._q) >= limit}
 
     def _compact(self) -> None:
         """Drop arrival entries whose events were taken through lease.receive().

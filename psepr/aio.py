@@ -201,6 +201,7 @@ class Connection(ConnectionBase):
         try:
             while True:
                 frames = await sock.recv_multipart()
+                self._refresh_full()
                 s.on_message(frames, time.monotonic())
                 for _ in range(999):  # drain what is already there
                     try:

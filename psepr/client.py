@@ -697,6 +697,7 @@ class Connection(ConnectionBase):
                 pass
         if ready.get(sock):
             with self._lock:
+                self._refresh_full()
                 for _ in range(1000):
                     try:
                         frames = sock.recv_multipart(NOBLOCK)

@@ -138,6 +138,7 @@ class Sink(Protocol):
     """What a shell implements to hear from the core."""
 
     def deliver(self, batches: list[tuple[tuple, list[Event]]]) -> None: ...
+    def overflow(self, lids: tuple, n: int) -> None: ...
     def ready(self, welcome: dict) -> None: ...
     def lease_granted(self, lease_id: str, granted: float) -> None: ...
     def lease_failed(self, lease_id: str, exc: Exception) -> None: ...
@@ -509,6 +510,8 @@ class Session:
         unset = _UNSET
         fmt_names = wire.FMT_NAMES
         rcache = self._routes if self._index is not None else {}
+        sink = self.sink
+        full = getattr(sink, "full_ids", None)
         last_lids = events = None
         ts = ti = rt = re = None
         for k, (fsvc, finst) in enumerate(senders):
@@ -523,7 +526,11 @@ class Session:
                     r = route(ch, typ)
                     rcache = self._routes
                 lids, c = r
-                if not lids:   # released meanwhile: skip the group's payloads
+                if not lids or (full and full.issuperset(lids)):
+                    # Released meanwhile, or every lease's queue is full: do not build
+                    # events only to drop them (the sink counts the overflow).
+                    if lids:
+                        sink.overflow(lids, cnt)
                     off += sum(plens[j:j + cnt])
                     j += cnt
                     continue

@@ -372,3 +372,23 @@ def test_many_reader_threads_and_a_sender_share_one_connection(router_proc):
             t.join(30)
         assert not writer.is_alive() and not any(t.is_alive() for t in readers)
         assert all(got[k] == list(range(500)) for k in range(3))
+
+
+def test_full_leases_drop_without_decoding_and_count_it(router_proc):
+    """Events only full leases would get are counted as dropped, and delivery resumes."""
+    cfg = psepr.ClientConfig(lease_queue=50)
+    with psepr.connect(router_proc.url, config=cfg) as rx, psepr.connect(router_proc.url) as tx:
+        lease = rx.lease("/full/")
+        for burst in range(4):                 # 4 separate messages of 50 events
+            for i in range(50):
+                tx.send("/full/", burst * 50 + i)
+            tx.flush()
+        deadline = time.monotonic() + 10
+        while lease.pending() + lease.dropped < 200:
+            assert time.monotonic() < deadline, (lease.pending(), lease.dropped)
+            time.sleep(0.01)
+        assert (lease.pending(), lease.dropped) == (50, 150)
+        assert [lease.receive(timeout=1).payload for _ in range(50)] == list(range(50))
+        tx.send("/full/", "again")
+        tx.flush()
+        assert lease.receive(timeout=5).payload == "again"

@@ -242,6 +242,8 @@ Stop with Ctrl-C.""", flush=True)
 def cmd_bench(args) -> int:
     if args.which == "core":
         from benchmarks.core import main as bench_main
+    elif args.which == "idle":
+        from benchmarks.idle import main as bench_main
     else:
         from benchmarks.hop import main as bench_main
     return bench_main(args)
@@ -332,10 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default="tcp://127.0.0.1:7600")
     run.set_defaults(func=cmd_run)
 
-    b = sub.add_parser("bench", help="benchmarks (hop, core)")
-    b.add_argument("which", choices=("hop", "core"),
+    b = sub.add_parser("bench", help="benchmarks (hop, core, idle)")
+    b.add_argument("which", choices=("hop", "core", "idle"),
                    help="hop: sender -> router -> holders, each its own process; "
-                        "core: the router and client cores alone, in process")
+                        "core: the router and client cores alone, in process; "
+                        "idle: CPU of an idle client and router")
     b.add_argument("--events", type=int, default=300_000, help="events per throughput run")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")

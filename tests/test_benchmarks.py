@@ -32,3 +32,10 @@ def test_bench_hop_quick_prints_every_scenario_for_every_system():
     assert "raw-pyzmq" in table and "libzmq-proxy" in table
     # Every PsEPR scenario received everything it was sent (no loss in a quick run).
     assert table.count("dropped 0") == 4, table
+
+
+def test_bench_idle_runs():
+    out = subprocess.run([sys.executable, "-m", "psepr.cli", "bench", "idle", "--quick"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "client process CPU" in out.stdout and "router process CPU" in out.stdout

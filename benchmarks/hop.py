@@ -44,6 +44,37 @@ def _payload(i: int, t: float = 0.0) -> dict:
 
 # -- roles -------------------------------------------------------------------------
 
+def _count(next_payload, a) -> dict:
+    """Receive until ``a.count`` payloads, ``a.seconds``, or 2 s of silence.
+
+    Args:
+        next_payload: returns the next decoded payload, or None after 2 s of silence.
+        a: the role's arguments (count, seconds, latency).
+
+    Returns:
+        ``{"n", "first", "last", "lat", "dropped"}`` (times from CLOCK_MONOTONIC).
+    """
+    lats: list = []
+    n = 0
+    first = last = None
+    monotonic = time.monotonic
+    deadline = monotonic() + a.seconds
+    while n < a.count:
+        p = next_payload()
+        if p is None:
+            break
+        now = monotonic()
+        if first is None:
+            first = now
+        last = now
+        n += 1
+        if a.latency:
+            lats.append(now - p["t"])
+        elif now > deadline:
+            break
+    return {"n": n, "first": first, "last": last, "lat": lats, "dropped": 0}
+
+
 def role_psepr_recv(a) -> None:
     import psepr
     cons = [psepr.connect(a.url, preset="local") for _ in range(a.conns)]
@@ -59,29 +90,16 @@ def role_psepr_recv(a) -> None:
     results = [None] * len(cons)
 
     def consume(idx: int, con) -> None:
-        lats = []
-        n = 0
-        first = last = None
-        deadline = time.monotonic() + a.seconds
         receive = con.receive
-        monotonic = time.monotonic
-        while n < a.count:
+
+        def next_payload():
             try:
-                ev = receive(timeout=2.0)     # the run ends 2 s after the last event
+                return receive(timeout=2.0).payload
             except psepr.TimeoutError:
-                break
-            p = ev.payload
-            now = monotonic()
-            if first is None:
-                first = now
-            last = now
-            n += 1
-            if a.latency:
-                lats.append(now - p["t"])
-            elif now > deadline:
-                break
-        results[idx] = {"n": n, "first": first, "last": last, "lat": lats,
-                        "dropped": con.dropped_by_router + sum(l.dropped for l in leases)}
+                return None
+
+        results[idx] = _count(next_payload, a)
+        results[idx]["dropped"] = con.dropped_by_router + sum(l.dropped for l in leases)
 
     threads = [threading.Thread(target=consume, args=(i, c)) for i, c in enumerate(cons)]
     for t in threads:
@@ -158,25 +176,15 @@ def role_raw_recv(a) -> None:
     results = [None] * len(socks)
 
     def consume(idx, s):
-        lats, n, first, last = [], 0, None, None
-        deadline = time.monotonic() + a.seconds
         poller = zmq.Poller()
         poller.register(s, zmq.POLLIN)
-        while n < a.count:
-            if not poller.poll(2000):        # the run ends 2 s after the last event
-                break
-            topic, body = s.recv_multipart()
-            p = orjson.loads(body)
-            now = time.monotonic()
-            if first is None:
-                first = now
-            last = now
-            n += 1
-            if a.latency:
-                lats.append(now - p["t"])
-            if now > deadline:
-                break
-        results[idx] = {"n": n, "first": first, "last": last, "lat": lats, "dropped": 0}
+
+        def next_payload():
+            if not poller.poll(2000):
+                return None
+            return orjson.loads(s.recv_multipart()[1])
+
+        results[idx] = _count(next_payload, a)
 
     threads = [threading.Thread(target=consume, args=(i, s)) for i, s in enumerate(socks)]
     for t in threads:

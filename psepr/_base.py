@@ -23,6 +23,40 @@ log = logging.getLogger("psepr.client")
 INBOX_PREFIX = "inbox:"
 
 
+class LeaseBase:
+    """What a lease handle holds in either shell.
+
+    Attributes:
+        id: the lease id (unique within the connection).
+        channel: the leased :class:`~psepr.channel.Channel`.
+        type: the event-type filter, or None.
+        granted: the duration the router granted, in seconds.
+        dropped: events dropped because this lease's queue was full.
+    """
+
+    def __init__(self, con, id: str, channel, type: str | None, has) -> None:
+        self._con = con
+        self.id = id
+        self.channel = channel
+        self.type = type
+        self.granted = 0.0
+        self.dropped = 0
+        self._q: collections.deque = collections.deque()
+        self._has = has                  # set by the connection when events arrive
+        self._warn_at = 0.0
+        self._inbox = id.startswith(INBOX_PREFIX)   # a request inbox: replies, not a queue
+        self._error: Exception | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__module__.split('.')[-1]}.Lease {self.id} {self.channel.text} "
+                f"type={self.type!r} granted={self.granted}>")
+
+    def pending(self) -> int:
+        """Events waiting to be received."""
+        return len(self._q)
+
+
 class ConnectionBase:
     """Shared identity properties and delivery bookkeeping (a mixin).
 

@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import zmq
 import zmq.asyncio
 
 from . import session as _session
-from ._base import INBOX_PREFIX, ConnectionBase
+from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
 from ._common import build_config, configure_socket, inbox_channel
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
@@ -41,25 +40,11 @@ from .session import READY, Session, make_entry
 log = logging.getLogger("psepr.aio")
 
 
-class Lease:
+class Lease(LeaseBase):
     """An asyncio lease; ``async for event in lease`` or ``await lease.receive()``."""
 
     def __init__(self, con: "Connection", id: str, channel: Channel, type: str | None) -> None:
-        self._con = con
-        self.id = id
-        self.channel = channel
-        self.type = type
-        self.granted = 0.0
-        self.dropped = 0
-        self._q: collections.deque = collections.deque()
-        self._has = asyncio.Event()
-        self._warn_at = 0.0
-        self._inbox = id.startswith(INBOX_PREFIX)   # a request inbox: replies, not a queue
-        self._error: Exception | None = None
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<aio.Lease {self.id} {self.channel.text} type={self.type!r}>"
+        super().__init__(con, id, channel, type, asyncio.Event())
 
     async def receive(self, timeout: float | None = None) -> Event:
         """The next event on this lease (see :meth:`psepr.client.Lease.receive`)."""
@@ -127,7 +112,6 @@ class Connection(ConnectionBase):
         self.dropped_by_router = 0
         self._session = Session(self.config, self.routers, self, time.monotonic())
         self._sock = None
-        self._sync = None
         self._tasks: list[asyncio.Task] = []
 
     async def _start(self) -> "Connection":
@@ -168,9 +152,6 @@ class Connection(ConnectionBase):
         configure_socket(sock, self.config)
         sock.connect(url)
         self._sock = sock
-        # A synchronous shadow of the same socket for non-blocking sends/drains:
-        # zmq.asyncio would wrap each call in a Future.
-        self._sync = zmq.Socket.shadow(sock.underlying)
         self._session.start(time.monotonic())
         self._tasks[1:] = [asyncio.create_task(self._reader(sock), name="psepr-reader")]
         self._schedule_flush()
@@ -181,15 +162,19 @@ class Connection(ConnectionBase):
             self._loop.call_soon(self._flush_out)
 
     def _flush_out(self) -> None:
+        # Every call goes through the zmq.asyncio socket, never a synchronous shadow
+        # of it: ZeroMQ's file descriptor is edge-triggered, and an operation that
+        # zmq.asyncio does not see can swallow the edge its reader waits for.
         self._flush_scheduled = False
-        sock = self._sync
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             return
         out = self._session.take_out(time.monotonic())
         for i, frames in enumerate(out):
-            try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
+            fut = sock.send_multipart(frames, zmq.NOBLOCK)   # attempted at once
+            if not fut.done():
+                fut.add_done_callback(_consume)
+            elif isinstance(fut.exception(), zmq.Again):
                 for f in reversed(out[i:]):
                     self._session.requeue(f)
                 self._loop.call_later(0.01, self._schedule_flush)
@@ -197,18 +182,12 @@ class Connection(ConnectionBase):
 
     async def _reader(self, sock) -> None:
         s = self._session
-        sync = self._sync
         try:
             while True:
+                # A message already waiting completes the await without a loop turn.
                 frames = await sock.recv_multipart()
                 self._refresh_full()
                 s.on_message(frames, time.monotonic())
-                for _ in range(999):  # drain what is already there
-                    try:
-                        frames = sync.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    s.on_message(frames, time.monotonic())
                 self._schedule_flush()
         except asyncio.CancelledError:
             raise
@@ -398,7 +377,7 @@ class Connection(ConnectionBase):
         if self._sock is not None:
             for frames in self._session.close():
                 try:
-                    self._sync.send_multipart(frames, zmq.NOBLOCK)
+                    self._sock.send_multipart(frames, zmq.NOBLOCK).add_done_callback(_consume)
                 except zmq.ZMQError:
                     pass
         for t in self._tasks:
@@ -457,6 +436,12 @@ class Connection(ConnectionBase):
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
+
+
+def _consume(fut: asyncio.Future) -> None:
+    """Mark a fire-and-forget send's outcome as seen (a lost BYE is harmless)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def connect(routers=None, **kwargs) -> Connection:

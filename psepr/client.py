@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import zmq
 
 from . import session as _session
-from ._base import INBOX_PREFIX, ConnectionBase
+from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
 from ._common import build_config, configure_socket, inbox_channel
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
@@ -50,35 +50,18 @@ from .session import READY, Session, make_entry
 log = logging.getLogger("psepr.client")
 
 
-class Lease:
+class Lease(LeaseBase):
     """A lease held by a :class:`Connection`; iterate it or call :meth:`receive`.
 
     Attributes:
-        id: the lease id (unique within the connection).
-        channel: the leased :class:`~psepr.channel.Channel`.
-        type: the event-type filter, or None.
-        granted: the duration the router granted, in seconds.
-        dropped: events dropped because this lease's queue was full.
+        id, channel, type, granted, dropped: see :class:`psepr._base.LeaseBase`.
+        duration: the duration asked for, in seconds.
     """
 
     def __init__(self, con: "Connection", id: str, channel: Channel, type: str | None,
                  duration: float) -> None:
-        self._con = con
-        self.id = id
-        self.channel = channel
-        self.type = type
+        super().__init__(con, id, channel, type, threading.Event())
         self.duration = duration
-        self.granted = 0.0
-        self.dropped = 0
-        self._q: collections.deque = collections.deque()
-        self._has = threading.Event()    # set by the I/O thread when events arrive
-        self._warn_at = 0.0
-        self._inbox = id.startswith(INBOX_PREFIX)   # a request inbox: replies, not a queue
-        self._error: Exception | None = None
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<Lease {self.id} {self.channel.text} type={self.type!r} granted={self.granted}>"
 
     def receive(self, timeout: float | None = None) -> Event:
         """The next event on this lease.
@@ -109,11 +92,6 @@ class Lease:
     def release(self, timeout: float = 5.0) -> None:
         """Release the lease at the router (idempotent)."""
         self._con._release(self, timeout)
-
-    def pending(self) -> int:
-        """Events waiting to be received."""
-        return len(self._q)
-
 
 class _Waiter:
     __slots__ = ("done", "result", "error")

@@ -392,3 +392,15 @@ def test_full_leases_drop_without_decoding_and_count_it(router_proc):
         tx.send("/full/", "again")
         tx.flush()
         assert lease.receive(timeout=5).payload == "again"
+
+
+async def test_aio_many_rounds_of_send_flush_and_receive(router_proc):
+    """The asyncio reader never misses ZeroMQ's edge-triggered wake-up (40 busy rounds)."""
+    async with psepr.aio.connect(router_proc.url) as con:
+        lease = await con.lease("/aio-rounds/")
+        for r in range(40):
+            for i in range(250):
+                await con.send("/aio-rounds/x/", [r, i])
+            await con.flush(timeout=5)
+            got = [(await lease.receive(timeout=5)).payload for _ in range(250)]
+            assert got == [[r, i] for i in range(250)]

@@ -47,7 +47,7 @@ def _measure(channels: int, holders: int, events: int, reps: int = 3) -> dict:
             core.handle(ident, wire.encode(Kind.LEASE, {"id": f"L{k}", "channel":
                                                         f"/bench/core/c{k}/"}), 0.0)
     for k in range(channels):
-        session.lease(f"L{k}", _channel(f"/bench/core/c{k}/"), None, 3600.0)
+        session.lease(f"L{k}", _channel(f"/bench/core/c{k}/"), None, 3600.0, 0.0)
     core.flush(lambda conn, frames: True)
     best_route = best_decode = float("inf")
     for _ in range(reps):

@@ -290,48 +290,49 @@ def _summarise(recv_out: list[dict], conns_total: int) -> dict:
     return out
 
 
-def run_psepr(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: int = 0,
-              seconds: float = 30.0) -> dict:
-    router, url = _start_router()
+def _run_roles(recv_role: str, send_role: str, recv_at: list[str], send_at: list[str],
+               count: int, conns: int, procs: int, leases: int, rate: int,
+               seconds: float) -> dict:
+    """Start the receivers, wait until they are ready, run the sender, collect results."""
     recvs: list[subprocess.Popen] = []
     try:
-        common = ["--url", url, "--channel", "/bench/hop/", "--leases", str(leases),
-                  "--count", str(count), "--seconds", str(seconds)]
+        common = ["--channel", "/bench/hop/", "--leases", str(leases), "--count", str(count),
+                  "--seconds", str(seconds)]
         lat = ["--latency"] if rate else []
         for _ in range(procs):
-            recvs.append(_spawn("psepr-recv", *common, "--conns", str(conns // procs), *lat))
+            recvs.append(_spawn(recv_role, *common, *recv_at, "--conns", str(conns // procs),
+                                *lat))
         for r in recvs:
             _line(r, 60)
-        sender = _spawn("psepr-send", *common, "--rate", str(rate))
+        sender = _spawn(send_role, *common, *send_at, "--rate", str(rate))
         outs = [_line(r, seconds + 60) for r in recvs]
         _line(sender, 60)
         _stop(sender)
         return _summarise(outs, conns)
     finally:
-        _stop(*recvs, router)
+        _stop(*recvs)
+
+
+def run_psepr(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: int = 0,
+              seconds: float = 30.0) -> dict:
+    router, url = _start_router()
+    try:
+        return _run_roles("psepr-recv", "psepr-send", ["--url", url], ["--url", url],
+                          count, conns, procs, leases, rate, seconds)
+    finally:
+        _stop(router)
 
 
 def run_raw(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: int = 0,
             seconds: float = 30.0, cproxy: bool = False) -> dict:
     fwd = _spawn("raw-fwd", *(["--cproxy"] if cproxy else []))
-    recvs: list[subprocess.Popen] = []
     try:
         ports = _line(fwd, 15)
-        common = ["--channel", "/bench/hop/", "--leases", str(leases), "--count", str(count),
-                  "--seconds", str(seconds)]
-        lat = ["--latency"] if rate else []
-        for _ in range(procs):
-            recvs.append(_spawn("raw-recv", *common, "--port", str(ports["out"]),
-                                "--conns", str(conns // procs), *lat))
-        for r in recvs:
-            _line(r, 60)
-        sender = _spawn("raw-send", *common, "--port", str(ports["in"]), "--rate", str(rate))
-        outs = [_line(r, seconds + 60) for r in recvs]
-        _line(sender, 60)
-        _stop(sender)
-        return _summarise(outs, conns)
+        return _run_roles("raw-recv", "raw-send", ["--port", str(ports["out"])],
+                          ["--port", str(ports["in"])], count, conns, procs, leases, rate,
+                          seconds)
     finally:
-        _stop(*recvs, fwd)
+        _stop(fwd)
 
 
 def main(args) -> int:

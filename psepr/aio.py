@@ -258,7 +258,7 @@ class Connection(ConnectionBase):
         lease.channel, lease.type, lease.granted, lease._error = ch, type, 0.0, None
         fut = self._loop.create_future()
         self._lease_futs[id] = fut
-        self._session.lease(id, ch, type, duration, renew)
+        self._session.lease(id, ch, type, duration, time.monotonic(), renew)
         self._schedule_flush()
         try:
             await asyncio.wait_for(fut, timeout)

@@ -280,7 +280,7 @@ class Connection(ConnectionBase):
                 self._leases[id] = lease
             lease.channel, lease.type, lease.granted, lease._error = ch, type, 0.0, None
             lease.duration = duration
-            self._session.lease(id, ch, type, duration, renew)
+            self._session.lease(id, ch, type, duration, time.monotonic(), renew)
         self._kick()
         self._wait_cond(lambda: lease.granted > 0 or lease._error is not None, timeout,
                         f"lease on {ch.text} not granted within {timeout} s")

@@ -275,8 +275,8 @@ class Session:
         return len(self._pend)
 
     def lease(self, lease_id: str, channel: Channel, type: str | None, duration: float,
-              renew: bool = True) -> None:
-        """Ask for (or re-ask for) a lease; the sink hears the grant or failure."""
+              now: float, renew: bool = True) -> None:
+        """Ask for (or re-ask for) a lease at time ``now``; the sink hears the grant or failure."""
         if not duration > 0:
             raise UsageError(f"lease duration must be positive, got {duration!r}")
         ls = self.leases.get(lease_id)
@@ -287,7 +287,7 @@ class Session:
             ls.channel, ls.type, ls.duration, ls.renew = channel, type, float(duration), renew
         self._index = None
         if self.state == READY:
-            self._ask_lease(ls, _time.monotonic())
+            self._ask_lease(ls, now)
 
     def _drop_lease(self, lease_id, default=None):
         self._index = None

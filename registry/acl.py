@@ -22,8 +22,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zmq.auth
-
 from psepr.channel import Channel, parse
 from psepr.errors import ChannelError, ConfigError
 
@@ -127,6 +125,7 @@ def load_acl(path: "str | Path") -> ACL:
         if key is None and "key_file" in entry:
             if not isinstance(entry["key_file"], str):
                 raise ConfigError(f"{path}: principals.{name}.key_file must be a file name")
+            import zmq.auth   # only to read pyzmq's certificate files; the ACL itself is pure
             key_path = (path.parent / entry["key_file"]).resolve()
             try:
                 public, _ = zmq.auth.load_certificate(str(key_path))

@@ -147,11 +147,15 @@ class RouterCore:
     Args:
         config: the router configuration.
         acl: access-control list (None: everyone may do everything).
-        now: the start time.
+        now: the start time (monotonic, like every ``now`` passed in later).
+        wall: the wall clock, for the times stamped on stats events (injected so
+            that the core reads no clock itself).
     """
 
-    def __init__(self, config: RouterConfig, acl: ACL | None = None, now: float = 0.0) -> None:
+    def __init__(self, config: RouterConfig, acl: ACL | None = None, now: float = 0.0,
+                 wall: Callable[[], float] = _time.time) -> None:
         self.config = config
+        self._wall = wall
         self.acl = acl
         self.leases = LeaseTable(config.max_lease, config.max_leases_per_conn)
         self.conns: dict[bytes, Conn] = {}
@@ -682,7 +686,7 @@ class RouterCore:
                       key=lambda c: -c.dropped)[:10]
         return {
             "router": self.config.name, "authority": self.config.authority,
-            "time": _time.time(), "uptime": now - self.started,
+            "time": self._wall(), "uptime": now - self.started,
             "connections": len(self.conns), "leases": len(self.leases),
             "channels_leased": len(self.leases.by_channel),
             "messages_in": self.messages_in, "events_in": self.events_in,
@@ -701,7 +705,7 @@ class RouterCore:
         payload = orjson.dumps(st)
         self._stats_seq += 1
         header, chunks = wire.pack_events([(f"{self.config.name}.stats.{self._stats_seq}",
-                                            self.stats_channel.text, STATS_TYPE, _time.time(),
+                                            self.stats_channel.text, STATS_TYPE, self._wall(),
                                             wire.FMT_JSON, None, payload)])
         self.route(header, None, payload, ROUTER_SERVICE, self.config.name, None)
 

@@ -46,6 +46,7 @@ from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, Time
                      UsageError)
 from .event import Event, _check_name
 from .session import READY, Session, make_entry
+from .zmqio import recv_frames, send_frames
 
 log = logging.getLogger("psepr.client")
 
@@ -559,7 +560,7 @@ class Connection(ConnectionBase):
                 if sock is not None:
                     for frames in self._session.close():   # say goodbye if we can
                         try:
-                            sock.send_multipart(frames, zmq.NOBLOCK)
+                            send_frames(sock, frames)
                         except zmq.ZMQError:
                             pass
                     sock.close(linger=0)
@@ -626,15 +627,17 @@ class Connection(ConnectionBase):
                 self._reader_left = time.monotonic()
 
     def _io_step(self, deadline: float | None) -> None:
-        """One turn: switch sockets if asked, send what waits, poll, receive, tick.
+        """One turn: switch sockets if asked, poll, receive, tick, send what waits.
+
+        Sending comes last so that a turn woken by a send (or a control request,
+        or a timer) hands the message to ZeroMQ in that same turn: a lone event
+        costs the I/O thread one wake-up and one turn.
 
         Called with ``_sock_lock`` held, by the I/O thread or a reader.
         """
         s = self._session
-        poller = self._poller
         outq = self._outq
         limit = self.config.send_queue
-        NOBLOCK = zmq.NOBLOCK
         now = time.monotonic()
         with self._lock:
             if self._closed:
@@ -644,30 +647,17 @@ class Connection(ConnectionBase):
                 self._backlog = []
                 self._open(url)
                 s.start(now)
-            # Move user sends into the session (bounded by the session's queue).
-            self._woken = False
-            if outq and s.queued < limit:
-                pop = outq.popleft
-                s.add_events([pop() for _ in range(min(len(outq), limit))])
-                self._space.set()
-            if not self._backlog:
-                self._backlog = s.take_out(now)
         sock = self._sock
         backlog = self._backlog
-        while backlog:
-            try:
-                sock.send_multipart(backlog[0], NOBLOCK)
-            except zmq.Again:
-                break
-            backlog.pop(0)
-        timeout = max(0.0, s.next_deadline(now) - now)
-        if deadline is not None:
-            timeout = min(timeout, max(0.0, deadline - now))
-        if backlog:
-            timeout = min(timeout, 0.01)
-        if outq and s.queued < limit:
+        if url is not None or (outq and s.queued < limit):
             timeout = 0.0
-        ready = dict(poller.poll(timeout * 1000.0))
+        else:
+            timeout = max(0.0, s.next_deadline(now) - now)
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - now))
+            if backlog:
+                timeout = min(timeout, 0.01)
+        ready = dict(self._poller.poll(timeout * 1000.0))
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -678,15 +668,29 @@ class Connection(ConnectionBase):
                 self._refresh_full()
                 for _ in range(1000):
                     try:
-                        frames = sock.recv_multipart(NOBLOCK)
+                        frames = recv_frames(sock)
                     except zmq.Again:
                         break
                     s.on_message(frames, time.monotonic())
             self._wake_readers()
         now = time.monotonic()
-        if now >= s.next_deadline(now):
-            with self._lock:
+        with self._lock:
+            if now >= s.next_deadline(now):
                 s.tick(now)
+            # Move user sends into the session (bounded by the session's queue).
+            self._woken = False
+            if outq and s.queued < limit:
+                pop = outq.popleft
+                s.add_events([pop() for _ in range(min(len(outq), limit))])
+                self._space.set()
+            if not backlog:
+                backlog = self._backlog = s.take_out(now)
+        while backlog:
+            try:
+                send_frames(sock, backlog[0])
+            except zmq.Again:
+                break
+            backlog.pop(0)
 
 
 #: How long the I/O thread leaves the socket to readers after the last one left.

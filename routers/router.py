@@ -36,6 +36,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from psepr.config import tune_gc
 from psepr.errors import ConfigError
+from psepr.zmqio import recv_frames, recv_frames_user, send_frames
 from registry.acl import ACL, load_acl
 from .config import RouterConfig
 from .core import Conn, RouterCore
@@ -159,13 +160,12 @@ class Router:
         curve = self.config.curve
         max_turn = self.config.max_per_turn
         max_bytes = self.config.max_bytes_per_turn
-        NOBLOCK = zmq.NOBLOCK
         Again = zmq.Again
 
         def send(conn: Conn, frames: list) -> bool:
             s = sock_of.get(conn.ident) or self.sockets[0]
             try:
-                s.send_multipart([conn.ident, *frames], NOBLOCK)
+                send_frames(s, frames, conn.ident)
                 return True
             except Again:
                 return False
@@ -186,11 +186,9 @@ class Router:
                     for _ in range(max_turn):
                         try:
                             if curve:
-                                fr = s.recv_multipart(NOBLOCK, copy=False)
-                                principal = fr[0].get("User-Id")
-                                frames = [f.bytes for f in fr]
+                                frames, principal = recv_frames_user(s)
                             else:
-                                frames = s.recv_multipart(NOBLOCK)
+                                frames = recv_frames(s)
                                 principal = None
                         except Again:
                             break

@@ -1,0 +1,80 @@
+"""Multipart send and receive without pyzmq's per-frame enum arithmetic.
+
+pyzmq's ``send_multipart`` computes ``zmq.SNDMORE | flags`` for every frame
+and ``recv_multipart`` asks ``getsockopt(RCVMORE)`` after every frame; both go
+through Python-level ``enum`` operations that cost more than the ZeroMQ calls
+themselves (measured on pyzmq 27: a 4-frame message takes 13.9 us through
+``send_multipart`` and 4.7 us frame by frame with int flags; receiving, 13.5 us
+against 8.3 us reading ``Frame.more``).  Routers and clients send and receive
+one message per event batch, so these helpers sit on every hot path.
+
+Semantics are those of the pyzmq calls they replace: a send that cannot be
+queued raises ``zmq.Again`` (or the ZeroMQ error) on the *first* frame, before
+anything was queued; once the first frame is accepted ZeroMQ accepts the rest
+of the message.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
+
+
+def send_frames(sock: zmq.Socket, frames: list, first: bytes | None = None) -> None:
+    """Send one multipart message without blocking.
+
+    Args:
+        sock: a (non-asyncio) ZeroMQ socket.
+        frames: the frames (bytes-like), at least one.
+        first: an extra frame sent before ``frames`` (a ROUTER's routing id).
+
+    Raises:
+        zmq.Again: the socket's queue is full; nothing was sent.
+        zmq.ZMQError: other ZeroMQ errors (e.g. EHOSTUNREACH); nothing was sent.
+    """
+    send = sock.send
+    if first is not None:
+        send(first, _MORE_NOBLOCK)
+    last = len(frames) - 1
+    for i in range(last):
+        send(frames[i], _MORE_NOBLOCK)
+    send(frames[last], NOBLOCK)
+
+
+def recv_frames(sock: zmq.Socket) -> list:
+    """Receive one multipart message without blocking.
+
+    Returns:
+        The frames, as bytes.
+
+    Raises:
+        zmq.Again: no message is waiting.
+    """
+    recv = sock.recv
+    f = recv(NOBLOCK, copy=False)
+    parts = [f.bytes]
+    while f.more:
+        f = recv(NOBLOCK, copy=False)
+        parts.append(f.bytes)
+    return parts
+
+
+def recv_frames_user(sock: zmq.Socket) -> tuple[list, str | None]:
+    """Like :func:`recv_frames`, also returning the ZAP ``User-Id`` of the sender.
+
+    Returns:
+        ``(frames, user_id)``; ``user_id`` is None without authentication.
+
+    Raises:
+        zmq.Again: no message is waiting.
+    """
+    recv = sock.recv
+    f = recv(NOBLOCK, copy=False)
+    user = f.get("User-Id")
+    parts = [f.bytes]
+    while f.more:
+        f = recv(NOBLOCK, copy=False)
+        parts.append(f.bytes)
+    return parts, user

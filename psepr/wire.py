@@ -66,6 +66,19 @@ class Kind(enum.IntEnum):
     BYE = 13         # c->r {}
     STATS = 14       # c->r {"req"}
     STATS_REPLY = 15  # r->c {"req", "stats"}
+    # Router to router, on peer links (docs/protocol.md, "Peer links").
+    PEER_HELLO = 16    # dialer->listener {"v", "router", "epoch", "authority"}
+    PEER_WELCOME = 17  # listener->dialer {"v", "router", "epoch", "authority"}
+    PEER_PING = 18     # {"t"}
+    PEER_PONG = 19     # {"t"} (echoed)
+    LINKSTATE = 20     # flooded {"r", "e", "q", "n", "iq", "s", "a"}
+    INTEREST = 21      # flooded {"r", "e", "q", "full", "add", "del", "ack"?}
+    INTEREST_ACK = 22  # routed to "r" {"r", "e", "q", "by", "h"}
+    FORWARD = 23       # {"o", "e", "h", "d", "s", "q"} + (header, body)*
+    SYNC = 24          # {"r"}: send me router r's full interest
+    # Client to router.
+    STATUS = 25        # c->r {"req"}
+    STATUS_REPLY = 26  # r->c {"req", "status"}
 
 
 #: One-byte kind frames, prebuilt (sending bytes is cheaper than encoding ints).

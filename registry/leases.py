@@ -13,7 +13,9 @@ the table knows nothing about sockets.  Two indexes serve the two questions:
   only what is due, in order, in O(log n) per lease.
 
 Re-granting an existing (holder, id) is a renewal: the expiry moves, the
-channel and type may change.  Grants are capped at ``max_duration``.  Time is
+channel and type may change.  ``on_add(text, type)`` and ``on_remove(text,
+type)``, when set, hear of every lease entering or leaving the index (the
+router's interest summary follows them); plain renewals call neither.  Grants are capped at ``max_duration``.  Time is
 passed in (``now``); the table never reads a clock.
 """
 
@@ -73,6 +75,8 @@ class LeaseTable:
         #: Bumped whenever the set of (holder, channel, type) changes (not on plain
         #: renewals), so that callers may cache matching results.
         self.generation = 0
+        self.on_add = None      # callable(text, type) or None
+        self.on_remove = None
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -113,10 +117,15 @@ class LeaseTable:
             self._by_key[key] = lease
             mine[lease_id] = lease
             self.by_channel.setdefault(channel.text, []).append(lease)
+            if self.on_add is not None:
+                self.on_add(channel.text, type)
         else:
             self._expiry.discard((lease.expires, lease._seq, key))
             if lease.channel != channel or lease.type != type:
                 self.generation += 1
+                if self.on_remove is not None:
+                    self.on_remove(lease.channel.text, lease.type)
+                    self.on_add(channel.text, type)
             if lease.channel != channel:
                 self._unindex(lease)
                 lease.channel = channel
@@ -147,6 +156,8 @@ class LeaseTable:
         self.generation += 1
         self._expiry.discard((lease.expires, lease._seq, key))
         self._unindex(lease)
+        if self.on_remove is not None:
+            self.on_remove(lease.channel.text, lease.type)
         mine = self._per_holder.get(holder)
         if mine is not None:
             mine.pop(lease_id, None)

@@ -47,6 +47,25 @@ class RouterConfig:
         secret_key_file: the router's CURVE secret-key certificate file.
         acl_file: TOML ACL (principals, keys, send/lease grants).
         insecure: allow listening on non-loopback addresses without CURVE.
+        peer_listen: ZeroMQ endpoints where other routers link to this one
+            (empty: this router only dials out).
+        peers: peer-link endpoints of other routers to dial.  A link configured
+            on either side carries traffic both ways.
+        peer_ping: seconds between liveness pings on an idle peer link.
+        peer_dead_after: seconds of silence after which a peer link is down (and
+            the overlay routes around it); 3 pings missed.
+        lsa_refresh: seconds between refreshes of this router's link-state
+            advertisement (changes are flooded at once; refreshes keep soft state).
+        lsa_max_age: an advertisement not refreshed for this long is dropped with
+            its router's interest: a router that died leaves no ghost interest,
+            even where no neighbour saw it go.
+        hop_limit: most router hops an event takes; guards loops while routes
+            converge (a chain of 32 routers is far beyond any sane overlay).
+        barrier_timeout: longest wait for every reachable router to confirm a
+            lease's interest (``propagated=True``).
+        seen_cache: forwarded segments remembered per router to refuse duplicates
+            while the overlay converges.
+        peer_queue: ZeroMQ high-water mark per peer link, in messages.
     """
 
     name: str = "r1"
@@ -66,14 +85,29 @@ class RouterConfig:
     secret_key_file: str | None = None
     acl_file: str | None = None
     insecure: bool = False
+    peer_listen: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    peer_ping: float = 0.5
+    peer_dead_after: float = 1.5
+    lsa_refresh: float = 10.0
+    lsa_max_age: float = 35.0
+    hop_limit: int = 32
+    barrier_timeout: float = 2.0
+    seen_cache: int = 100_000
+    peer_queue: int = 1000
 
     PRESETS = {
-        # One host, loopback only: fast stats for humans watching `psepr stats`.
-        "local": dict(stats_interval=2.0),
+        # One host, loopback only: fast stats for humans watching `psepr stats`,
+        # faster soft-state refresh (links never lose packets here).
+        "local": dict(stats_interval=2.0, peer_ping=0.25, peer_dead_after=0.75,
+                      lsa_refresh=5.0, lsa_max_age=17.0),
         # A machine room: defaults.
         "lan": dict(),
-        # Wide area: longer silence before forgetting a client (lossy links).
-        "wan": dict(conn_timeout=90.0, stats_interval=10.0),
+        # Wide area: longer silence before forgetting a client or a peer (lossy
+        # links, long round trips).
+        "wan": dict(conn_timeout=90.0, stats_interval=10.0, peer_ping=2.0,
+                    peer_dead_after=8.0, lsa_refresh=30.0, lsa_max_age=100.0,
+                    barrier_timeout=10.0),
     }
 
     @classmethod

@@ -47,6 +47,7 @@ from psepr.wire import Kind
 from registry.acl import ACL, INBOX
 from registry.leases import LeaseTable
 from .config import RouterConfig
+from .overlay import OverlayCore, PeerOut
 
 log = logging.getLogger("psepr.router")
 
@@ -150,10 +151,14 @@ class RouterCore:
         now: the start time (monotonic, like every ``now`` passed in later).
         wall: the wall clock, for the times stamped on stats events (injected so
             that the core reads no clock itself).
+        epoch: this run's overlay epoch, larger than any earlier run's (default:
+            wall-clock nanoseconds).  Used only with peers.
+        peer_allowed: ``peer_allowed(name, principal) -> bool`` for peer routers.
     """
 
     def __init__(self, config: RouterConfig, acl: ACL | None = None, now: float = 0.0,
-                 wall: Callable[[], float] = _time.time) -> None:
+                 wall: Callable[[], float] = _time.time, epoch: int | None = None,
+                 peer_allowed: Callable | None = None) -> None:
         self.config = config
         self._wall = wall
         self.acl = acl
@@ -177,6 +182,14 @@ class RouterCore:
         self.errors = 0
         self.control_dropped = 0
         self.messages_in = 0
+        self._ltargets: dict = {}     # like _targets, local connections only
+        #: The overlay (peer links, remote interest, forwarding); None on a lone router.
+        self.overlay: OverlayCore | None = None
+        if config.peer_listen or config.peers:
+            self.overlay = OverlayCore(config, self, int(wall() * 1e9) if epoch is None
+                                       else epoch, now, peer_allowed)
+            self.leases.on_add = self.overlay.lease_added
+            self.leases.on_remove = self.overlay.lease_removed
 
     # -- input ---------------------------------------------------------------
     def handle(self, ident: bytes, frames: list, now: float, principal: str | None = None) -> None:
@@ -306,8 +319,17 @@ class RouterCore:
         except OverflowError as exc:
             self._error(conn.ident, wire.E_LIMIT, str(exc), req=req, ref=lid)
             return
-        self._queue_control(conn, Kind.LEASED, {"id": lid, "channel": channel.text, "type": typ,
-                                                "granted": lease.granted, "req": req})
+        reply = {"id": lid, "channel": channel.text, "type": typ, "granted": lease.granted,
+                 "req": req}
+        if h.get("p") and self.overlay is not None:
+            self.overlay.barrier(conn, reply, now)   # answered once every router has it
+        else:
+            self._queue_control(conn, Kind.LEASED, reply)
+
+    def lease_answer(self, conn: Conn, reply: dict) -> None:
+        """Send a delayed LEASED (a lease barrier completed) if the session still exists."""
+        if self.conns.get(conn.ident) is conn:
+            self._queue_control(conn, Kind.LEASED, reply)
 
     def _on_unlease(self, conn: Conn, h: dict, now: float) -> None:
         lid = h.get("id")
@@ -331,6 +353,21 @@ class RouterCore:
     def _on_stats(self, conn: Conn, h: dict, now: float) -> None:
         self._queue_control(conn, Kind.STATS_REPLY, {"req": h.get("req"), "stats": self.stats(now)})
 
+    def _on_status(self, conn: Conn, h: dict, now: float) -> None:
+        if self.overlay is not None:
+            status = self.overlay.status(now)
+        else:
+            status = {"router": self.config.name, "epoch": None, "links": [], "counters": {},
+                      "routers": [{"router": self.config.name, "self": True, "reachable": True,
+                                   "next_hop": None, "links": {}, "age": 0.0,
+                                   "load": {"connections": len(self.conns),
+                                            "leases": len(self.leases),
+                                            "events_in": self.events_in,
+                                            "events_out": self.events_out,
+                                            "dropped": self.dropped}}]}
+        status["stats"] = self.stats(now)
+        self._queue_control(conn, Kind.STATUS_REPLY, {"req": h.get("req"), "status": status})
+
     # -- the hot path --------------------------------------------------------
     def _channel_prefixes(self, ch: str) -> tuple[str, ...]:
         channel = parse_destination(ch)
@@ -353,7 +390,7 @@ class RouterCore:
                    conn)
 
     def route(self, header: dict, raw_header: bytes | None, body: bytes, fsvc: str, finst: str,
-              sender: Conn | None) -> None:
+              sender: Conn | None, remote: bool = True) -> None:
         """Validate one SEND message and queue it for every connection that wants it.
 
         The columns are checked once per message with C-level builtins
@@ -372,7 +409,10 @@ class RouterCore:
             body: the payloads, concatenated.
             fsvc, finst: the sender's principal and instance (stamped on delivery).
             sender: the sending connection (for errors and counters), or None for
-                events the router originates.
+                events the router originates or a peer forwarded.
+            remote: also queue the events for the other routers whose interest
+                covers them (False for events a peer forwarded: the overlay
+                forwards those along their destination list).
         """
         groups = header.get("g")
         ids = header.get("i")
@@ -423,10 +463,18 @@ class RouterCore:
         channels = self._channels
         types = self._types
         acl = self.acl
-        if self._targets_gen != self.leases.generation or len(self._targets) > _MAX_CACHE:
+        overlay = self.overlay
+        gen = self.leases.generation
+        if overlay is not None:
+            gen += overlay.generation
+            if not remote:
+                overlay = None
+        if self._targets_gen != gen or len(self._targets) > _MAX_CACHE \
+                or len(self._ltargets) > _MAX_CACHE:
             self._targets = {}
-            self._targets_gen = self.leases.generation
-        tcache = self._targets
+            self._ltargets = {}
+            self._targets_gen = gen
+        tcache = self._targets if remote else self._ltargets
         wanted: dict = {}      # conn -> indices of the groups it gets
         refused = 0
         total = 0
@@ -494,6 +542,8 @@ class RouterCore:
                         refused += cnt
                         continue
                 targets = self._match(prefs, by_channel, typ, to_svc, to_inst)
+                if overlay is not None:
+                    targets += overlay.remote_targets(prefs, typ)
                 if opts is None:
                     last_ch, last_typ = ch, typ
                     tcache[(ch, typ)] = targets
@@ -575,7 +625,8 @@ class RouterCore:
     def _bad(self, sender: Conn | None, message: str, ref, code: str = wire.E_BAD_EVENT,
              channel: str | None = None) -> None:
         if sender is None:
-            log.error("router-originated event refused: %s", message)
+            # The router's own events or ones a peer forwarded: nobody to answer.
+            log.warning("router-originated or forwarded event refused: %s", message)
             return
         self._error(sender.ident, code, message, ref=ref, channel=channel)
 
@@ -593,8 +644,16 @@ class RouterCore:
         self._dirty = []
         cut = self.config.deliver_bytes
         retry = []
+        overlay = self.overlay
         for conn in dirty:
             conn.dirty = False
+            if conn.__class__ is PeerOut:
+                segs = conn.out_segs
+                conn.out_segs = []
+                conn.out_bytes = conn.out_events = 0
+                for i in range(0, len(segs), _MAX_SEGMENTS):
+                    overlay.send_segments(conn, segs[i:i + _MAX_SEGMENTS])
+                continue
             control = conn.control
             if control:
                 sent = 0
@@ -669,6 +728,8 @@ class RouterCore:
         if now >= self.next_stats:
             self.next_stats = now + self.config.stats_interval
             self.publish_stats(now)
+        if self.overlay is not None:
+            self.overlay.tick(now)
 
     def next_deadline(self, now: float) -> float:
         """When :meth:`tick` next has work to do."""
@@ -676,6 +737,8 @@ class RouterCore:
         e = self.leases.next_expiry()
         if e is not None and e < nxt:
             nxt = e
+        if self.overlay is not None:
+            nxt = min(nxt, self.overlay.next_deadline(now))
         return max(nxt, now)
 
     def stats(self, now: float) -> dict:
@@ -696,18 +759,31 @@ class RouterCore:
             "queued_events": sum(c.out_events for c in self.conns.values()),
             "slow_connections": [{"principal": c.principal, "instance": c.instance,
                                   "dropped": c.dropped} for c in slow],
+            "overlay": self.overlay.counters() if self.overlay is not None else None,
         }
 
     def publish_stats(self, now: float) -> None:
         """Route a stats event on ``/<authority>/_sys/routers/<name>/stats/``."""
         st = self.stats(now)
         self._last_rates = (now, self.events_in, self.events_out)
-        payload = orjson.dumps(st)
+        self.publish(self.stats_channel.text, STATS_TYPE, st, tag="stats")
+
+    def publish(self, channel: str, typ: str, payload, remote: bool = True,
+                tag: str = "topology") -> None:
+        """Route an event the router itself originates (stats, topology).
+
+        Args:
+            channel: destination channel text.
+            typ: the event type.
+            payload: a JSON-able value.
+            remote: also to other routers with interest (False: local leases only).
+            tag: names the event id (``<router>.<tag>.<seq>``).
+        """
+        body = orjson.dumps(payload)
         self._stats_seq += 1
-        header, chunks = wire.pack_events([(f"{self.config.name}.stats.{self._stats_seq}",
-                                            self.stats_channel.text, STATS_TYPE, self._wall(),
-                                            wire.FMT_JSON, None, payload)])
-        self.route(header, None, payload, ROUTER_SERVICE, self.config.name, None)
+        header, _ = wire.pack_events([(f"{self.config.name}.{tag}.{self._stats_seq}", channel, typ,
+                                       self._wall(), wire.FMT_JSON, None, body)])
+        self.route(header, None, body, ROUTER_SERVICE, self.config.name, None, remote)
 
 
 _SESSION_KINDS = {
@@ -716,4 +792,5 @@ _SESSION_KINDS = {
     Kind.PING: RouterCore._on_ping,
     Kind.BYE: RouterCore._on_bye,
     Kind.STATS: RouterCore._on_stats,
+    Kind.STATUS: RouterCore._on_status,
 }

@@ -1,0 +1,736 @@
+"""The overlay core: peer links, flooding, and forwarding between routers (pure).
+
+Theory of operation
+-------------------
+Routers link to each other over *peer links*: a DEALER dialing another
+router's peer ROUTER socket.  Either side may configure a link; once the
+dialer's PEER_HELLO is answered by PEER_WELCOME the link carries traffic both
+ways.  Both ends ping an idle link every ``peer_ping`` seconds and declare it
+down after ``peer_dead_after`` seconds of silence; a dialed link then says
+hello again until its peer answers.  If two routers dial each other, both
+links are used for liveness and the one dialed by the router with the smaller
+name carries the traffic (both ends agree without talking).
+
+The control plane is two kinds of flooded advertisements (docs/protocol.md):
+
+* LINKSTATE (:mod:`registry.linkstate`): a router's up neighbours, its
+  interest sequence and load counters; originated when a neighbour comes or
+  goes and refreshed every ``lsa_refresh`` seconds as soft state.
+* INTEREST (:mod:`registry.interest`): the aggregated (prefix, type) pairs of
+  a router's local leases, as deltas numbered by a sequence (one per loop
+  turn that changed something), or whole when a neighbour asks (SYNC) or a
+  link comes up (every advert known is sent over a new link).
+
+A router accepts an advertisement newer than the one it holds and passes it
+to every other up neighbour: flooding over reliable links reaches every
+router once per advert.  A delta that does not follow the held sequence is a
+gap: the router asks the neighbour that sent it for the whole summary.  An
+advert not refreshed within ``lsa_max_age`` disappears with its router's
+interest; a router that restarted (a larger epoch) replaces its former self at
+once.  Each accepted advert is also published to local lease holders on
+``/<authority>/_sys/topology/<router>/``.
+
+Forwarding (explicit replication): for an event from a local client the
+router looks up the routers whose interest covers the event's channel and
+type, keeps the reachable ones, groups them by next hop on the shortest-path
+tree and sends each next hop one FORWARD carrying the sender's segment byte
+for byte and that group's destination list.  A router in the list delivers
+to its own leases; the rest of the list is split again by next hop.  Events
+therefore reach exactly the routers with interest, once each while routes
+agree; a bounded cache of (origin, epoch, segment) ids refuses a duplicate
+delivery and a hop limit ends any loop while routes converge.
+
+Lease barrier: a lease asked with ``propagated=True`` is answered once every
+reachable router acknowledged (INTEREST_ACK, routed back hop by hop) the
+interest sequence that contains it, or after ``barrier_timeout`` with the
+routers that did not.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import orjson
+
+from psepr import wire
+from psepr.channel import parse
+from psepr.errors import ChannelError
+from psepr.wire import Kind
+from registry.interest import APPLIED, GAP, InterestTable, LocalInterest
+from registry.linkstate import Advert, LinkState, advert_from_wire
+
+log = logging.getLogger("psepr.overlay")
+
+LINKSTATE_TYPE = "http://psepr.org/xs/payload/linkstate"
+INTEREST_TYPE = "http://psepr.org/xs/payload/interest"
+_K = wire.KIND_BYTES
+#: Pairs per INTEREST message; bigger changes are split (each part its own seq).
+_MAX_PAIRS = 4000
+
+
+class Link:
+    """One transport connection to a peer router.
+
+    Attributes:
+        id: the shell's handle: ``("d", url)`` for a link this router dialed,
+            ``("l", routing_id)`` for one it accepted.
+        peer: the peer's router name once known.
+        epoch: the peer's epoch (from its hello).
+        up: hello exchanged and not silent for ``peer_dead_after``.
+    """
+
+    __slots__ = ("id", "dialed", "peer", "epoch", "up", "last_heard", "last_ping", "rtt",
+                 "since")
+
+    def __init__(self, id: tuple, dialed: bool) -> None:
+        self.id = id
+        self.dialed = dialed
+        self.peer: str | None = None
+        self.epoch = 0
+        self.up = False
+        self.last_heard = 0.0
+        self.last_ping = 0.0
+        self.rtt: float | None = None
+        self.since = 0.0
+
+
+class PeerOut:
+    """Events queued for one next hop and one destination list, in one loop turn.
+
+    It stands beside the client connections in the router core's routing
+    tables (same ``out_*`` and ``dirty`` fields), so forwarding costs the hot
+    path nothing extra.
+    """
+
+    __slots__ = ("next_hop", "dests", "out_segs", "out_bytes", "out_events", "dirty")
+
+    def __init__(self, next_hop: str, dests: tuple) -> None:
+        self.next_hop = next_hop
+        self.dests = dests
+        self.out_segs: list = []
+        self.out_bytes = 0
+        self.out_events = 0
+        self.dirty = False
+
+    def __repr__(self) -> str:
+        return f"PeerOut(via {self.next_hop} to {','.join(self.dests)})"
+
+
+class _Barrier:
+    __slots__ = ("conn", "reply", "seq", "waiting", "deadline")
+
+    def __init__(self, conn, reply: dict, deadline: float) -> None:
+        self.conn = conn
+        self.reply = reply
+        self.seq: int | None = None
+        self.waiting: set = set()
+        self.deadline = deadline
+
+
+def _pairs(v, what: str) -> list:
+    """Validate a list of [channel, type] pairs from a peer."""
+    if type(v) is not list:
+        raise ValueError(f"{what} must be a list of [channel, type] pairs")
+    out = []
+    for p in v:
+        if type(p) is not list or len(p) != 2 or type(p[0]) is not str \
+                or (p[1] is not None and type(p[1]) is not str):
+            raise ValueError(f"{what}: {p!r} is not a [channel, type] pair")
+        try:
+            text = parse(p[0]).text
+        except ChannelError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+        out.append((text, p[1]))
+    return out
+
+
+class OverlayCore:
+    """Peer links, advertisements, routes and forwarding for one router.
+
+    Args:
+        config: the router's :class:`~routers.config.RouterConfig`.
+        core: the :class:`~routers.core.RouterCore` (local delivery, stats).
+        epoch: this run's epoch: larger than any earlier run's (the shell
+            passes wall-clock nanoseconds at start).
+        now: the start time (monotonic).
+        peer_allowed: ``peer_allowed(name, principal) -> bool``; None allows any.
+    """
+
+    def __init__(self, config, core, epoch: int, now: float,
+                 peer_allowed: Callable[[str, str | None], bool] | None = None) -> None:
+        self.config = config
+        self.core = core
+        self.me = config.name
+        self.epoch = epoch
+        self.peer_allowed = peer_allowed
+        self.links: dict[tuple, Link] = {}
+        self.linkstate = LinkState(self.me)
+        self.interest = InterestTable()
+        self.local = LocalInterest()
+        self._out: list = []                  # (link id, frames) for the shell
+        self._via: dict[str, Link] | None = None
+        self._lsa_seq = 0
+        self._iseq = 0
+        self._pend_add: dict = {}             # interest delta of this turn (ordered sets)
+        self._pend_del: dict = {}
+        self._barriers: list[_Barrier] = []
+        self._ack_owed: dict[str, int] = {}   # origin -> flagged seq we must acknowledge
+        self._seen: dict = {}
+        self._seg_seq = 0
+        self._outs: dict = {}
+        self._outs_gen = -1
+        self._next_refresh = now
+        self._topology_prefix = f"/{config.authority}/_sys/topology/"
+        # counters
+        self.forwarded_out = 0
+        self.forwarded_in = 0
+        self.duplicates = 0
+        self.no_route = 0
+        self.hop_dropped = 0
+        self.peer_errors = 0
+        self.dropped = 0
+        self._originate(now)
+
+    # -- shell interface ------------------------------------------------------------
+    def dialed(self, link_id: tuple, now: float) -> None:
+        """The shell dialed a configured peer endpoint; say hello on it."""
+        link = Link(link_id, dialed=True)
+        self.links[link_id] = link
+        self._hello(link, now)
+
+    def take_out(self) -> list:
+        """``[(link id, frames), ...]`` to send now (the interest delta included)."""
+        self._flush_interest()
+        out, self._out = self._out, []
+        return out
+
+    def link_gone(self, link_id: tuple, now: float) -> None:
+        """The shell found the link's peer gone (e.g. EHOSTUNREACH)."""
+        link = self.links.get(link_id)
+        if link is not None and link.up:
+            self._link_down(link, now, "peer disconnected")
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever routes or remote interest change (for match caches)."""
+        return self.linkstate.generation + self.interest.generation
+
+    # -- leases (called by the router core) ---------------------------------------------
+    def lease_added(self, text: str, typ: str | None) -> None:
+        self._pend(*self.local.add(text, typ))
+
+    def lease_removed(self, text: str, typ: str | None) -> None:
+        self._pend(*self.local.remove(text, typ))
+
+    def _pend(self, added: list, removed: list) -> None:
+        for p in added:
+            if self._pend_del.pop(p, 0) == 0:
+                self._pend_add[p] = True
+        for p in removed:
+            if self._pend_add.pop(p, 0) == 0:
+                self._pend_del[p] = True
+
+    def barrier(self, conn, reply: dict, now: float) -> None:
+        """Answer ``reply`` (a LEASED header) to ``conn`` once every router has the interest."""
+        self._barriers.append(_Barrier(conn, reply, now + self.config.barrier_timeout))
+
+    def _flush_interest(self) -> None:
+        fresh = [b for b in self._barriers if b.seq is None]
+        if not (self._pend_add or self._pend_del or fresh):
+            return
+        ops = [(True, p) for p in self._pend_add] + [(False, p) for p in self._pend_del]
+        self._pend_add, self._pend_del = {}, {}
+        chunks = [ops[i:i + _MAX_PAIRS] for i in range(0, len(ops), _MAX_PAIRS)] or [[]]
+        for i, chunk in enumerate(chunks):
+            self._iseq += 1
+            h = {"r": self.me, "e": self.epoch, "q": self._iseq, "full": False,
+                 "add": [p for a, p in chunk if a], "del": [p for a, p in chunk if not a]}
+            if fresh and i == len(chunks) - 1:
+                h["ack"] = True
+            self._flood(wire.encode(Kind.INTEREST, h), None)
+        if fresh:
+            reach = self.linkstate.reachable()
+            for b in fresh:
+                b.seq = self._iseq
+                b.waiting = set(reach)
+            self._check_barriers()
+
+    # -- input from peers ------------------------------------------------------------------
+    def on_message(self, link_id: tuple, frames: list, now: float,
+                   principal: str | None = None) -> None:
+        """Handle one message from a peer link.  Never raises on bad input."""
+        try:
+            kind, h, rest = wire.decode(frames)
+        except wire.ProtocolError as exc:
+            self._peer_error(link_id, str(exc))
+            return
+        try:
+            if kind == Kind.PEER_HELLO:
+                self._on_hello(link_id, h, now, principal)
+                return
+            link = self.links.get(link_id)
+            if kind == Kind.PEER_WELCOME and link is not None and link.dialed:
+                self._on_welcome(link, h, now)
+                return
+            if link is None or not link.up:
+                if kind == Kind.ERROR and link is not None and link.dialed:
+                    link.last_ping = 0.0      # the peer lost us: hello again at once
+                    self._hello(link, now)
+                elif kind != Kind.ERROR:
+                    # A peer that restarted under us, or a stray: ask for a hello.
+                    self._send(link_id, wire.encode(Kind.ERROR, {
+                        "code": wire.E_NO_SESSION, "message": "peer link: say PEER_HELLO"}))
+                return
+            link.last_heard = now
+            handler = _HANDLERS.get(kind)
+            if handler is None:
+                self._peer_error(link_id, f"unknown peer message kind {kind}")
+                return
+            handler(self, link, h, rest, now)
+        except ValueError as exc:
+            self._peer_error(link_id, str(exc))
+        except Exception:   # a bug must not kill the router
+            log.exception("internal error on peer message kind %s", kind)
+
+    def _peer_error(self, link_id: tuple, message: str) -> None:
+        self.peer_errors += 1
+        link = self.links.get(link_id)
+        log.warning("bad message from peer %s: %s", link.peer if link else link_id, message)
+        self._send(link_id, wire.encode(Kind.ERROR, {"code": wire.E_PROTOCOL,
+                                                     "message": message}))
+
+    def _check_hello(self, h: dict, principal: str | None) -> str:
+        v, name, epoch, auth = h.get("v"), h.get("router"), h.get("epoch"), h.get("authority")
+        if v != wire.PROTOCOL_VERSION:
+            raise ValueError(f"peer protocol version {v!r} not supported; this router speaks "
+                             f"{wire.PROTOCOL_VERSION}")
+        if type(name) is not str or not name or "/" in name or not name.isprintable() \
+                or " " in name:
+            raise ValueError(f"peer router name {name!r} must be printable text without "
+                             f"whitespace or '/'")
+        if type(epoch) is not int or epoch < 0:
+            raise ValueError(f"peer {name}: epoch must be a non-negative integer")
+        if auth != self.config.authority:
+            raise ValueError(f"peer {name} serves authority {auth!r}, this router "
+                             f"{self.config.authority!r}")
+        if name == self.me:
+            raise ValueError(f"peer calls itself {name!r}, the name of this router")
+        if self.peer_allowed is not None and not self.peer_allowed(name, principal):
+            raise ValueError(f"peer {name!r} is not allowed by this router's ACL")
+        return name
+
+    def _hello_header(self) -> dict:
+        return {"v": wire.PROTOCOL_VERSION, "router": self.me, "epoch": self.epoch,
+                "authority": self.config.authority}
+
+    def _on_hello(self, link_id: tuple, h: dict, now: float, principal: str | None) -> None:
+        try:
+            name = self._check_hello(h, principal)
+        except ValueError as exc:
+            self.peer_errors += 1
+            log.warning("refused peer hello: %s", exc)
+            self._send(link_id, wire.encode(Kind.ERROR, {"code": wire.E_DENIED,
+                                                         "message": str(exc)}))
+            return
+        link = self.links.get(link_id)
+        if link is None:
+            link = self.links[link_id] = Link(link_id, dialed=False)
+        self._send(link_id, wire.encode(Kind.PEER_WELCOME, self._hello_header()))
+        self._link_up(link, name, h["epoch"], now)
+
+    def _on_welcome(self, link: Link, h: dict, now: float) -> None:
+        name = self._check_hello(h, None)
+        self._link_up(link, name, h["epoch"], now)
+
+    def _on_ping(self, link: Link, h: dict, rest: list, now: float) -> None:
+        self._send(link.id, wire.encode(Kind.PEER_PONG, {"t": h.get("t")}))
+
+    def _on_pong(self, link: Link, h: dict, rest: list, now: float) -> None:
+        t = h.get("t")
+        if type(t) in (int, float) and 0 <= now - t < 3600:
+            link.rtt = now - t
+
+    def _on_error(self, link: Link, h: dict, rest: list, now: float) -> None:
+        log.warning("peer %s reports: %s", link.peer, h.get("message"))
+        if h.get("code") == wire.E_NO_SESSION:
+            self._link_down(link, now, "peer lost our session")
+
+    def _on_linkstate(self, link: Link, h: dict, rest: list, now: float) -> None:
+        adv = advert_from_wire(h)
+        if adv.router == self.me:
+            if adv.epoch > self.epoch:
+                log.error("router %s with a newer epoch exists elsewhere: two routers share "
+                          "the name %r", adv.router, self.me)
+            return
+        if self.linkstate.newer_epoch(adv.router, adv.epoch):
+            self.interest.drop(adv.router)     # it restarted: its old interest is gone
+        if not self.linkstate.accept(adv, now):
+            return
+        self._flood(wire.encode(Kind.LINKSTATE, h), link.peer)
+        held = self.interest.seq(adv.router)
+        if adv.interest_seq and (held is None or held < (adv.epoch, adv.interest_seq)):
+            # We missed an interest delta (or never had the summary): ask the sender.
+            self._send(link.id, wire.encode(Kind.SYNC, {"r": adv.router}))
+        self._routes_changed()
+        self._publish(adv.router, LINKSTATE_TYPE, h)
+
+    def _on_interest(self, link: Link, h: dict, rest: list, now: float) -> None:
+        r, e, q, full = h.get("r"), h.get("e"), h.get("q"), h.get("full")
+        if type(r) is not str or type(e) is not int or type(q) is not int or type(full) \
+                is not bool:
+            raise ValueError("interest: r must be a string, e and q integers, full a boolean")
+        if r == self.me:
+            return
+        add = _pairs(h.get("add", []), f"interest from {r}: add")
+        rm = [] if full else _pairs(h.get("del", []), f"interest from {r}: del")
+        if h.get("ack"):
+            self._ack_owed[r] = max(self._ack_owed.get(r, 0), q)
+        cur_adv = self.linkstate.adverts.get(r)
+        if cur_adv is not None and e < cur_adv.epoch:
+            return                      # from a former run of that router
+        status = self.interest.apply(r, e, q, full, add, rm)
+        if status == APPLIED:
+            self._flood(wire.encode(Kind.INTEREST, h), link.peer)
+            owed = self._ack_owed.get(r)
+            if owed is not None and q >= owed:
+                del self._ack_owed[r]
+                self._route_ack(r, e, q, self.me, self.config.hop_limit)
+            self._publish(r, INTEREST_TYPE, {"r": r, "e": e, "q": q, "full": full,
+                                             "add": h.get("add", []), "del": h.get("del", [])})
+        elif status == GAP:
+            self._send(link.id, wire.encode(Kind.SYNC, {"r": r}))
+
+    def _on_sync(self, link: Link, h: dict, rest: list, now: float) -> None:
+        r = h.get("r")
+        if type(r) is not str:
+            raise ValueError("sync: r must be a router name")
+        msg = self._full_interest(r)
+        if msg is not None:
+            self._send(link.id, msg)
+
+    def _on_ack(self, link: Link, h: dict, rest: list, now: float) -> None:
+        r, e, q, by, hops = h.get("r"), h.get("e"), h.get("q"), h.get("by"), h.get("h")
+        if type(r) is not str or type(e) is not int or type(q) is not int \
+                or type(by) is not str or type(hops) is not int:
+            raise ValueError("interest ack: r, by must be names, e, q, h integers")
+        if r == self.me:
+            if e == self.epoch:
+                for b in self._barriers:
+                    if b.seq is not None and b.seq <= q:
+                        b.waiting.discard(by)
+                self._check_barriers()
+        elif hops > 1:
+            self._route_ack(r, e, q, by, hops - 1)
+
+    def _on_forward(self, link: Link, h: dict, rest: list, now: float) -> None:
+        o, e, hops, d, s, q = h.get("o"), h.get("e"), h.get("h"), h.get("d"), h.get("s"), \
+            h.get("q")
+        if type(o) is not str or type(e) is not int or type(hops) is not int \
+                or type(d) is not list or type(s) is not list or type(q) is not list:
+            raise ValueError("forward: o must be a name, e and h integers, d, s and q lists")
+        nseg = len(s)
+        if len(q) != nseg or len(rest) != 2 * nseg or not all(
+                type(x) is list and len(x) == 2 and type(x[0]) is str and type(x[1]) is str
+                for x in s) or not all(type(x) is str for x in d):
+            raise ValueError(f"forward from {o}: s and q need one entry per (header, body) "
+                             f"pair ({len(rest) // 2} pairs)")
+        self.forwarded_in += 1
+        me = self.me
+        if me in d:
+            seen = self._seen
+            for k in range(nseg):
+                key = (o, e, q[k])
+                if key in seen:
+                    self.duplicates += 1
+                    continue
+                seen[key] = None
+                if len(seen) > self.config.seen_cache:
+                    del seen[next(iter(seen))]
+                raw = rest[2 * k]
+                try:
+                    header = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    self.peer_errors += 1
+                    continue
+                if type(header) is dict:
+                    self.core.route(header, raw, rest[2 * k + 1], s[k][0], s[k][1], None,
+                                    remote=False)
+            d = [x for x in d if x != me]
+        if d:
+            if hops <= 1:
+                self.hop_dropped += 1
+                return
+            self._forward(o, e, hops - 1, d, s, q, rest)
+
+    # -- forwarding ------------------------------------------------------------------------
+    def remote_targets(self, prefixes: tuple, typ: str | None) -> tuple:
+        """The :class:`PeerOut` queues an event on these channel prefixes goes to."""
+        dests = self.interest.match(prefixes, typ)
+        if not dests:
+            return ()
+        routes = self.linkstate.routes()
+        by: dict[str, list] = {}
+        for d in dests:
+            nh = routes.get(d)
+            if nh is not None:
+                by.setdefault(nh, []).append(d)
+        if self._outs_gen != self.generation:
+            self._outs = {}
+            self._outs_gen = self.generation
+        out = []
+        for nh, ds in by.items():
+            key = (nh, tuple(sorted(ds)))
+            po = self._outs.get(key)
+            if po is None:
+                po = self._outs[key] = PeerOut(nh, key[1])
+            out.append(po)
+        return tuple(out)
+
+    def send_segments(self, po: PeerOut, segs: list) -> None:
+        """Queue a FORWARD of segments ``(fsvc, finst, header, body, n)`` for ``po``."""
+        q = []
+        for _ in segs:
+            self._seg_seq += 1
+            q.append(self._seg_seq)
+        link = self._link_for(po.next_hop)
+        if link is None:
+            self.no_route += sum(s[4] for s in segs)
+            return
+        meta = {"o": self.me, "e": self.epoch, "h": self.config.hop_limit, "d": list(po.dests),
+                "s": [[s[0], s[1]] for s in segs], "q": q}
+        frames = [_K[Kind.FORWARD], orjson.dumps(meta)]
+        for s in segs:
+            frames.append(s[2])
+            frames.append(s[3])
+        self.forwarded_out += 1
+        self._out.append((link.id, frames))
+
+    def _forward(self, o: str, e: int, hops: int, dests: list, s: list, q: list,
+                 segframes: list) -> None:
+        routes = self.linkstate.routes()
+        by: dict[str, list] = {}
+        for d in dests:
+            nh = routes.get(d)
+            if nh is None:
+                self.no_route += 1
+                continue
+            by.setdefault(nh, []).append(d)
+        for nh, ds in by.items():
+            link = self._link_for(nh)
+            if link is None:
+                self.no_route += 1
+                continue
+            meta = {"o": o, "e": e, "h": hops, "d": ds, "s": s, "q": q}
+            self.forwarded_out += 1
+            self._out.append((link.id, [_K[Kind.FORWARD], orjson.dumps(meta), *segframes]))
+
+    def _route_ack(self, r: str, e: int, q: int, by: str, hops: int) -> None:
+        nh = self.linkstate.routes().get(r)
+        link = self._link_for(nh) if nh is not None else None
+        if link is not None:
+            self._send(link.id, wire.encode(Kind.INTEREST_ACK, {"r": r, "e": e, "q": q,
+                                                                "by": by, "h": hops}))
+
+    # -- links -----------------------------------------------------------------------------
+    def _hello(self, link: Link, now: float) -> None:
+        link.last_ping = now
+        self._send(link.id, wire.encode(Kind.PEER_HELLO, self._hello_header()))
+
+    def _link_up(self, link: Link, name: str, epoch: int, now: float) -> None:
+        was_up = self._link_for(name) is not None
+        for other in list(self.links.values()):
+            if other is not link and other.peer == name and other.up and other.epoch < epoch:
+                self._link_down(other, now, "peer restarted")     # its former run
+                was_up = self._link_for(name) is not None
+        if self.linkstate.newer_epoch(name, epoch):
+            self.interest.drop(name)
+        fresh = not link.up
+        link.peer, link.epoch, link.up = name, epoch, True
+        link.last_heard = now
+        if fresh:
+            link.since = now
+        self._via = None
+        if fresh:
+            log.info("peer link to %s up (%s)", name, "dialed" if link.dialed else "accepted")
+            self._sync_all(link)
+        if not was_up:
+            self._originate(now)
+
+    def _link_down(self, link: Link, now: float, why: str) -> None:
+        if not link.up:
+            return
+        log.warning("peer link to %s down: %s", link.peer, why)
+        link.up = False
+        link.rtt = None
+        self._via = None
+        if not link.dialed:
+            self.links.pop(link.id, None)
+        else:
+            self._hello(link, now)
+        if link.peer is not None and self._link_for(link.peer) is None:
+            self._originate(now)
+
+    def _link_for(self, peer: str) -> Link | None:
+        """The up link that carries traffic to ``peer``, or None."""
+        via = self._via
+        if via is None:
+            via = {}
+            for link in self.links.values():
+                if not link.up:
+                    continue
+                cur = via.get(link.peer)
+                # Prefer the link dialed by the smaller name; both ends agree.
+                if cur is None or link.dialed == (self.me < link.peer):
+                    via[link.peer] = link
+            self._via = via
+        return via.get(peer)
+
+    def _sync_all(self, link: Link) -> None:
+        """Send a new neighbour everything known: adverts, then every interest summary."""
+        for adv in list(self.linkstate.adverts.values()):
+            self._send(link.id, wire.encode(Kind.LINKSTATE, adv.to_wire()))
+        for r in [self.me, *self.interest.routers]:
+            msg = self._full_interest(r)
+            if msg is not None:
+                self._send(link.id, msg)
+
+    def _full_interest(self, r: str) -> list | None:
+        if r == self.me:
+            self._flush_interest()
+            pairs = sorted(self.local.advertised, key=lambda p: (p[0], p[1] or ""))
+            e, q = self.epoch, self._iseq
+        else:
+            f = self.interest.full(r)
+            if f is None:
+                return None
+            e, q, pairs = f
+        return wire.encode(Kind.INTEREST, {"r": r, "e": e, "q": q, "full": True,
+                                           "add": [list(p) for p in pairs]})
+
+    def _send(self, link_id: tuple, frames: list) -> None:
+        self._out.append((link_id, frames))
+
+    def _flood(self, frames: list, except_peer: str | None) -> None:
+        self._link_for("")   # make sure the via table is fresh
+        for peer, link in self._via.items():
+            if peer != except_peer:
+                self._out.append((link.id, frames))
+
+    # -- own advertisement -------------------------------------------------------------------
+    def _originate(self, now: float) -> None:
+        self._lsa_seq += 1
+        self._link_for("")
+        links = {p: round((l.rtt or 0.0) * 1000.0, 3) for p, l in self._via.items()}
+        c = self.core
+        load = {"connections": len(c.conns), "leases": len(c.leases),
+                "events_in": c.events_in, "events_out": c.events_out, "dropped": c.dropped}
+        adv = Advert(self.me, self.epoch, self._lsa_seq, links, self._iseq, load,
+                     self.config.lsa_max_age)
+        self.linkstate.accept(adv, now)
+        h = adv.to_wire()
+        self._flood(wire.encode(Kind.LINKSTATE, h), None)
+        self._next_refresh = now + self.config.lsa_refresh
+        self._routes_changed()
+        self._publish(self.me, LINKSTATE_TYPE, h)
+
+    def _routes_changed(self) -> None:
+        if self._barriers:
+            reach = self.linkstate.reachable()
+            for b in self._barriers:
+                if b.seq is not None:
+                    b.waiting &= reach
+            self._check_barriers()
+
+    def _check_barriers(self, now: float | None = None) -> None:
+        keep = []
+        for b in self._barriers:
+            if b.seq is not None and not b.waiting:
+                self._answer(b, True)
+            elif now is not None and now >= b.deadline:
+                self._answer(b, False)
+            else:
+                keep.append(b)
+        self._barriers = keep
+
+    def _answer(self, b: _Barrier, ok: bool) -> None:
+        reply = dict(b.reply)
+        reply["propagated"] = ok
+        if not ok:
+            reply["missing"] = sorted(b.waiting) if b.seq is not None else ["(not sent)"]
+        self.core.lease_answer(b.conn, reply)
+
+    def _publish(self, router: str, typ: str, payload: dict) -> None:
+        self.core.publish(f"{self._topology_prefix}{router}/", typ, payload, remote=False)
+
+    # -- time ----------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Hellos, pings, dead links, advert refresh and expiry, barrier timeouts."""
+        cfg = self.config
+        for link in list(self.links.values()):
+            if link.up:
+                if now - link.last_heard > cfg.peer_dead_after:
+                    self._link_down(link, now, f"silent for {cfg.peer_dead_after:g} s")
+                elif now - link.last_ping >= cfg.peer_ping:
+                    link.last_ping = now
+                    self._send(link.id, wire.encode(Kind.PEER_PING, {"t": now}))
+            elif link.dialed and now - link.last_ping >= cfg.peer_ping:
+                self._hello(link, now)
+        if now >= self._next_refresh:
+            self._originate(now)
+        gone = self.linkstate.expire(now)
+        for r in gone:
+            log.info("router %s: advertisement expired; dropping its interest", r)
+            self.interest.drop(r)
+        if gone:
+            self._routes_changed()
+        if self._barriers:
+            self._check_barriers(now)
+
+    def next_deadline(self, now: float) -> float:
+        """When :meth:`tick` next has work (pings keep it at least every ``peer_ping``/2)."""
+        nxt = min(self._next_refresh, now + self.config.peer_ping / 2)
+        for b in self._barriers:
+            nxt = min(nxt, b.deadline)
+        return nxt
+
+    # -- observability ---------------------------------------------------------------------------
+    def status(self, now: float) -> dict:
+        """The overlay as this router sees it (``psepr status``)."""
+        routes = self.linkstate.routes()
+        routers = []
+        for name, adv in sorted(self.linkstate.adverts.items()):
+            routers.append({"router": name, "epoch": adv.epoch, "self": name == self.me,
+                            "reachable": name == self.me or name in routes,
+                            "next_hop": routes.get(name), "links": adv.links,
+                            "load": adv.load, "age": round(now - (adv.expires - adv.max_age), 3),
+                            "interest": len(self.interest.routers[name].pairs)
+                            if name in self.interest.routers else len(self.local)})
+        links = [{"peer": l.peer, "up": l.up, "dialed": l.dialed,
+                  "endpoint": l.id[1] if l.dialed else None,
+                  "rtt_ms": None if l.rtt is None else round(l.rtt * 1000.0, 3),
+                  "since": round(now - l.since, 3) if l.up else None}
+                 for l in self.links.values()]
+        return {"router": self.me, "epoch": self.epoch, "routers": routers, "links": links,
+                "counters": self.counters()}
+
+    def counters(self) -> dict:
+        return {"forwarded_out": self.forwarded_out, "forwarded_in": self.forwarded_in,
+                "duplicates": self.duplicates, "no_route": self.no_route,
+                "hop_dropped": self.hop_dropped, "peer_errors": self.peer_errors,
+                "peer_dropped": self.dropped,
+                "peers_up": len({l.peer for l in self.links.values() if l.up}),
+                "routers_known": len(self.linkstate.adverts)}
+
+
+_HANDLERS = {
+    Kind.PEER_PING: OverlayCore._on_ping,
+    Kind.PEER_PONG: OverlayCore._on_pong,
+    Kind.ERROR: OverlayCore._on_error,
+    Kind.LINKSTATE: OverlayCore._on_linkstate,
+    Kind.INTEREST: OverlayCore._on_interest,
+    Kind.INTEREST_ACK: OverlayCore._on_ack,
+    Kind.FORWARD: OverlayCore._on_forward,
+    Kind.SYNC: OverlayCore._on_sync,
+    Kind.PEER_WELCOME: lambda self, link, h, rest, now: None,   # a repeated welcome
+}

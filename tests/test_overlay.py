@@ -1,0 +1,346 @@
+"""The overlay's pure cores, driven as a cluster over an in-memory transport.
+
+No sockets and no clock: every router is a RouterCore with its OverlayCore;
+``Net.pump`` carries each ``take_out()`` message to the other end of its link
+until nothing moves.  Proves, for registry/interest.py, registry/linkstate.py
+and routers/overlay.py:
+
+* aggregation: a lease covered by a broader local lease is not advertised;
+  releasing the broad one re-advertises what it covered; inbox leases are not
+  covered by a lease above the inbox;
+* the interest table applies deltas in sequence, reports gaps, drops a router;
+* shortest paths use links both ends advertise; ties break by name;
+* chain, ring and star: an event reaches exactly the routers with interest,
+  once; routers without interest see no FORWARD; type filters across routers;
+* a link that goes silent is routed around; a router whose adverts stop is
+  forgotten with its interest (no ghost interest) and its restart (new epoch)
+  replaces it;
+* the lease barrier answers once every reachable router acknowledged;
+* bad peer messages are answered with an error and change nothing.
+"""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import pytest
+
+from psepr import wire
+from psepr.wire import Kind
+from registry.interest import APPLIED, GAP, OLD, InterestTable, LocalInterest, covers
+from registry.linkstate import Advert, LinkState
+from routers.config import RouterConfig
+from routers.core import RouterCore
+from tests.test_router_core import group, send_frames, unpack_deliver
+
+
+# -- pure pieces --------------------------------------------------------------------
+
+def test_local_interest_aggregates_covered_leases():
+    li = LocalInterest()
+    assert li.add("/a/b/", None) == ([("/a/b/", None)], [])
+    assert li.add("/a/b/c/", "t") == ([], [])              # covered by /a/b/ any type
+    assert li.add("/a/", "t") == ([("/a/", "t")], [])       # different type: not covering /a/b/
+    added, removed = li.add("/a/", None)
+    assert added == [("/a/", None)] and set(removed) == {("/a/", "t"), ("/a/b/", None)}
+    assert li.advertised == {("/a/", None)}
+    added, removed = li.remove("/a/", None)
+    assert removed == [("/a/", None)]
+    assert set(added) == {("/a/", "t"), ("/a/b/", None)}
+    assert li.advertised == {("/a/", "t"), ("/a/b/", None)}
+    assert li.add("/a/b/", None) == ([], [])               # a second lease: counted only
+    assert li.remove("/a/b/", None) == ([], [])
+    # /a/b/c/ of type t stays covered by /a/ of type t: nothing to re-advertise.
+    assert li.remove("/a/b/", None) == ([], [("/a/b/", None)])
+    assert li.advertised == {("/a/", "t")}
+
+
+def test_inbox_leases_are_not_covered_by_broad_leases():
+    li = LocalInterest()
+    li.add("/x.org/", None)
+    assert li.add("/x.org/_inbox/svc/i1/", None) == ([("/x.org/_inbox/svc/i1/", None)], [])
+    assert not covers(("/x.org/", None), ("/x.org/_inbox/svc/i1/", None))
+    assert covers(("/x.org/_inbox/svc/", None), ("/x.org/_inbox/svc/i1/", None))
+
+
+def test_local_interest_matches_brute_force_under_random_churn():
+    rng = random.Random(7)
+    chans = ["/a/", "/a/b/", "/a/b/c/", "/a/d/", "/e/", "/e/f/", "/a/_inbox/p/", "/a/_inbox/p/q/"]
+    types = [None, "t1", "t2"]
+    li = LocalInterest()
+    held: list = []
+    for _ in range(2000):
+        if held and rng.random() < 0.45:
+            pair = held.pop(rng.randrange(len(held)))
+            li.remove(*pair)
+        else:
+            pair = (rng.choice(chans), rng.choice(types))
+            held.append(pair)
+            li.add(*pair)
+        # Invariant: every held pair is covered by (or is) an advertised pair, and
+        # no advertised pair is covered by another one.
+        adv = li.advertised
+        assert all(p in adv or any(covers(a, p) for a in adv) for p in held)
+        assert all(not any(covers(b, a) for b in adv if b != a) for a in adv)
+        assert adv <= set(held)
+
+
+def test_interest_table_sequences_gaps_and_drop():
+    t = InterestTable()
+    assert t.apply("r2", 5, 1, False, [("/a/", None)], []) == APPLIED
+    assert t.match(("/", "/a/", "/a/b/"), "x") == {"r2"}
+    assert t.apply("r2", 5, 1, False, [("/z/", None)], []) == OLD
+    assert t.apply("r2", 5, 3, False, [("/z/", None)], []) == GAP
+    assert t.apply("r2", 5, 2, False, [("/b/", "t")], [("/a/", None)]) == APPLIED
+    assert t.match(("/", "/a/"), None) == set()
+    assert t.match(("/", "/b/"), "t") == {"r2"} and t.match(("/", "/b/"), "u") == set()
+    assert t.apply("r2", 6, 1, False, [("/c/", None)], []) == APPLIED     # restarted
+    assert t.match(("/", "/b/"), "t") == set() and t.match(("/", "/c/"), None) == {"r2"}
+    assert t.apply("r2", 6, 9, True, [("/d/", None)], []) == APPLIED      # a full summary
+    assert t.full("r2") == (6, 9, [("/d/", None)])
+    t.drop("r2")
+    assert t.match(("/", "/d/"), None) == set() and t.seq("r2") is None
+
+
+def test_linkstate_routes_use_two_way_links_and_break_ties_by_name():
+    ls = LinkState("a")
+    for name, links in {"a": {"b": 1, "c": 1}, "b": {"a": 1, "d": 1}, "c": {"a": 1, "d": 1},
+                        "d": {"b": 1, "c": 1, "e": 1}, "e": {}}.items():
+        assert ls.accept(Advert(name, 1, 1, links), 0.0)
+    assert ls.routes() == {"b": "b", "c": "c", "d": "b"}     # e does not list d: no link
+    assert not ls.accept(Advert("d", 1, 1, {}), 0.0)          # not newer
+    ls.accept(Advert("b", 1, 2, {"a": 1}), 0.0)
+    assert ls.routes() == {"b": "b", "c": "c", "d": "c"}
+    assert ls.expire(100.0) == ["b", "c", "d", "e"] and ls.routes() == {}
+
+
+# -- a cluster over an in-memory transport --------------------------------------------
+
+class Net:
+    """Routers by name, links by (dialer, listener), a manual clock."""
+
+    def __init__(self, names, edges, preset="lan", **cfg):
+        self.now = 0.0
+        self.cores = {}
+        for i, n in enumerate(names):
+            config = RouterConfig.preset(preset, name=n, authority="x.org",
+                                         peer_listen=(f"inproc://{n}",), **cfg)
+            self.cores[n] = RouterCore(config, now=self.now, epoch=1000 + i, wall=lambda: 1.0)
+        self.cut: set = set()
+        self.dead: set = set()
+        self.sent: list = []          # (from, to, kind) of every peer message carried
+        self.client_out: dict = {}    # (router, ident) -> [frames]
+        for a, b in edges:
+            self.cores[a].overlay.dialed(("d", b), self.now)
+        self.pump()
+
+    def _peer_of(self, src, link_id):
+        return (link_id[1], ("l", src)) if link_id[0] == "d" else (link_id[1], ("d", src))
+
+    def pump(self, rounds=200):
+        for _ in range(rounds):
+            moved = False
+            for name, core in self.cores.items():
+                core.flush(self._client_send(name))
+                if name in self.dead:
+                    core.overlay.take_out()
+                    continue
+                for link_id, frames in core.overlay.take_out():
+                    dst, their_id = self._peer_of(name, link_id)
+                    if dst in self.dead or frozenset((name, dst)) in self.cut:
+                        continue
+                    self.sent.append((name, dst, frames[0][0]))
+                    self.cores[dst].overlay.on_message(their_id, frames, self.now)
+                    moved = True
+            if not moved:
+                return
+        raise AssertionError("the overlay did not settle")
+
+    def _client_send(self, router):
+        def send(conn, frames):
+            self.client_out.setdefault((router, conn.ident), []).append(frames)
+            return True
+        return send
+
+    def advance(self, seconds, step=0.1):
+        end = self.now + seconds
+        while self.now < end:
+            self.now = round(self.now + step, 6)
+            for name, core in self.cores.items():
+                if name not in self.dead:
+                    core.tick(self.now)
+            self.pump()
+
+    # client helpers
+    def hello(self, router, ident, service="svc"):
+        self.cores[router].handle(ident, wire.encode(Kind.HELLO, {"v": 1, "service": service,
+                                                                  "instance": ident.decode()}),
+                                  self.now)
+        self.pump()
+
+    def lease(self, router, ident, channel, typ=None, lid="L1", propagated=False):
+        h = {"id": lid, "channel": channel, "type": typ, "duration": 600, "req": 1}
+        if propagated:
+            h["p"] = True
+        self.cores[router].handle(ident, wire.encode(Kind.LEASE, h), self.now)
+        self.pump()
+
+    def send(self, router, ident, channel, ids, typ=None):
+        frames = send_frames(group(channel, ids, [b'{"v":1}'] * len(ids), typ=typ))
+        self.cores[router].handle(ident, frames, self.now)
+        self.pump()
+
+    def take(self, router, ident, kind=Kind.DELIVER):
+        """Messages of ``kind`` the client got since the last take (decoded)."""
+        got = self.client_out.pop((router, ident), [])
+        keep = [f for f in got if f[0][0] != kind]
+        if keep:
+            self.client_out[(router, ident)] = keep
+        return [wire.decode(f) for f in got if f[0][0] == kind]
+
+    def delivered(self, router, ident):
+        return [d.id for _, meta, rest in self.take(router, ident) for d in unpack_deliver(meta, rest)]
+
+
+def _net_with_clients(names, edges, **kw):
+    net = Net(names, edges, **kw)
+    for n in names:
+        net.hello(n, f"c-{n}".encode())
+    net.take_all = lambda: {n: net.delivered(n, f"c-{n}".encode()) for n in names}
+    return net
+
+
+def test_chain_delivers_once_to_interested_routers_only():
+    net = _net_with_clients(["a", "b", "c", "d"], [("b", "a"), ("c", "b"), ("d", "c")])
+    net.lease("d", b"c-d", "/x.org/app/")
+    net.lease("b", b"c-b", "/x.org/app/", typ="only-this")
+    net.take_all()
+    net.sent.clear()
+    net.send("a", b"c-a", "/x.org/app/x/", ["e1", "e2"], typ="t")
+    assert net.take_all() == {"a": [], "b": [], "c": [], "d": ["e1", "e2"]}
+    forwards = [(s, d) for s, d, k in net.sent if k == Kind.FORWARD]
+    assert forwards == [("a", "b"), ("b", "c"), ("c", "d")]
+    net.send("d", b"c-d", "/x.org/app/y/", ["e3"], typ="only-this")
+    assert net.take_all() == {"a": [], "b": ["e3"], "c": [], "d": ["e3"]}
+    # The routers with no interest never see an event bound nowhere.
+    net.sent.clear()
+    net.send("a", b"c-a", "/x.org/elsewhere/", ["e4"])
+    assert not [k for _, _, k in net.sent if k == Kind.FORWARD]
+
+
+@pytest.mark.parametrize("shape", ["ring", "star", "mesh"])
+def test_every_holder_gets_every_event_exactly_once(shape):
+    rng = random.Random(3)
+    names = [f"r{i}" for i in range(8)]
+    if shape == "ring":
+        edges = [(names[i], names[i - 1]) for i in range(len(names))]
+    elif shape == "star":
+        edges = [(n, names[0]) for n in names[1:]]
+    else:
+        edges = [(names[i], names[rng.randrange(i)]) for i in range(1, len(names))]
+        edges += [(a, b) for a, b in (rng.sample(names, 2) for _ in range(6))
+                  if (a, b) not in edges and (b, a) not in edges]
+    net = _net_with_clients(names, edges)
+    holders = {n for n in names if rng.random() < 0.5} | {names[3]}
+    for n in holders:
+        net.lease(n, f"c-{n}".encode(), "/x.org/app/")
+    net.take_all()
+    k = 0
+    for src in names:
+        for _ in range(3):
+            k += 1
+            net.send(src, f"c-{src}".encode(), f"/x.org/app/{k}/", [f"e{k}"])
+    got = net.take_all()
+    for n in names:
+        want = sorted(f"e{i}" for i in range(1, k + 1)) if n in holders else []
+        assert sorted(got[n]) == want, n
+
+
+def test_silent_link_is_routed_around_and_dead_router_leaves_no_ghost_interest():
+    net = _net_with_clients(["a", "b", "c", "d"], [("b", "a"), ("c", "b"), ("d", "c"), ("d", "a")])
+    net.lease("c", b"c-c", "/x.org/app/")
+    net.take_all()
+    net.cut.add(frozenset(("b", "c")))
+    net.advance(3.0)                       # > peer_dead_after (1.5 s)
+    net.send("a", b"c-a", "/x.org/app/1/", ["e1"])
+    assert net.take_all()["c"] == ["e1"]   # via d now
+    assert net.cores["a"].overlay.linkstate.routes()["c"] == "d"
+    # c dies: its neighbours notice; after lsa_max_age nobody holds its interest.
+    net.dead.add("c")
+    net.advance(2.0)
+    assert "c" not in net.cores["a"].overlay.linkstate.routes()
+    net.sent.clear()
+    net.send("a", b"c-a", "/x.org/app/2/", ["e2"])
+    assert not [k for _, _, k in net.sent if k == Kind.FORWARD]
+    net.advance(40.0)
+    assert net.cores["a"].overlay.interest.seq("c") is None
+
+
+def test_restarted_router_replaces_its_former_self():
+    net = _net_with_clients(["a", "b"], [("b", "a")])
+    net.lease("b", b"c-b", "/x.org/old/")
+    assert net.cores["a"].overlay.interest.match(("/", "/x.org/", "/x.org/old/"), None) == {"b"}
+    # b restarts: a new core with a larger epoch dials a again.
+    config = net.cores["b"].config
+    net.cores["b"] = RouterCore(config, now=net.now, epoch=5000, wall=lambda: 1.0)
+    net.cores["b"].overlay.dialed(("d", "a"), net.now)
+    net.pump()
+    net.hello("b", b"c-b")
+    net.lease("b", b"c-b", "/x.org/new/")
+    a = net.cores["a"].overlay
+    assert a.interest.match(("/", "/x.org/", "/x.org/old/"), None) == set()
+    assert a.interest.match(("/", "/x.org/", "/x.org/new/"), None) == {"b"}
+    net.take_all()
+    net.send("a", b"c-a", "/x.org/new/1/", ["e1"])
+    assert net.take_all()["b"] == ["e1"]
+
+
+def test_lease_barrier_waits_for_every_reachable_router():
+    net = _net_with_clients(["a", "b", "c"], [("b", "a"), ("c", "b")])
+    net.lease("c", b"c-c", "/x.org/app/", propagated=True)
+    [(_, h, _)] = net.take("c", b"c-c", Kind.LEASED)
+    assert h["propagated"] is True and h["granted"] == 600
+    assert net.cores["a"].overlay.interest.seq("c") is not None
+    # a stops answering: the barrier waits; once b declares a dead (1.5 s), a is
+    # unreachable and the barrier completes for every router still reachable.
+    net.dead.add("a")
+    net.lease("c", b"c-c", "/x.org/other/", lid="L2", propagated=True)
+    assert net.take("c", b"c-c", Kind.LEASED) == []
+    net.advance(1.8)
+    [(_, h, _)] = net.take("c", b"c-c", Kind.LEASED)
+    assert h["id"] == "L2" and h["propagated"] is True
+
+
+def test_lease_barrier_times_out_naming_the_silent_routers():
+    net = _net_with_clients(["a", "b", "c"], [("b", "a"), ("c", "b")], barrier_timeout=0.5)
+    net.dead.add("a")
+    net.lease("c", b"c-c", "/x.org/app/", propagated=True)
+    assert net.take("c", b"c-c", Kind.LEASED) == []
+    net.advance(0.6)
+    [(_, h, _)] = net.take("c", b"c-c", Kind.LEASED)
+    assert h["propagated"] is False and h["missing"] == ["a"]
+
+
+def test_bad_peer_messages_are_answered_and_change_nothing():
+    net = _net_with_clients(["a", "b"], [("b", "a")])
+    a = net.cores["a"].overlay
+    before = dict(a.linkstate.adverts)
+    link = ("l", "b")
+    for frames in ([b"\x14", b"not json"], [bytes([Kind.LINKSTATE]), b'{"r": 5}'],
+                   [bytes([Kind.INTEREST]), orjson.dumps({"r": "b", "e": 1, "q": 9, "full": True,
+                                                          "add": [["no-slash", None]]})],
+                   [bytes([Kind.FORWARD]), orjson.dumps({"o": "b", "e": 1, "h": 3, "d": ["a"],
+                                                         "s": [["x", "y"]], "q": [1]})],
+                   [bytes([99]), b"{}"]):
+        a.on_message(link, frames, net.now)
+    out = a.take_out()
+    errors = [wire.decode(f)[1] for _, f in out if f[0][0] == Kind.ERROR]
+    assert len(errors) == 5 and all(e["message"] for e in errors)
+    assert a.linkstate.adverts == before and a.peer_errors == 5
+    # A stranger (no hello) is asked to say hello; a wrong authority is refused.
+    a.on_message(("l", "zz"), wire.encode(Kind.PEER_PING, {"t": 0}), net.now)
+    a.on_message(("l", "yy"), wire.encode(Kind.PEER_HELLO, {"v": 1, "router": "y", "epoch": 1,
+                                                             "authority": "other.org"}), net.now)
+    msgs = [wire.decode(f)[1] for _, f in a.take_out()]
+    assert msgs[0]["code"] == wire.E_NO_SESSION and "other.org" in msgs[1]["message"]

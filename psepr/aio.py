@@ -243,7 +243,7 @@ class Connection(ConnectionBase):
 
     async def lease(self, channel: "str | Channel", duration: float = 3600.0, *,
                     type: str | None = None, id: str | None = None, renew: bool = True,
-                    timeout: float = 5.0) -> Lease:
+                    propagated: bool = False, timeout: float = 5.0) -> Lease:
         """Lease a channel; see :meth:`psepr.client.Connection.lease`."""
         ch = parse(channel)
         if type is not None:
@@ -258,7 +258,7 @@ class Connection(ConnectionBase):
         lease.channel, lease.type, lease.granted, lease._error = ch, type, 0.0, None
         fut = self._loop.create_future()
         self._lease_futs[id] = fut
-        self._session.lease(id, ch, type, duration, time.monotonic(), renew)
+        self._session.lease(id, ch, type, duration, time.monotonic(), renew, propagated)
         self._schedule_flush()
         try:
             await asyncio.wait_for(fut, timeout)
@@ -340,6 +340,10 @@ class Connection(ConnectionBase):
     async def stats(self, timeout: float = 2.0) -> dict:
         """The router's counters."""
         return await self._control(lambda s: s.stats(), timeout, "stats")
+
+    async def status(self, timeout: float = 2.0) -> dict:
+        """The overlay as the router sees it; see :meth:`psepr.client.Connection.status`."""
+        return await self._control(lambda s: s.status(), timeout, "status")
 
     async def _control(self, op, timeout: float, what: str):
         if self._closed:

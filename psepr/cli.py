@@ -22,6 +22,10 @@ EPILOG_ROUTER = """examples:
   psepr router --listen tcp://127.0.0.1:7600 --name r1
   psepr router --listen tcp://127.0.0.1:0            # ephemeral port, printed on start
   psepr router --listen tcp://10.0.0.1:7600 --curve --key keys/r1.key_secret --acl acl.toml
+  psepr router --name r1 --listen tcp://10.0.0.1:7600 --peer-listen tcp://10.0.0.1:7601 \
+               --peer tcp://10.0.0.2:7601 --insecure     # one router of an overlay
+  psepr router --config r1.toml                           # the same settings from a file
+(docs/operations.md explains running an overlay on several hosts)
 """
 
 EPILOG_SEND = """examples:
@@ -175,6 +179,45 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _fmt_status(st: dict) -> str:
+    lines = [f"overlay seen from router {st['router']}"]
+    lines.append(f"  {'router':<14} {'reach':<6} {'via':<10} {'conns':>6} {'leases':>7} "
+                 f"{'events in':>10} {'events out':>11} {'dropped':>8} {'interest':>9}  links (rtt ms)")
+    for r in st["routers"]:
+        load = r.get("load") or {}
+        via = "-" if r.get("self") else (r.get("next_hop") or "-")
+        reach = "self" if r.get("self") else ("yes" if r.get("reachable") else "NO")
+        links = ", ".join(f"{p} {rtt:g}" for p, rtt in sorted(r.get("links", {}).items())) or "-"
+        lines.append(f"  {r['router']:<14} {reach:<6} {via:<10} {load.get('connections', 0):>6} "
+                     f"{load.get('leases', 0):>7} {load.get('events_in', 0):>10} "
+                     f"{load.get('events_out', 0):>11} {load.get('dropped', 0):>8} "
+                     f"{r.get('interest', 0):>9}  {links}")
+    if st.get("links"):
+        lines.append("  peer links of this router:")
+        for l in st["links"]:
+            state = "up" if l["up"] else "DOWN"
+            rtt = "-" if l["rtt_ms"] is None else f"{l['rtt_ms']:.2f} ms"
+            how = f"dialed {l['endpoint']}" if l["dialed"] else "accepted"
+            since = f", up {l['since']:.0f} s" if l["up"] else ""
+            lines.append(f"    {l['peer'] or '?':<14} {state:<5} rtt {rtt:<10} {how}{since}")
+    c = st.get("counters") or {}
+    if c:
+        lines.append("  " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    s = st.get("stats") or {}
+    if s:
+        lines.append(f"  this router: in {s['in_rate']:.1f}/s, out {s['out_rate']:.1f}/s, "
+                     f"dropped {s['dropped']}, errors {s['errors']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    with _connect(args) as con:
+        st = con.status(timeout=args.timeout)
+    print(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() if args.json
+          else _fmt_status(st))
+    return 0
+
+
 def cmd_keygen(args) -> int:
     import zmq.auth
     d = Path(args.dir)
@@ -191,21 +234,28 @@ def cmd_keygen(args) -> int:
 
 
 def _router_config(args):
-    from routers.config import RouterConfig
-    listen = tuple(args.listen or ["tcp://127.0.0.1:7600"])
+    from routers.config import RouterConfig, load_router_file
+    base: dict = load_router_file(args.config) if args.config else {}
+    preset = args.preset or base.pop("preset", "lan")
+    base.pop("preset", None)
     try:
-        cfg = RouterConfig.preset(args.preset, name=args.name, listen=listen)
+        cfg = RouterConfig.preset(preset, **base)
     except KeyError:
-        raise UsageError(f"unknown preset {args.preset!r}; choose from "
+        raise UsageError(f"unknown preset {preset!r}; choose from "
                          f"{', '.join(RouterConfig.PRESETS)}") from None
-    changes = dict(curve=args.curve, secret_key_file=args.key, acl_file=args.acl,
-                   insecure=args.insecure)
-    if args.authority:
-        changes["authority"] = args.authority
-    if args.max_lease is not None:
-        changes["max_lease"] = args.max_lease
-    if args.stats_interval is not None:
-        changes["stats_interval"] = args.stats_interval
+    changes: dict = {}
+    for flag, field in (("name", "name"), ("authority", "authority"), ("key", "secret_key_file"),
+                        ("acl", "acl_file"), ("max_lease", "max_lease"),
+                        ("stats_interval", "stats_interval")):
+        if getattr(args, flag) is not None:
+            changes[field] = getattr(args, flag)
+    for flag, field in (("listen", "listen"), ("peer_listen", "peer_listen"), ("peer", "peers")):
+        if getattr(args, flag):
+            changes[field] = tuple(getattr(args, flag))
+    if args.curve:
+        changes["curve"] = True
+    if args.insecure:
+        changes["insecure"] = True
     return cfg.replace(**changes)
 
 
@@ -261,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", action="append", metavar="URL",
                    help="client endpoint (repeatable; port 0 = ephemeral); default "
                         "tcp://127.0.0.1:7600")
-    r.add_argument("--name", default="r1", help="router name (default r1)")
+    r.add_argument("--name", help="router name, unique in the overlay (default r1)")
     r.add_argument("--authority", help="authority for system channels (default psepr.local)")
-    r.add_argument("--preset", default="lan", help="local, lan or wan (default lan)")
+    r.add_argument("--preset", help="local, lan or wan (default lan)")
     r.add_argument("--max-lease", type=float, metavar="S", help="longest lease grant (3600)")
     r.add_argument("--stats-interval", type=float, metavar="S", help="seconds between stats events")
     r.add_argument("--curve", action="store_true", help="require CURVE authentication")
@@ -271,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--acl", metavar="FILE", help="ACL file (TOML, with --curve)")
     r.add_argument("--insecure", action="store_true",
                    help="allow non-loopback listening without CURVE")
+    r.add_argument("--peer-listen", action="append", metavar="URL",
+                   help="endpoint where other routers link to this one (repeatable; port 0 = "
+                        "ephemeral)")
+    r.add_argument("--peer", action="append", metavar="URL",
+                   help="peer endpoint of another router to link to (repeatable); a link "
+                        "configured on either side carries traffic both ways")
+    r.add_argument("--config", metavar="FILE",
+                   help="TOML file with any of these settings ([router] table: name, listen, "
+                        "peer_listen, peers, preset, ...); flags override it")
     r.set_defaults(func=cmd_router)
 
     s = sub.add_parser("send", help="send events to a channel", epilog=EPILOG_SEND,
@@ -323,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=2.0)
     _add_router_arg(st)
     st.set_defaults(func=cmd_stats)
+
+    so = sub.add_parser("status", help="print the overlay as a router sees it: routers, links "
+                        "(up/down, RTT), leases, event counts, drops")
+    so.add_argument("--json", action="store_true", help="print JSON")
+    so.add_argument("--timeout", type=float, default=2.0)
+    _add_router_arg(so)
+    so.set_defaults(func=cmd_status)
 
     k = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key, NAME.key_secret)")
     k.add_argument("name")

@@ -37,7 +37,7 @@ import orjson
 from . import wire
 from .channel import Channel, parse, parse_destination
 from .config import ClientConfig
-from .errors import EventError, UsageError, remote_error
+from .errors import EventError, TimeoutError, UsageError, remote_error
 from .event import _UNSET, JSON, XML, Event, _check_name, _check_type, new_id, xml_payload_and_type
 from .wire import Kind
 
@@ -152,7 +152,7 @@ class LeaseState:
     """What the core remembers of one lease."""
 
     __slots__ = ("id", "channel", "type", "duration", "granted", "renew_at", "expires_at",
-                 "active", "renew")
+                 "active", "renew", "propagate")
 
     def __init__(self, id: str, channel: Channel, type: str | None, duration: float,
                  renew: bool) -> None:
@@ -165,6 +165,7 @@ class LeaseState:
         self.expires_at = float("inf")
         self.active = False
         self.renew = renew
+        self.propagate = False   # ask the router for the overlay-wide barrier (once)
 
 
 class _Barrier:
@@ -275,8 +276,13 @@ class Session:
         return len(self._pend)
 
     def lease(self, lease_id: str, channel: Channel, type: str | None, duration: float,
-              now: float, renew: bool = True) -> None:
-        """Ask for (or re-ask for) a lease at time ``now``; the sink hears the grant or failure."""
+              now: float, renew: bool = True, propagated: bool = False) -> None:
+        """Ask for (or re-ask for) a lease at time ``now``; the sink hears the grant or failure.
+
+        With ``propagated`` the grant is reported only once every reachable
+        router of the overlay has the lease's interest (else the sink hears a
+        :class:`TimeoutError` naming the routers that did not confirm).
+        """
         if not duration > 0:
             raise UsageError(f"lease duration must be positive, got {duration!r}")
         ls = self.leases.get(lease_id)
@@ -285,6 +291,7 @@ class Session:
             self.leases[lease_id] = ls
         else:  # re-registration: renew, possibly with a new channel, type or duration
             ls.channel, ls.type, ls.duration, ls.renew = channel, type, float(duration), renew
+        ls.propagate = propagated
         self._index = None
         if self.state == READY:
             self._ask_lease(ls, now)
@@ -325,8 +332,10 @@ class Session:
 
     def _ask_lease(self, ls: LeaseState, now: float) -> None:
         self._set_renew(ls, now + self.config.renew_retry)
-        self._control.append(wire.encode(Kind.LEASE, {
-            "id": ls.id, "channel": ls.channel.text, "type": ls.type, "duration": ls.duration}))
+        h = {"id": ls.id, "channel": ls.channel.text, "type": ls.type, "duration": ls.duration}
+        if ls.propagate:
+            h["p"] = True
+        self._control.append(wire.encode(Kind.LEASE, h))
 
     def unlease(self, lease_id: str) -> int | None:
         """Release a lease; returns the request id to wait for, or None if not connected."""
@@ -352,6 +361,10 @@ class Session:
     def stats(self) -> int:
         """Ask the router for its counters; returns the request id."""
         return self._request(Kind.STATS, {})
+
+    def status(self) -> int:
+        """Ask the router for the overlay as it sees it; returns the request id."""
+        return self._request(Kind.STATUS, {})
 
     def _request(self, kind: Kind, header: dict) -> int:
         req = next(self._req)
@@ -430,7 +443,17 @@ class Session:
                 self._on_welcome(h, now)
             elif kind == Kind.LEASED:
                 ls = self.leases.get(h.get("id"))
-                if ls is not None:
+                if ls is not None and ls.propagate and h.get("propagated") is False:
+                    # Granted, but not every reachable router confirmed in time: undo
+                    # it rather than leave a lease the caller was told failed.
+                    self._drop_lease(ls.id)
+                    self._control.append(wire.encode(Kind.UNLEASE, {"id": ls.id}))
+                    missing = ", ".join(map(str, h.get("missing") or [])) or "?"
+                    self.sink.lease_failed(ls.id, TimeoutError(
+                        f"lease on {ls.channel.text}: router(s) {missing} did not confirm "
+                        f"its interest in time (the overlay may be partitioned)"))
+                elif ls is not None:
+                    ls.propagate = False
                     ls.granted = float(h["granted"])
                     ls.active = True
                     ls.expires_at = now + ls.granted
@@ -443,6 +466,8 @@ class Session:
                     self._drops(h["d"])
             elif kind in (Kind.UNLEASED, Kind.STATS_REPLY):
                 self._complete(h, h.get("stats") if kind == Kind.STATS_REPLY else h.get("id"))
+            elif kind == Kind.STATUS_REPLY:
+                self._complete(h, h.get("status"))
             elif kind == Kind.EXPIRED:
                 ls = self._drop_lease(h.get("id"), None)
                 if ls is not None:

@@ -14,6 +14,15 @@ channel prefixes (a grant on ``/a/`` covers ``/a/b/``, element-wise)::
 Implicit grants, so that request/reply works under any ACL: every principal
 may lease its own inboxes ``/<authority>/_inbox/<principal>/...`` and may send
 to any channel whose second element is ``_inbox`` (replies).
+
+Peer routers are listed apart; when the ``[routers]`` table exists a router
+accepts peer links only from the routers it names (with CURVE, only from the
+key listed for that name), and dials a peer's ``endpoint`` trusting only its
+listed key::
+
+    [routers.r2]
+    key_file = "keys/r2.key"
+    endpoint = "tcp://10.0.0.2:7601"
 """
 
 from __future__ import annotations
@@ -27,6 +36,16 @@ from psepr.errors import ChannelError, ConfigError
 
 INBOX = "_inbox"
 _ENTRY_KEYS = frozenset(("key", "key_file", "send", "lease"))
+_ROUTER_KEYS = frozenset(("key", "key_file", "endpoint"))
+
+
+@dataclass(frozen=True)
+class PeerRouter:
+    """A peer router the ACL knows: its name, CURVE public key and peer endpoint."""
+
+    name: str
+    key: str | None = None
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,24 @@ class ACL:
 
     principals: dict[str, Principal] = field(default_factory=dict)
     by_key: dict[str, str] = field(default_factory=dict)
+    routers: dict[str, PeerRouter] = field(default_factory=dict)
+
+    def peer_allowed(self, name: str, principal: str | None) -> bool:
+        """May router ``name`` (authenticated as ``principal``, if CURVE) peer with us?
+
+        Without a ``[routers]`` table any peer may (CURVE still admits only
+        listed keys); with one, only the routers it names, each with its key.
+        """
+        if not self.routers:
+            return True
+        return name in self.routers and (principal is None or principal == name)
+
+    def router_key_for(self, endpoint: str) -> str | None:
+        """The listed public key of the router whose peer endpoint is ``endpoint``."""
+        for r in self.routers.values():
+            if r.endpoint == endpoint:
+                return r.key
+        return None
 
     def may_send(self, principal: str, channel: Channel) -> bool:
         """True if ``principal`` may send events to ``channel``."""
@@ -108,38 +145,54 @@ def load_acl(path: "str | Path") -> ACL:
         raise ConfigError(f"ACL file {path} is not valid TOML: {exc}") from None
     principals: dict[str, Principal] = {}
     by_key: dict[str, str] = {}
-    table = data.get("principals", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [principals] must be a table")
-    for name, entry in table.items():
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: principals.{name} must be a table")
-        unknown = set(entry) - _ENTRY_KEYS
-        if unknown:
-            raise ConfigError(f"{path}: principals.{name}: unknown key(s) "
-                              f"{', '.join(sorted(unknown))}; expected {', '.join(sorted(_ENTRY_KEYS))}")
-        if not name or "/" in name or "*" in name or not name.isprintable() or " " in name:
-            raise ConfigError(f"{path}: principal name {name!r} must be printable text without "
-                              f"whitespace, '/' or '*'")
-        key = entry.get("key")
-        if key is None and "key_file" in entry:
-            if not isinstance(entry["key_file"], str):
-                raise ConfigError(f"{path}: principals.{name}.key_file must be a file name")
-            import zmq.auth   # only to read pyzmq's certificate files; the ACL itself is pure
-            key_path = (path.parent / entry["key_file"]).resolve()
-            try:
-                public, _ = zmq.auth.load_certificate(str(key_path))
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"{path}: principals.{name}.key_file {key_path}: {exc}") from None
-            key = public.decode("ascii")
-        if key is not None:
-            if not isinstance(key, str) or len(key) != 40:
-                raise ConfigError(f"{path}: principals.{name}.key must be a 40-character Z85 "
-                                  f"CURVE public key")
-            if key in by_key:
-                raise ConfigError(f"{path}: principals.{name} and principals.{by_key[key]} "
-                                  f"share one key")
-            by_key[key] = name
-        principals[name] = Principal(name, key, _grants(path, name, "send", entry.get("send", [])),
-                                     _grants(path, name, "lease", entry.get("lease", [])))
-    return ACL(principals, by_key)
+    routers: dict[str, PeerRouter] = {}
+    key_owner: dict[str, str] = {}     # key -> "section.name", for messages
+    for section, allowed in (("principals", _ENTRY_KEYS), ("routers", _ROUTER_KEYS)):
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        for name, entry in table.items():
+            where = f"{path}: {section}.{name}"
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where} must be a table")
+            unknown = set(entry) - allowed
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                                  f"expected {', '.join(sorted(allowed))}")
+            if not name or "/" in name or "*" in name or not name.isprintable() or " " in name:
+                raise ConfigError(f"{path}: {section[:-1]} name {name!r} must be printable "
+                                  f"text without whitespace, '/' or '*'")
+            key = _key(path, where, entry)
+            if key is not None:
+                if key in by_key and by_key[key] != name:
+                    raise ConfigError(f"{where} and {key_owner[key]} share one key")
+                by_key[key] = name
+                key_owner[key] = f"{section}.{name}"
+            if section == "principals":
+                principals[name] = Principal(name, key,
+                                             _grants(path, name, "send", entry.get("send", [])),
+                                             _grants(path, name, "lease", entry.get("lease", [])))
+            else:
+                endpoint = entry.get("endpoint")
+                if endpoint is not None and not isinstance(endpoint, str):
+                    raise ConfigError(f"{where}.endpoint must be a ZeroMQ endpoint string")
+                routers[name] = PeerRouter(name, key, endpoint)
+    return ACL(principals, by_key, routers)
+
+
+def _key(path: Path, where: str, entry: dict) -> str | None:
+    """The Z85 public key of an entry (``key``, or read from ``key_file``), or None."""
+    key = entry.get("key")
+    if key is None and "key_file" in entry:
+        if not isinstance(entry["key_file"], str):
+            raise ConfigError(f"{where}.key_file must be a file name")
+        import zmq.auth   # only to read pyzmq's certificate files; the ACL itself is pure
+        key_path = (path.parent / entry["key_file"]).resolve()
+        try:
+            public, _ = zmq.auth.load_certificate(str(key_path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where}.key_file {key_path}: {exc}") from None
+        key = public.decode("ascii")
+    if key is not None and (not isinstance(key, str) or len(key) != 40):
+        raise ConfigError(f"{where}.key must be a 40-character Z85 CURVE public key")
+    return key

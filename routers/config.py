@@ -123,3 +123,67 @@ class RouterConfig:
         return dataclasses.replace(self, **changes)
 
 
+
+
+def load_router_file(path: str) -> dict:
+    """Read a router TOML file: the ``[router]`` table, keys named like the fields.
+
+    Example::
+
+        [router]
+        name = "r1"
+        preset = "lan"
+        listen = ["tcp://10.0.0.1:7600"]
+        peer_listen = ["tcp://10.0.0.1:7601"]
+        peers = ["tcp://10.0.0.2:7601", "tcp://10.0.0.3:7601"]
+
+    Returns:
+        The settings as keyword arguments for :meth:`RouterConfig.preset` (plus
+        ``preset``), lists turned into tuples.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, an unknown key or a wrong type;
+            the message names the file and the key.
+    """
+    import tomllib
+    from pathlib import Path
+
+    from psepr.errors import ConfigError
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read router config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"router config {path} is not valid TOML: {exc}") from None
+    table = data.get("router")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: needs a [router] table")
+    fields = {f.name: f for f in dataclasses.fields(RouterConfig)}
+    out: dict = {}
+    for key, value in table.items():
+        if key == "preset":
+            if value not in RouterConfig.PRESETS:
+                raise ConfigError(f"{path}: router.preset must be one of "
+                                  f"{', '.join(RouterConfig.PRESETS)}, got {value!r}")
+            out[key] = value
+            continue
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(f"{path}: unknown key router.{key}; known: preset, "
+                              f"{', '.join(sorted(fields))}")
+        default = f.default
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: router.{key} must be a list of strings")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: router.{key} must be true or false")
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{path}: router.{key} must be a number")
+            value = type(default)(value)
+        elif not isinstance(value, str):
+            raise ConfigError(f"{path}: router.{key} must be a string")
+        out[key] = value
+    return out

@@ -181,6 +181,7 @@ class OverlayCore:
         self._outs: dict = {}
         self._outs_gen = -1
         self._next_refresh = now
+        self._next_tick = now
         self._topology_prefix = f"/{config.authority}/_sys/topology/"
         # counters
         self.forwarded_out = 0
@@ -667,6 +668,7 @@ class OverlayCore:
     def tick(self, now: float) -> None:
         """Hellos, pings, dead links, advert refresh and expiry, barrier timeouts."""
         cfg = self.config
+        self._next_tick = now + cfg.peer_ping / 2
         for link in list(self.links.values()):
             if link.up:
                 if now - link.last_heard > cfg.peer_dead_after:
@@ -689,7 +691,7 @@ class OverlayCore:
 
     def next_deadline(self, now: float) -> float:
         """When :meth:`tick` next has work (pings keep it at least every ``peer_ping``/2)."""
-        nxt = min(self._next_refresh, now + self.config.peer_ping / 2)
+        nxt = min(self._next_refresh, self._next_tick)
         for b in self._barriers:
             nxt = min(nxt, b.deadline)
         return nxt

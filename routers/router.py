@@ -2,7 +2,10 @@
 
 Theory of operation
 -------------------
-One thread, one ROUTER socket per listen address, one :class:`RouterCore`.
+One thread, one ROUTER socket per listen address, one :class:`RouterCore`;
+with an overlay, one more ROUTER socket where peers dial in (``peer_listen``)
+and one DEALER per configured peer (``peers``), whose messages go to the
+core's :class:`~routers.overlay.OverlayCore`.
 Each loop turn polls (with a timeout up to the core's next deadline), then
 *drains* each readable socket without blocking, up to ``max_per_turn``
 messages, handing each to the core; then it flushes the core's grouped output
@@ -13,6 +16,9 @@ lone event still goes out at once.
 Sends use ``ROUTER_MANDATORY`` and ``NOBLOCK``: a full per-connection queue
 raises ``Again`` (counted as a drop, reported to the client) and a vanished
 peer raises ``EHOSTUNREACH`` (its session is forgotten).  Nothing blocks.
+Peer DEALERs use ``IMMEDIATE``: nothing queues for a peer that is not
+connected (the overlay routes around it instead), and a restarted peer gets
+no stale messages meant for its former run.
 
 The poll loop is the router's scheduler: periodic work is a deadline the loop
 already computes, so APScheduler (used by the services) would only add a
@@ -117,13 +123,22 @@ class Router:
             self._auth.start()
             self._auth.configure_curve_callback("*", credentials_provider=_KeyProvider(acl))
         else:
-            bad = [e for e in config.listen if not is_loopback_endpoint(e)]
+            if config.acl_file:
+                acl = load_acl(config.acl_file)
+            bad = [e for e in (*config.listen, *config.peer_listen)
+                   if not is_loopback_endpoint(e)]
             if bad and not config.insecure:
                 raise ConfigError(f"refusing to listen on non-loopback {', '.join(bad)} without "
-                                  f"--curve; pass --insecure to allow unauthenticated clients")
-        self.core = RouterCore(config, acl, now=time.monotonic())
+                                  f"--curve; pass --insecure to allow unauthenticated clients "
+                                  f"and peers")
+        now = time.monotonic()
+        self.core = RouterCore(config, acl, now=now, epoch=time.time_ns(),
+                               peer_allowed=acl.peer_allowed if acl is not None else None)
         self.sockets: list[zmq.Socket] = []
         self.endpoints: list[str] = []
+        self.peer_sock: zmq.Socket | None = None
+        self.peer_endpoints: list[str] = []
+        self.dialers: dict[str, zmq.Socket] = {}
         try:
             for endpoint in config.listen:
                 s = self.ctx.socket(zmq.ROUTER)
@@ -142,9 +157,53 @@ class Router:
                 except zmq.ZMQError as exc:
                     raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
                 self.endpoints.append(s.getsockopt_string(zmq.LAST_ENDPOINT))
+            if config.peer_listen:
+                ps = self.peer_sock = self.ctx.socket(zmq.ROUTER)
+                self._peer_options(ps)
+                ps.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                ps.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a redialing peer takes its id over
+                if config.curve:
+                    ps.curve_server = True
+                    ps.curve_publickey = public
+                    ps.curve_secretkey = secret
+                for endpoint in config.peer_listen:
+                    try:
+                        ps.bind(endpoint)
+                    except zmq.ZMQError as exc:
+                        raise ConfigError(f"cannot listen for peers on {endpoint}: {exc}") \
+                            from None
+                    self.peer_endpoints.append(ps.getsockopt_string(zmq.LAST_ENDPOINT))
+            for url in config.peers:
+                d = self.ctx.socket(zmq.DEALER)
+                self._peer_options(d)
+                d.setsockopt(zmq.IMMEDIATE, 1)
+                if config.curve:
+                    key = acl.router_key_for(url)
+                    if key is None:
+                        raise ConfigError(f"peer {url}: with --curve the ACL needs its public "
+                                          f"key ([routers.<name>] with key and endpoint "
+                                          f"= \"{url}\")")
+                    d.curve_serverkey = key.encode("ascii")
+                    d.curve_publickey = public
+                    d.curve_secretkey = secret
+                try:
+                    d.connect(url)
+                except zmq.ZMQError as exc:
+                    d.close(linger=0)
+                    raise ConfigError(f"bad peer endpoint {url}: {exc}") from None
+                self.dialers[url] = d
+                self.core.overlay.dialed(("d", url), now)
         except (zmq.ZMQError, ConfigError):
             self.close()
             raise
+
+    def _peer_options(self, s: zmq.Socket) -> None:
+        c = self.config
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, c.peer_queue)
+        s.setsockopt(zmq.RCVHWM, c.peer_queue)
+        # A FORWARD carries up to a turn's worth of segments for one next hop.
+        s.setsockopt(zmq.MAXMSGSIZE, max(c.max_bytes_per_turn, c.max_message_bytes) * 2)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (thread-safe, signal-safe)."""
@@ -176,12 +235,57 @@ class Router:
                     return False
                 raise
 
+        overlay = core.overlay
+        peer_sock = self.peer_sock
+        dialer_url = {d: url for url, d in self.dialers.items()}
+        if peer_sock is not None:
+            poller.register(peer_sock, zmq.POLLIN)
+        for d in dialer_url:
+            poller.register(d, zmq.POLLIN)
+
+        def send_peers() -> None:
+            for lid, frames in overlay.take_out():
+                try:
+                    if lid[0] == "d":
+                        send_frames(self.dialers[lid[1]], frames)
+                    else:
+                        send_frames(peer_sock, frames, lid[1])
+                except Again:
+                    overlay.dropped += 1    # peer link full (or not connected)
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    overlay.link_gone(lid, time.monotonic())
+
+        def drain_peer(s: zmq.Socket) -> None:
+            url = dialer_url.get(s)
+            budget = max_bytes
+            for _ in range(max_turn):
+                try:
+                    if s is peer_sock:
+                        if curve:
+                            frames, principal = recv_frames_user(s)
+                        else:
+                            frames, principal = recv_frames(s), None
+                        lid, frames = ("l", frames[0]), frames[1:]
+                    else:
+                        frames, principal, lid = recv_frames(s), None, ("d", url)
+                except Again:
+                    return
+                overlay.on_message(lid, frames, time.monotonic(), principal)
+                budget -= len(frames[-1]) if frames else 0
+                if budget <= 0:
+                    return
+
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 timeout = max(0.0, min(core.next_deadline(now) - now, 0.25))
                 ready = poller.poll(timeout * 1000.0)
                 for s, _ in ready:
+                    if overlay is not None and (s is peer_sock or s in dialer_url):
+                        drain_peer(s)
+                        continue
                     budget = max_bytes
                     for _ in range(max_turn):
                         try:
@@ -200,10 +304,14 @@ class Router:
                         if budget <= 0:
                             break
                 core.flush(send)
+                if overlay is not None:
+                    send_peers()
                 now = time.monotonic()
                 if now >= core.next_deadline(now):
                     core.tick(now)
                     core.flush(send)
+                    if overlay is not None:
+                        send_peers()
                 if len(sock_of) > 2 * len(core.conns) + 1000:
                     for ident in [i for i in sock_of if i not in core.conns]:
                         del sock_of[ident]
@@ -211,9 +319,12 @@ class Router:
             self.close()
 
     def close(self) -> None:
-        for s in self.sockets:
-            s.close(linger=0)
+        for s in [*self.sockets, *self.dialers.values(), self.peer_sock]:
+            if s is not None:
+                s.close(linger=0)
         self.sockets = []
+        self.dialers = {}
+        self.peer_sock = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -230,6 +341,10 @@ def serve(config: RouterConfig, announce=print) -> None:
     tune_gc()   # a router allocates per message; see psepr.config.tune_gc
     for ep in router.endpoints:
         announce(f"psepr router {config.name} listening on {ep}")
+    for ep in router.peer_endpoints:
+        announce(f"psepr router {config.name} peers on {ep}")
+    for url in config.peers:
+        announce(f"psepr router {config.name} dialing peer {url}")
     announce(f"psepr router {config.name} ready (authority {config.authority}, "
              f"{'CURVE' if config.curve else 'no authentication'})")
     sys.stdout.flush()

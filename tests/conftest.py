@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 _LISTEN = re.compile(r"listening on (\S+)")
+_PEERS = re.compile(r"peers on (\S+)")
 
 
 class RouterProcess:
@@ -41,6 +42,7 @@ class RouterProcess:
                                      stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self.urls: list[str] = []
+        self.peer_url: str | None = None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
@@ -50,6 +52,9 @@ class RouterProcess:
             m = _LISTEN.search(line)
             if m:
                 self.urls.append(m.group(1))
+            m = _PEERS.search(line)
+            if m:
+                self.peer_url = m.group(1)
             if " ready " in line:
                 break
         else:
@@ -113,3 +118,65 @@ def start_router():
     yield _start
     for r in started:
         r.stop()
+
+
+def start_overlay(start, n: int, edges, preset: str = "local", prefix: str = "r",
+                  extra=()) -> list[RouterProcess]:
+    """Start ``n`` routers linked by ``edges`` (pairs of indexes); wait until converged.
+
+    Router i dials every j < i it has an edge to (a link configured on one side
+    carries traffic both ways).  Each router listens for clients and peers on
+    ephemeral loopback ports.
+
+    Args:
+        start: the ``start_router`` fixture.
+        n: number of routers (named ``<prefix>0`` ...).
+        edges: iterable of (i, j) index pairs.
+        preset: router preset.
+        extra: more router arguments for every router.
+
+    Returns:
+        The RouterProcess list, in index order.
+    """
+    dial: dict[int, list[int]] = {i: [] for i in range(n)}
+    for a, b in edges:
+        a, b = max(a, b), min(a, b)
+        if b not in dial[a]:
+            dial[a].append(b)
+    routers: list[RouterProcess] = []
+    for i in range(n):
+        args = ["--preset", preset, "--peer-listen", "tcp://127.0.0.1:0", *extra]
+        for j in dial[i]:
+            args += ["--peer", routers[j].peer_url]
+        routers.append(start(*args, name=f"{prefix}{i}"))
+    wait_converged(routers)
+    return routers
+
+
+def overlay_view(url: str) -> dict:
+    """``{router: reachable}`` as the router at ``url`` sees the overlay."""
+    import psepr
+    with psepr.connect(url, preset="local") as con:
+        st = con.status(timeout=5.0)
+    return {r["router"]: r["reachable"] for r in st["routers"]}
+
+
+def wait_converged(routers: list[RouterProcess], timeout: float = 30.0,
+                   expect: list[str] | None = None) -> float:
+    """Wait until every router sees exactly ``expect`` (default: all) reachable.
+
+    Returns:
+        Seconds it took.
+
+    Raises:
+        AssertionError: not converged in time (the message shows the last views).
+    """
+    names = sorted(expect if expect is not None else [r.name for r in routers])
+    t0 = time.monotonic()
+    views: dict = {}
+    while time.monotonic() - t0 < timeout:
+        views = {r.name: overlay_view(r.url) for r in routers if r.name in names}
+        if all(sorted(k for k, v in view.items() if v) == names for view in views.values()):
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"overlay did not converge within {timeout} s: {views}")

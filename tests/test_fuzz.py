@@ -42,7 +42,8 @@ from .conftest import RouterProcess
 
 MiB = 1 << 20
 ROUTER_DEFAULTS = RouterConfig()
-SESSION_KINDS = {Kind.SEND, Kind.LEASE, Kind.UNLEASE, Kind.PING, Kind.BYE, Kind.STATS}
+SESSION_KINDS = {Kind.SEND, Kind.LEASE, Kind.UNLEASE, Kind.PING, Kind.BYE, Kind.STATS,
+                 Kind.STATUS}
 CLIENT_KINDS = SESSION_KINDS | {Kind.HELLO}
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -27,6 +27,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
 from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
@@ -150,11 +151,28 @@ class Connection(ConnectionBase):
             t.cancel()
         sock = self._ctx.socket(zmq.DEALER)
         configure_socket(sock, self.config)
+        # Hear at once when the router's end closes (it died); see psepr.client.
+        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(url)
         self._sock = sock
         self._session.start(time.monotonic())
-        self._tasks[1:] = [asyncio.create_task(self._reader(sock), name="psepr-reader")]
+        self._tasks[1:] = [asyncio.create_task(self._reader(sock), name="psepr-reader"),
+                           asyncio.create_task(self._watch(mon), name="psepr-monitor")]
         self._schedule_flush()
+
+    async def _watch(self, mon) -> None:
+        """Fail over as soon as the monitor reports the connection closed."""
+        try:
+            while parse_monitor_message(await mon.recv_multipart())["event"] \
+                    != zmq.EVENT_DISCONNECTED:
+                pass
+            if not self._closed:
+                self._session.disconnected(time.monotonic())
+                self._changed.set()       # the timer task switches sockets
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+        finally:
+            mon.close(linger=0)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self._closed:

@@ -266,27 +266,67 @@ def cmd_router(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """The embedded local farm: ``--routers`` routers in one process, linked in a full mesh."""
+    import signal
+    import threading
     from routers.config import RouterConfig
     from routers.router import Router
-    import signal
     from .config import tune_gc
-    cfg = RouterConfig.preset("local", name="r1", listen=(args.listen,))
-    router = Router(cfg)
+    host, port = _split_tcp(args.listen)
+    if not 1 <= args.routers <= 9:
+        raise UsageError("--routers must be between 1 and 9")
+    routers: list = []
+    try:
+        for i in range(args.routers):
+            base = port + 10 * i
+            peer_listen = (f"tcp://{host}:{base + 1}",) if args.routers > 1 else ()
+            peers = tuple(f"tcp://{host}:{port + 10 * j + 1}" for j in range(i))
+            cfg = RouterConfig.preset("local", name=f"r{i + 1}", listen=(f"tcp://{host}:{base}",),
+                                      peer_listen=peer_listen, peers=peers)
+            routers.append(Router(cfg))
+    except PseprError:
+        for r in routers:
+            r.close()
+        raise
     tune_gc()
-    ep = router.endpoints[0]
-    print(f"""PsEPR local farm is up.
-  router r1      {ep}   (authority {cfg.authority}; stats every {cfg.stats_interval:g} s)
+    threads = [threading.Thread(target=r.run, name=r.config.name, daemon=True) for r in routers]
+    for t in threads:
+        t.start()
+    urls = [r.endpoints[0] for r in routers]
+    lines = [f"  router {r.config.name:<4} clients {r.endpoints[0]:<24} peers "
+             f"{r.peer_endpoints[0] if r.peer_endpoints else '-'}" for r in routers]
+    cfg = routers[0].config
+    print(f"""PsEPR local farm is up: {len(routers)} router(s) in a full mesh (authority {cfg.authority}).
+""" + "\n".join(lines) + f"""
 
 Try, in another terminal (after `. .venv/bin/activate`):
-  psepr lease /example.com/ --count 1
-  psepr send /example.com/heartbeat/x.example.com/ --type heartbeat --json '{{"load": 0.4}}'
-  psepr stats
+  psepr lease /example.com/ --count 1                     # on r1 ({urls[0]})
+  psepr send /example.com/heartbeat/x.example.com/ --type heartbeat --json '{{"load": 0.4}}' \\
+        --router {urls[-1]}                   # sent at r{len(urls)}, delivered through the overlay
+  psepr status                                            # routers, links, round-trip times
+  export PSEPR_ROUTERS={",".join(urls)}   # clients fail over between them
 Stop with Ctrl-C.""", flush=True)
-    signal.signal(signal.SIGTERM, lambda *a: router.stop())
-    signal.signal(signal.SIGINT, lambda *a: router.stop())
-    router.run()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    while not stop.wait(0.5):
+        if not all(t.is_alive() for t in threads):
+            print("a router thread stopped unexpectedly; shutting down", file=sys.stderr)
+            break
+    for r in routers:
+        r.stop()
+    for t in threads:
+        t.join(5)
     print("PsEPR local farm stopped.")
     return 0
+
+
+def _split_tcp(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise UsageError(f"--listen must look like tcp://127.0.0.1:7600, got {url!r}")
+    return parts.hostname, parts.port
 
 
 def cmd_bench(args) -> int:
@@ -396,8 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="overwrite existing files")
     k.set_defaults(func=cmd_keygen)
 
-    run = sub.add_parser("run", help="start the embedded local farm (what `make run` does)")
-    run.add_argument("--listen", default="tcp://127.0.0.1:7600")
+    run = sub.add_parser("run", help="start the embedded local farm (what `make run` does): "
+                         "routers in a full mesh on loopback")
+    run.add_argument("--listen", default="tcp://127.0.0.1:7600",
+                     help="the first router's client endpoint; router i uses port + 10*i for "
+                          "clients and the next port for peers (default tcp://127.0.0.1:7600)")
+    run.add_argument("--routers", type=int, default=3, help="how many routers (default 3)")
     run.set_defaults(func=cmd_run)
 
     b = sub.add_parser("bench", help="benchmarks (hop, core, idle)")

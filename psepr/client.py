@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
 from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
@@ -138,6 +139,7 @@ class Connection(ConnectionBase):
         os.set_blocking(self._wake_r, False)
         self._session = Session(self.config, self.routers, self, time.monotonic())
         self._sock: zmq.Socket | None = None
+        self._mon: zmq.Socket | None = None      # the socket's disconnect monitor
         self._sock_lock = threading.Lock()      # whoever holds it drives the socket
         self._backlog: list = []                # frames the socket refused, in order
         self._readers = 0                       # threads waiting in receive()
@@ -552,14 +554,27 @@ class Connection(ConnectionBase):
 
     # -- the I/O thread -------------------------------------------------------------------
     def _open(self, url: str) -> None:
-        if self._sock is not None:
-            self._poller.unregister(self._sock)
-            self._sock.close(linger=0)
+        self._close_sock()
         sock = self._ctx.socket(zmq.DEALER)
         configure_socket(sock, self.config)
+        # Hear at once when the router's end closes (it died): fail-over need not
+        # wait for dead_after seconds of silence.
+        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(url)
         self._sock = sock
         self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._mon, zmq.POLLIN)
+
+    def _close_sock(self) -> None:
+        sock, mon = self._sock, self._mon
+        self._sock = self._mon = None
+        if mon is not None:
+            self._poller.unregister(mon)
+            sock.disable_monitor()
+            mon.close(linger=0)
+        if sock is not None:
+            self._poller.unregister(sock)
+            sock.close(linger=0)
 
     def _run(self) -> None:
         try:
@@ -571,14 +586,14 @@ class Connection(ConnectionBase):
                 self._cond.notify_all()
         finally:
             with self._sock_lock:
-                sock, self._sock = self._sock, None
+                sock = self._sock
                 if sock is not None:
                     for frames in self._session.close():   # say goodbye if we can
                         try:
                             send_frames(sock, frames)
                         except zmq.ZMQError:
                             pass
-                    sock.close(linger=0)
+                    self._close_sock()
             self._any.set()
 
     def _loop(self) -> None:
@@ -678,6 +693,18 @@ class Connection(ConnectionBase):
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
+        mon = self._mon
+        if mon is not None and ready.get(mon):
+            closed = False
+            try:
+                while mon.poll(0):
+                    ev = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+                    closed = closed or ev["event"] == zmq.EVENT_DISCONNECTED
+            except zmq.ZMQError:
+                pass
+            if closed:
+                with self._lock:
+                    s.disconnected(time.monotonic())
         if ready.get(sock):
             with self._lock:
                 self._refresh_full()

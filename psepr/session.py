@@ -260,6 +260,15 @@ class Session:
         self.switch_to = None  # decided in tick once retry_at passes
         self._need_switch = True
 
+    def disconnected(self, now: float) -> None:
+        """The shell saw the TCP connection to the router drop: fail over at once.
+
+        A router that died or was killed closes its connections; waiting
+        ``dead_after`` for silence would add seconds to every fail-over.
+        """
+        if self.state in (READY, CONNECTING) and not self._need_switch:
+            self._next_router(now, "connection closed")
+
     def close(self) -> list[list[bytes]]:
         """Mark closed and return the farewell messages to send (BYE)."""
         self.state = CLOSED

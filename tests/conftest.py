@@ -121,7 +121,7 @@ def start_router():
 
 
 def start_overlay(start, n: int, edges, preset: str = "local", prefix: str = "r",
-                  extra=()) -> list[RouterProcess]:
+                  extra=(), dial=None) -> list[RouterProcess]:
     """Start ``n`` routers linked by ``edges`` (pairs of indexes); wait until converged.
 
     Router i dials every j < i it has an edge to (a link configured on one side
@@ -134,20 +134,23 @@ def start_overlay(start, n: int, edges, preset: str = "local", prefix: str = "r"
         edges: iterable of (i, j) index pairs.
         preset: router preset.
         extra: more router arguments for every router.
+        dial: ``dial(i, j, url) -> url``: the endpoint router i dials to reach j
+            (e.g. a cuttable proxy in front of ``url``); default ``url``.
 
     Returns:
         The RouterProcess list, in index order.
     """
-    dial: dict[int, list[int]] = {i: [] for i in range(n)}
+    dials: dict[int, list[int]] = {i: [] for i in range(n)}
     for a, b in edges:
         a, b = max(a, b), min(a, b)
-        if b not in dial[a]:
-            dial[a].append(b)
+        if b not in dials[a]:
+            dials[a].append(b)
     routers: list[RouterProcess] = []
     for i in range(n):
         args = ["--preset", preset, "--peer-listen", "tcp://127.0.0.1:0", *extra]
-        for j in dial[i]:
-            args += ["--peer", routers[j].peer_url]
+        for j in dials[i]:
+            url = routers[j].peer_url
+            args += ["--peer", dial(i, j, url) if dial is not None else url]
         routers.append(start(*args, name=f"{prefix}{i}"))
     wait_converged(routers)
     return routers

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean system-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/psepr run
 
-test: $(STAMP)
+# The multi-host tests build network namespaces with iproute2 (Debian package).
+system-deps:
+	@command -v ip >/dev/null 2>&1 || { echo "installing iproute2 (network namespaces for the multi-host tests)"; \
+		apt-get update -qq >/dev/null && apt-get install -y -qq iproute2 >/dev/null; }
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)

@@ -123,7 +123,9 @@ def _write_event(ev, output: str) -> None:
 def cmd_lease(args) -> int:
     from .errors import TimeoutError as PTimeout
     with _connect(args) as con:
-        lease = con.lease(args.channel, duration=args.duration, type=args.type)
+        # propagated: once this returns, a sender at any router of the overlay reaches us.
+        lease = con.lease(args.channel, duration=args.duration, type=args.type,
+                          propagated=True)
         if not args.quiet:
             print(f"# leased {lease.channel.text} for {lease.granted:g} s on {con.router} "
                   f"(type {args.type or 'any'})", file=sys.stderr)
@@ -398,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--timeout", type=float, help="fail if no event within S seconds")
     le.add_argument("--output", choices=("json", "xml", "payload"), default="json",
                     help="print events as JSON (default), PsEPR XML, or payload only")
-    le.add_argument("-q", "--quiet", action="store_true", help="no status line on stderr")
+    le.add_argument("-q", "--quiet", action="store_true",
+                    help="no status line on stderr (it is printed once every router of the "
+                         "overlay has the lease)")
     _add_router_arg(le)
     le.set_defaults(func=cmd_lease)
 

@@ -81,7 +81,9 @@ def role_psepr_recv(a) -> None:
     leases = []
     for con in cons:
         if a.leases == 1:
-            leases.append(con.lease(a.channel, duration=600))
+            # propagated: through an overlay (psepr bench overlay) the sender's router
+            # must know of this lease before the sender starts.
+            leases.append(con.lease(a.channel, duration=600, propagated=True))
         else:
             for k in range(a.leases):
                 con.lease(f"{a.channel}c{k}/", duration=600, timeout=30)

@@ -34,7 +34,8 @@ from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
 from ._common import build_config, configure_socket, inbox_channel
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
-from .errors import ClosedError, ConnectionLost, LeaseExpired, TimeoutError, UsageError
+from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, TimeoutError,
+                     UsageError)
 from .event import Event, _check_name
 from .session import READY, Session, make_entry
 
@@ -106,6 +107,7 @@ class Connection(ConnectionBase):
         self._any = asyncio.Event()
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
+        self._unflushed = False      # sends since the last flush (close flushes)
         self._flush_scheduled = False
         self._lease_seq = 0
         self._closed = False
@@ -249,11 +251,13 @@ class Connection(ConnectionBase):
                 self._schedule_flush()
                 await asyncio.sleep(0.005)
         s.add_events([item])
+        self._unflushed = True
         self._schedule_flush()
         return item[0]
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until the router processed everything sent; raise its first error."""
+        self._unflushed = False
         await self._control(lambda s: s.ping(), timeout, "flush")
         errors, self._errors = self._errors, []
         if errors:
@@ -392,9 +396,14 @@ class Connection(ConnectionBase):
             self._futs.pop(req, None)
 
     async def close(self) -> None:
-        """Say BYE and close.  Idempotent."""
+        """Hand what was sent to the router (up to 2 s), say BYE and close.  Idempotent."""
         if self._closed:
             return
+        if self._session.state == READY and self._unflushed:
+            try:
+                await self.flush(timeout=_CLOSE_FLUSH)
+            except PseprError:
+                pass   # closing anyway; errors were the caller's to collect by flush()
         self._closed = True
         if self._sock is not None:
             for frames in self._session.close():
@@ -464,6 +473,10 @@ def _consume(fut: asyncio.Future) -> None:
     """Mark a fire-and-forget send's outcome as seen (a lost BYE is harmless)."""
     if not fut.cancelled():
         fut.exception()
+
+
+#: Longest wait in close() for events still queued to reach the router.
+_CLOSE_FLUSH = 2.0
 
 
 def connect(routers=None, **kwargs) -> Connection:

@@ -334,6 +334,8 @@ def _split_tcp(url: str) -> tuple[str, int]:
 def cmd_bench(args) -> int:
     if args.which == "core":
         from benchmarks.core import main as bench_main
+    elif args.which == "overlay":
+        from benchmarks.overlay import main as bench_main
     elif args.which == "idle":
         from benchmarks.idle import main as bench_main
     else:
@@ -448,9 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--routers", type=int, default=3, help="how many routers (default 3)")
     run.set_defaults(func=cmd_run)
 
-    b = sub.add_parser("bench", help="benchmarks (hop, core, idle)")
-    b.add_argument("which", choices=("hop", "core", "idle"),
+    b = sub.add_parser("bench", help="benchmarks (hop, overlay, core, idle)")
+    b.add_argument("which", choices=("hop", "overlay", "core", "idle"),
                    help="hop: sender -> router -> holders, each its own process; "
+                        "overlay: across a chain of 3 routers, lease reach on 20 routers, "
+                        "memory with 10,000 leases; "
                         "core: the router and client cores alone, in process; "
                         "idle: CPU of an idle client and router")
     b.add_argument("--events", type=int, default=300_000, help="events per throughput run")

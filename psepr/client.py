@@ -126,6 +126,7 @@ class Connection(ConnectionBase):
         self._outq: collections.deque = collections.deque()
         self._space = threading.Event()
         self._woken = False
+        self._unflushed = False                 # sends since the last flush (close flushes)
         self._waiters: dict[int, _Waiter] = {}
         self._requests: dict[str, _Waiter] = {}
         self._inboxes: dict[str, Lease] = {}
@@ -194,6 +195,7 @@ class Connection(ConnectionBase):
         if len(q) >= self.config.send_queue:
             self._wait_space()
         q.append(item)
+        self._unflushed = True
         if not self._woken:
             self._woken = True
             os.write(self._wake_w, b"s")
@@ -233,6 +235,7 @@ class Connection(ConnectionBase):
             TimeoutError: no confirmation within ``timeout``.
         """
         deadline = time.monotonic() + timeout
+        self._unflushed = False
         while self._outq and time.monotonic() < deadline:
             self._kick()
             self._space.clear()
@@ -415,7 +418,18 @@ class Connection(ConnectionBase):
 
     # -- closing -------------------------------------------------------------------------
     def close(self) -> None:
-        """Say BYE, stop the I/O thread, close the socket.  Idempotent."""
+        """Hand what was sent to the router (up to 2 s), say BYE, stop.  Idempotent.
+
+        Events passed to :meth:`send` before ``close`` are not dropped while the
+        router is reachable: ``close`` flushes them first (errors the router
+        reports for them are not raised here; call :meth:`flush` to see them).
+        """
+        if not self._closed and self._unflushed and self._session.state == READY \
+                and threading.current_thread() is not self._thread:
+            try:
+                self.flush(timeout=_CLOSE_FLUSH)
+            except PseprError:
+                pass
         with self._lock:
             if self._closed:
                 return
@@ -735,6 +749,8 @@ class Connection(ConnectionBase):
             backlog.pop(0)
 
 
+#: Longest wait in close() for events still queued to reach the router.
+_CLOSE_FLUSH = 2.0
 #: How long the I/O thread leaves the socket to readers after the last one left.
 _LINGER = 0.005
 #: Longest single stretch a reader drives the socket before re-checking its state

@@ -39,3 +39,14 @@ def test_bench_idle_runs():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "client process CPU" in out.stdout and "router process CPU" in out.stdout
+
+
+@pytest.mark.slow
+def test_bench_overlay_quick_prints_every_scenario():
+    out = subprocess.run([sys.executable, "-m", "psepr.cli", "bench", "overlay", "--quick"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout
+    for row in ("latency @5k/s p50 / p99", "throughput events/s", "lease reach: 6 routers",
+                "idle memory: 1,000 leases"):
+        assert row in table, table

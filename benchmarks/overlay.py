@@ -1,0 +1,219 @@
+"""`psepr bench overlay`: events across several routers, each its own process.
+
+Scenarios (100-byte JSON payloads, loopback, routers with the ``local`` preset):
+
+* ``chain latency``  sender -> r0 -> r1 -> r2 -> holder at 5,000 events/s:
+                     p50/p99 one-way latency.  Baseline: the same through one
+                     router, measured in the same run.
+* ``chain rate``     the same path unpaced: delivered events/s (baseline: one router).
+* ``lease reach``    20 routers in a seeded random connected mesh: how long
+                     ``lease(..., propagated=True)`` takes, i.e. until every
+                     router has confirmed the new lease's interest (median and
+                     max over leases taken at different routers).
+* ``idle memory``    RSS of a router with 10,000 leases held by one client on
+                     distinct channels, and of its peer that holds their
+                     interest, next to the same routers with no leases.
+
+The sender and holder roles are :mod:`benchmarks.hop`'s, so the one-router
+baseline is exactly ``psepr bench hop``'s path.  Every run is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import hop
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_router(name: str, *extra: str) -> tuple[subprocess.Popen, str, str | None]:
+    """Start ``psepr router`` on ephemeral loopback ports.
+
+    Returns:
+        ``(process, client url, peer url or None)``.
+    """
+    p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "router", "--name", name,
+                          "--preset", "local", "--listen", "tcp://127.0.0.1:0",
+                          "--peer-listen", "tcp://127.0.0.1:0", *extra], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = peer = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        if "listening on" in line:
+            url = line.split("listening on")[1].split()[0]
+        if "peers on" in line:
+            peer = line.split("peers on")[1].split()[0]
+        if " ready " in line:
+            return p, url, peer
+    hop._stop(p)
+    raise RuntimeError(f"router {name} did not start")
+
+
+def start_overlay(n: int, edges) -> tuple[list[subprocess.Popen], list[str]]:
+    """Routers 0..n-1 linked by ``edges`` (router i dials j < i); waits until converged."""
+    dials: dict[int, set] = {i: set() for i in range(n)}
+    for a, b in edges:
+        dials[max(a, b)].add(min(a, b))
+    procs, urls, peers = [], [], []
+    try:
+        for i in range(n):
+            extra = [a for j in sorted(dials[i]) for a in ("--peer", peers[j])]
+            p, url, peer = start_router(f"r{i}", *extra)
+            procs.append(p)
+            urls.append(url)
+            peers.append(peer)
+        wait_converged(urls)
+    except BaseException:
+        hop._stop(*procs)
+        raise
+    return procs, urls
+
+
+def wait_converged(urls: list[str], timeout: float = 60.0) -> None:
+    import psepr
+    want = len(urls)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ok = True
+        for url in urls:
+            with psepr.connect(url, preset="local") as con:
+                st = con.status(timeout=5.0)
+            if sum(1 for r in st["routers"] if r["reachable"]) != want:
+                ok = False
+                break
+        if ok:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"overlay of {want} routers did not converge in {timeout} s")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _mesh(n: int, extra: int, seed: int) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    edges = [(i, rng.randrange(i)) for i in range(1, n)]
+    while len(edges) < n - 1 + extra:
+        a, b = rng.sample(range(n), 2)
+        if (a, b) not in edges and (b, a) not in edges:
+            edges.append((a, b))
+    return edges
+
+
+def _chain_runs(count: int, lat_n: int) -> dict:
+    out = {}
+    procs, urls = start_overlay(3, [(1, 0), (2, 1)])
+    try:
+        for title, kw in (("rate", dict(count=count)), ("latency", dict(count=lat_n, rate=5000))):
+            out[f"chain {title}"] = hop._run_roles(
+                "psepr-recv", "psepr-send", ["--url", urls[2]], ["--url", urls[0]],
+                conns=1, procs=1, leases=1, seconds=30.0, **{"rate": 0, **kw})
+    finally:
+        hop._stop(*procs)
+    for title, kw in (("rate", dict(count=count)), ("latency", dict(count=lat_n, rate=5000))):
+        out[f"one router {title}"] = hop.run_psepr(**kw)
+    return out
+
+
+def _lease_reach(n: int, leases: int) -> dict:
+    import psepr
+    edges = _mesh(n, n // 2, seed=20)
+    procs, urls = start_overlay(n, edges)
+    try:
+        times = []
+        rng = random.Random(1)
+        for k in range(leases):
+            url = urls[rng.randrange(n)]
+            with psepr.connect(url, preset="local") as con:
+                t0 = time.perf_counter()
+                con.lease(f"/bench/reach/{k}/", propagated=True, timeout=10)
+                times.append(time.perf_counter() - t0)
+        # The barrier's promise, checked: a sender at every router reaches the last lease.
+        with psepr.connect(urls[0], preset="local") as holder:
+            lease = holder.lease("/bench/reach/check/", propagated=True)
+            for url in urls:
+                with psepr.connect(url, preset="local") as s:
+                    s.send("/bench/reach/check/x/", {"from": url})
+            got = 0
+            while got < n:
+                lease.receive(timeout=5)
+                got += 1
+    finally:
+        hop._stop(*procs)
+    return {"routers": n, "links": len(edges), "leases": leases,
+            "median_ms": statistics.median(times) * 1000, "max_ms": max(times) * 1000}
+
+
+def _idle_memory(leases: int) -> dict:
+    import psepr
+    procs, urls = start_overlay(2, [(1, 0)])
+    try:
+        time.sleep(1.0)
+        base = [rss_kib(p.pid) for p in procs]
+        con = psepr.connect(urls[0], preset="local")
+        t0 = time.monotonic()
+        for k in range(leases):
+            con.lease(f"/bench/mem/c{k}/", duration=600)
+        con.lease("/bench/mem/last/", propagated=True, timeout=60)
+        took = time.monotonic() - t0
+        time.sleep(2.0)
+        after = [rss_kib(p.pid) for p in procs]
+        con.close()
+    finally:
+        hop._stop(*procs)
+    return {"leases": leases, "register_s": took,
+            "holder_router_kib": after[0], "holder_router_base_kib": base[0],
+            "peer_router_kib": after[1], "peer_router_base_kib": base[1]}
+
+
+def main(args) -> int:
+    """Run the overlay scenarios; print a table (and JSON with --json)."""
+    quick = args.quick
+    count = 30_000 if quick else 200_000
+    lat_n = 2_000 if quick else 15_000
+    n_routers = 6 if quick else 20
+    res: dict = {}
+    print("  running chain of 3 and one-router baselines ...", file=sys.stderr, flush=True)
+    res.update(_chain_runs(count, lat_n))
+    print(f"  running lease reach on {n_routers} routers ...", file=sys.stderr, flush=True)
+    res["lease reach"] = _lease_reach(n_routers, 10 if quick else 30)
+    print("  running idle memory with 10,000 leases ...", file=sys.stderr, flush=True)
+    res["idle memory"] = _idle_memory(1_000 if quick else 10_000)
+
+    print(f"\npsepr bench overlay  ({os.cpu_count()} cores, 100-byte JSON payloads, loopback, "
+          f"each router and client its own process)\n")
+    c, o = res["chain latency"], res["one router latency"]
+    print(f"{'scenario':<34} {'3-router chain':>26} {'one router (same run)':>26}")
+    print(f"{'latency @5k/s p50 / p99':<34} {c['p50_us']:>10.0f} / {c['p99_us']:>6.0f} us "
+          f"{o['p50_us']:>13.0f} / {o['p99_us']:>6.0f} us")
+    c, o = res["chain rate"], res["one router rate"]
+    print(f"{'throughput events/s':<34} {c['rate']:>23,.0f}/s {o['rate']:>23,.0f}/s"
+          + (f"   (chain dropped {c['dropped']})" if c["dropped"] else ""))
+    r = res["lease reach"]
+    print(f"\nlease reach: {r['routers']} routers, {r['links']} links; propagated lease "
+          f"returned after median {r['median_ms']:.1f} ms, max {r['max_ms']:.1f} ms "
+          f"({r['leases']} leases)")
+    m = res["idle memory"]
+    print(f"idle memory: {m['leases']:,} leases registered in {m['register_s']:.2f} s; "
+          f"holder's router RSS {m['holder_router_kib'] / 1024:.1f} MiB "
+          f"(empty {m['holder_router_base_kib'] / 1024:.1f} MiB), peer router "
+          f"{m['peer_router_kib'] / 1024:.1f} MiB (empty {m['peer_router_base_kib'] / 1024:.1f} MiB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0

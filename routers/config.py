@@ -179,10 +179,15 @@ def load_router_file(path: str) -> dict:
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}: router.{key} must be true or false")
-        elif isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{path}: router.{key} must be a number")
-            value = type(default)(value)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{path}: router.{key} must be a positive integer, "
+                                  f"got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{path}: router.{key} must be a positive number of "
+                                  f"seconds, got {value!r}")
+            value = float(value)
         elif not isinstance(value, str):
             raise ConfigError(f"{path}: router.{key} must be a string")
         out[key] = value

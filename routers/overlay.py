@@ -183,6 +183,7 @@ class OverlayCore:
         self._next_refresh = now
         self._next_tick = now
         self._topology_prefix = f"/{config.authority}/_sys/topology/"
+        self._warned: dict = {}              # rate limit for repeated warnings
         # counters
         self.forwarded_out = 0
         self.forwarded_in = 0
@@ -276,8 +277,13 @@ class OverlayCore:
                 return
             if link is None or not link.up:
                 if kind == Kind.ERROR and link is not None and link.dialed:
-                    link.last_ping = 0.0      # the peer lost us: hello again at once
-                    self._hello(link, now)
+                    if h.get("code") == wire.E_NO_SESSION:
+                        self._hello(link, now)    # the peer lost us: hello again at once
+                    else:
+                        # Refused (ACL, authority, version...): say why, and let tick()
+                        # retry at the ping pace - the peer's config may change.
+                        self._warn(now, ("refused", link.id, h.get("message")),
+                                   "peer %s refused the link: %s", link.id[1], h.get("message"))
                 elif kind != Kind.ERROR:
                     # A peer that restarted under us, or a stray: ask for a hello.
                     self._send(link_id, wire.encode(Kind.ERROR, {
@@ -293,6 +299,15 @@ class OverlayCore:
             self._peer_error(link_id, str(exc))
         except Exception:   # a bug must not kill the router
             log.exception("internal error on peer message kind %s", kind)
+
+    def _warn(self, now: float, key: tuple, fmt: str, *args) -> None:
+        """Log a warning at most once a minute per ``key`` (a retrying peer repeats)."""
+        last = self._warned.get(key)
+        if last is None or now - last >= 60.0:
+            if len(self._warned) > 1000:
+                self._warned.clear()
+            self._warned[key] = now
+            log.warning(fmt, *args)
 
     def _peer_error(self, link_id: tuple, message: str) -> None:
         self.peer_errors += 1
@@ -330,7 +345,7 @@ class OverlayCore:
             name = self._check_hello(h, principal)
         except ValueError as exc:
             self.peer_errors += 1
-            log.warning("refused peer hello: %s", exc)
+            self._warn(now, ("hello", str(exc)), "refused peer hello: %s", exc)
             self._send(link_id, wire.encode(Kind.ERROR, {"code": wire.E_DENIED,
                                                          "message": str(exc)}))
             return

@@ -589,6 +589,10 @@ class OverlayCore:
 
     def _link_for(self, peer: str) -> Link | None:
         """The up link that carries traffic to ``peer``, or None."""
+        return self._peers().get(peer)
+
+    def _peers(self) -> dict[str, Link]:
+        """``{peer name: the up link carrying its traffic}``, rebuilt after link changes."""
         via = self._via
         if via is None:
             via = {}
@@ -600,7 +604,7 @@ class OverlayCore:
                 if cur is None or link.dialed == (self.me < link.peer):
                     via[link.peer] = link
             self._via = via
-        return via.get(peer)
+        return via
 
     def _sync_all(self, link: Link) -> None:
         """Send a new neighbour everything known: adverts, then every interest summary."""
@@ -628,16 +632,14 @@ class OverlayCore:
         self._out.append((link_id, frames))
 
     def _flood(self, frames: list, except_peer: str | None) -> None:
-        self._link_for("")   # make sure the via table is fresh
-        for peer, link in self._via.items():
+        for peer, link in self._peers().items():
             if peer != except_peer:
                 self._out.append((link.id, frames))
 
     # -- own advertisement -------------------------------------------------------------------
     def _originate(self, now: float) -> None:
         self._lsa_seq += 1
-        self._link_for("")
-        links = {p: round((l.rtt or 0.0) * 1000.0, 3) for p, l in self._via.items()}
+        links = {p: round((l.rtt or 0.0) * 1000.0, 3) for p, l in self._peers().items()}
         c = self.core
         load = {"connections": len(c.conns), "leases": len(c.leases),
                 "events_in": c.events_in, "events_out": c.events_out, "dropped": c.dropped}

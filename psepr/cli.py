@@ -22,7 +22,7 @@ EPILOG_ROUTER = """examples:
   psepr router --listen tcp://127.0.0.1:7600 --name r1
   psepr router --listen tcp://127.0.0.1:0            # ephemeral port, printed on start
   psepr router --listen tcp://10.0.0.1:7600 --curve --key keys/r1.key_secret --acl acl.toml
-  psepr router --name r1 --listen tcp://10.0.0.1:7600 --peer-listen tcp://10.0.0.1:7601 \
+  psepr router --name r1 --listen tcp://10.0.0.1:7600 --peer-listen tcp://10.0.0.1:7601 \\
                --peer tcp://10.0.0.2:7601 --insecure     # one router of an overlay
   psepr router --config r1.toml                           # the same settings from a file
 (docs/operations.md explains running an overlay on several hosts)
@@ -362,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stats-interval", type=float, metavar="S", help="seconds between stats events")
     r.add_argument("--curve", action="store_true", help="require CURVE authentication")
     r.add_argument("--key", metavar="FILE", help="router secret key file (with --curve)")
-    r.add_argument("--acl", metavar="FILE", help="ACL file (TOML, with --curve)")
+    r.add_argument("--acl", metavar="FILE",
+                   help="ACL file (TOML): principals and grants (with --curve), peer routers "
+                        "allowed to link ([routers] table)")
     r.add_argument("--insecure", action="store_true",
                    help="allow non-loopback listening without CURVE")
     r.add_argument("--peer-listen", action="append", metavar="URL",

@@ -1,0 +1,81 @@
+"""`psepr run` (what `make run` starts): three routers in a full mesh, one process.
+
+Starts it on free loopback ports, leases at the first router, sends at the
+third, and checks the event crossed the overlay; then stops it with SIGTERM, by
+its own pid, and checks it said so.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import psepr
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _free_base() -> int:
+    """A port p with p .. p+21 free on 127.0.0.1 (router i uses p+10i and p+10i+1)."""
+    rng = random.Random()
+    for _ in range(50):
+        base = rng.randrange(20000, 60000, 10)
+        socks = []
+        try:
+            for off in (0, 1, 10, 11, 20, 21):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + off))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range found")
+
+
+def test_psepr_run_starts_a_three_router_mesh():
+    base = _free_base()
+    p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "run", "--listen",
+                          f"tcp://127.0.0.1:{base}"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            assert line, f"psepr run exited: {''.join(lines)}"
+            lines.append(line)
+            if line.startswith("Stop with Ctrl-C"):
+                break
+        banner = "".join(lines)
+        assert "3 router(s) in a full mesh" in banner
+        for i in range(3):
+            assert f"tcp://127.0.0.1:{base + 10 * i}" in banner
+        urls = [f"tcp://127.0.0.1:{base + 10 * i}" for i in range(3)]
+        with psepr.connect(urls[0], preset="local") as holder, \
+                psepr.connect(urls[2], preset="local") as sender:
+            deadline = time.monotonic() + 15
+            while True:    # wait until r1 sees the whole mesh
+                view = holder.status()
+                if sum(r["reachable"] for r in view["routers"]) == 3:
+                    break
+                assert time.monotonic() < deadline, view
+                time.sleep(0.1)
+            lease = holder.lease("/example.com/", propagated=True)
+            sender.send("/example.com/heartbeat/x.example.com/", {"load": 0.4}, type="heartbeat")
+            ev = lease.receive(timeout=5)
+            assert ev.payload == {"load": 0.4} and ev.type == "heartbeat"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=20)
+    assert p.returncode == 0
+    assert "PsEPR local farm stopped." in out

@@ -234,6 +234,12 @@ class InterestTable:
             self._unindex(router, cur.pairs)
             self.generation += 1
 
+    def drop_before(self, router: str, epoch: int) -> None:
+        """Forget a router's interest if it is from a run before ``epoch`` (a restart)."""
+        cur = self.routers.get(router)
+        if cur is not None and cur.epoch < epoch:
+            self.drop(router)
+
     def match(self, prefixes: tuple, typ: str | None) -> set[str]:
         """The routers whose interest covers an event with these routing prefixes and type."""
         out: set[str] = set()

@@ -97,11 +97,6 @@ class LinkState:
             self._changed()
         return True
 
-    def newer_epoch(self, router: str, epoch: int) -> bool:
-        """True if ``epoch`` is newer than the stored advert's (a restart)."""
-        cur = self.adverts.get(router)
-        return cur is not None and epoch > cur.epoch
-
     def expire(self, now: float) -> list[str]:
         """Drop adverts past their age (never this router's own); returns their origins."""
         gone = [r for r, a in self.adverts.items() if a.expires <= now and r != self.me]

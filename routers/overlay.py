@@ -226,11 +226,16 @@ class OverlayCore:
         self._pend(*self.local.remove(text, typ))
 
     def _pend(self, added: list, removed: list) -> None:
+        # Changes within one turn cancel out (added then removed: nothing to say).
         for p in added:
-            if self._pend_del.pop(p, 0) == 0:
+            if p in self._pend_del:
+                del self._pend_del[p]
+            else:
                 self._pend_add[p] = True
         for p in removed:
-            if self._pend_add.pop(p, 0) == 0:
+            if p in self._pend_add:
+                del self._pend_add[p]
+            else:
                 self._pend_del[p] = True
 
     def barrier(self, conn, reply: dict, now: float) -> None:
@@ -379,8 +384,7 @@ class OverlayCore:
                 log.error("router %s with a newer epoch exists elsewhere: two routers share "
                           "the name %r", adv.router, self.me)
             return
-        if self.linkstate.newer_epoch(adv.router, adv.epoch):
-            self.interest.drop(adv.router)     # it restarted: its old interest is gone
+        self.interest.drop_before(adv.router, adv.epoch)   # a restart: old interest is gone
         if not self.linkstate.accept(adv, now):
             return
         self._flood(wire.encode(Kind.LINKSTATE, h), link.peer)
@@ -559,8 +563,7 @@ class OverlayCore:
             if other is not link and other.peer == name and other.up and other.epoch < epoch:
                 self._link_down(other, now, "peer restarted")     # its former run
                 was_up = self._link_for(name) is not None
-        if self.linkstate.newer_epoch(name, epoch):
-            self.interest.drop(name)
+        self.interest.drop_before(name, epoch)
         fresh = not link.up
         link.peer, link.epoch, link.up = name, epoch, True
         link.last_heard = now

@@ -296,6 +296,29 @@ def test_restarted_router_replaces_its_former_self():
     assert net.take_all()["b"] == ["e1"]
 
 
+def test_restart_news_in_any_order_keeps_only_the_new_runs_interest():
+    net = _net_with_clients(["a", "b"], [("b", "a")])
+    a = net.cores["a"].overlay
+    link = next(l.id for l in a.links.values() if l.peer == "b")
+
+    def feed(kind, h):
+        a.on_message(link, wire.encode(kind, h), net.now)
+
+    def wants(text):
+        return a.interest.match(("/", text), None)
+
+    feed(Kind.INTEREST, {"r": "zz", "e": 50, "q": 1, "full": False, "add": [["/old/", None]]})
+    feed(Kind.LINKSTATE, {"r": "zz", "e": 50, "q": 1, "n": {}})
+    assert wants("/old/") == {"zz"}
+    # The restarted run's interest overtakes its link state (another path): kept.
+    feed(Kind.INTEREST, {"r": "zz", "e": 99, "q": 1, "full": False, "add": [["/new/", None]]})
+    feed(Kind.LINKSTATE, {"r": "zz", "e": 99, "q": 1, "n": {}})
+    assert wants("/new/") == {"zz"} and wants("/old/") == set()
+    # News of the former run arriving late changes nothing.
+    feed(Kind.INTEREST, {"r": "zz", "e": 50, "q": 2, "full": False, "add": [["/late/", None]]})
+    assert wants("/late/") == set() and wants("/new/") == {"zz"}
+
+
 def test_lease_barrier_waits_for_every_reachable_router():
     net = _net_with_clients(["a", "b", "c"], [("b", "a"), ("c", "b")])
     net.lease("c", b"c-c", "/x.org/app/", propagated=True)

@@ -146,7 +146,12 @@ def role_raw_fwd(a) -> None:
     for s in (xsub, xpub):
         s.setsockopt(zmq.SNDHWM, 200_000)
         s.setsockopt(zmq.RCVHWM, 200_000)
-    pin = xsub.bind_to_random_port("tcp://127.0.0.1")
+    if a.upstream:
+        # Chained after another forwarder (psepr bench overlay's raw chain).
+        xsub.connect(f"tcp://127.0.0.1:{a.upstream}")
+        pin = None
+    else:
+        pin = xsub.bind_to_random_port("tcp://127.0.0.1")
     pout = xpub.bind_to_random_port("tcp://127.0.0.1")
     print(json.dumps({"in": pin, "out": pout}), flush=True)
     if a.cproxy:
@@ -397,6 +402,7 @@ def _role_main(argv: list[str]) -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--latency", action="store_true")
     p.add_argument("--cproxy", action="store_true")
+    p.add_argument("--upstream", type=int, help="raw-fwd: connect to this port, do not bind")
     a = p.parse_args(argv)
     ROLES[a.role](a)
 

@@ -3,9 +3,10 @@
 Scenarios (100-byte JSON payloads, loopback, routers with the ``local`` preset):
 
 * ``chain latency``  sender -> r0 -> r1 -> r2 -> holder at 5,000 events/s:
-                     p50/p99 one-way latency.  Baseline: the same through one
-                     router, measured in the same run.
-* ``chain rate``     the same path unpaced: delivered events/s (baseline: one router).
+                     p50/p99 one-way latency.  Baselines measured in the same
+                     run: a chain of three minimal raw pyzmq forwarders
+                     (``psepr bench hop``'s, chained), and one PsEPR router.
+* ``chain rate``     the same paths unpaced: delivered events/s.
 * ``lease reach``    20 routers in a seeded random connected mesh: how long
                      ``lease(..., propagated=True)`` takes, i.e. until every
                      router has confirmed the new lease's interest (median and
@@ -128,7 +129,28 @@ def _chain_runs(count: int, lat_n: int) -> dict:
         hop._stop(*procs)
     for title, kw in (("rate", dict(count=count)), ("latency", dict(count=lat_n, rate=5000))):
         out[f"one router {title}"] = hop.run_psepr(**kw)
+        out[f"raw chain {title}"] = _raw_chain(**kw)
     return out
+
+
+def _raw_chain(count: int, rate: int = 0) -> dict:
+    """The baseline: three minimal raw pyzmq forwarders in a chain (PUB/SUB, one message
+    per event), with :mod:`benchmarks.hop`'s raw sender and receiver."""
+    fwds: list[subprocess.Popen] = []
+    try:
+        first = last = None
+        for _ in range(3):
+            args = ["raw-fwd"] + (["--upstream", str(last)] if last is not None else [])
+            fwds.append(hop._spawn(*args))
+            ports = hop._line(fwds[-1], 15)
+            first = ports["in"] if first is None else first
+            last = ports["out"]
+        time.sleep(0.3)   # SUB connections are asynchronous; no readiness signal exists
+        return hop._run_roles("raw-recv", "raw-send", ["--port", str(last)],
+                              ["--port", str(first)], count=count, conns=1, procs=1, leases=1,
+                              rate=rate, seconds=30.0)
+    finally:
+        hop._stop(*fwds)
 
 
 def _lease_reach(n: int, leases: int) -> dict:
@@ -198,13 +220,17 @@ def main(args) -> int:
 
     print(f"\npsepr bench overlay  ({os.cpu_count()} cores, 100-byte JSON payloads, loopback, "
           f"each router and client its own process)\n")
-    c, o = res["chain latency"], res["one router latency"]
-    print(f"{'scenario':<34} {'3-router chain':>26} {'one router (same run)':>26}")
-    print(f"{'latency @5k/s p50 / p99':<34} {c['p50_us']:>10.0f} / {c['p99_us']:>6.0f} us "
-          f"{o['p50_us']:>13.0f} / {o['p99_us']:>6.0f} us")
-    c, o = res["chain rate"], res["one router rate"]
-    print(f"{'throughput events/s':<34} {c['rate']:>23,.0f}/s {o['rate']:>23,.0f}/s"
-          + (f"   (chain dropped {c['dropped']})" if c["dropped"] else ""))
+    cols = [("chain", "3-router chain"), ("raw chain", "raw pyzmq chain of 3"),
+             ("one router", "one psepr router")]
+    print(f"{'scenario':<26} " + " ".join(f"{t:>24}" for _, t in cols))
+    print(f"{'latency @5k/s p50 / p99':<26} " + " ".join(
+        f"{res[k + ' latency']['p50_us']:>12.0f} / {res[k + ' latency']['p99_us']:>6.0f} us"
+        for k, _ in cols))
+    print(f"{'throughput events/s':<26} " + " ".join(
+        f"{res[k + ' rate']['rate']:>22,.0f}/s" for k, _ in cols))
+    c = res["chain rate"]
+    if c["dropped"]:
+        print(f"  (the psepr chain dropped {c['dropped']} events)")
     r = res["lease reach"]
     print(f"\nlease reach: {r['routers']} routers, {r['links']} links; propagated lease "
           f"returned after median {r['median_ms']:.1f} ms, max {r['max_ms']:.1f} ms "

@@ -96,6 +96,19 @@ def _starts(groups: list, plens: list) -> list:
     return out
 
 
+def _cuts(segs: list, cut: int):
+    """Slices of ``segs`` holding about ``cut`` body bytes (at least one segment) and
+    at most ``_MAX_SEGMENTS`` segments each: the messages a flush sends."""
+    i, n = 0, len(segs)
+    while i < n:
+        j, size = i, 0
+        while j < n and j - i < _MAX_SEGMENTS and (j == i or size + len(segs[j][3]) <= cut):
+            size += len(segs[j][3])
+            j += 1
+        yield segs[i:j]
+        i = j
+
+
 def _subset(header: dict, body: bytes, gis: list, starts: list, fsvc: str, finst: str) -> tuple:
     """A segment holding only the groups ``gis`` of a SEND message."""
     groups = header["g"]
@@ -651,8 +664,8 @@ class RouterCore:
                 segs = conn.out_segs
                 conn.out_segs = []
                 conn.out_bytes = conn.out_events = 0
-                for i in range(0, len(segs), _MAX_SEGMENTS):
-                    overlay.send_segments(conn, segs[i:i + _MAX_SEGMENTS])
+                for chunk in _cuts(segs, cut):     # bounded FORWARDs, like DELIVERs
+                    overlay.send_segments(conn, chunk)
                 continue
             control = conn.control
             if control:
@@ -675,14 +688,8 @@ class RouterCore:
             conn.out_segs = []
             conn.out_bytes = 0
             conn.out_events = 0
-            i, n = 0, len(segs)
-            while i < n:   # cut into DELIVER messages of about `cut` bytes
-                j, size = i, 0
-                while j < n and j - i < _MAX_SEGMENTS and (j == i or size + len(segs[j][3]) <= cut):
-                    size += len(segs[j][3])
-                    j += 1
-                self._send_deliver(conn, segs[i:j], send)
-                i = j
+            for chunk in _cuts(segs, cut):
+                self._send_deliver(conn, chunk, send)
         for conn in retry:
             if not conn.dirty:
                 conn.dirty = True

@@ -367,3 +367,23 @@ def test_bad_peer_messages_are_answered_and_change_nothing():
                                                              "authority": "other.org"}), net.now)
     msgs = [wire.decode(f)[1] for _, f in a.take_out()]
     assert msgs[0]["code"] == wire.E_NO_SESSION and "other.org" in msgs[1]["message"]
+
+
+def test_forwards_are_cut_like_delivers():
+    net = _net_with_clients(["a", "b"], [("b", "a")])
+    net.lease("b", b"c-b", "/x.org/big/")
+    net.take_all()
+    core = net.cores["a"]
+    big = b"x" * 100_000
+    for k in range(8):      # eight SEND messages in one turn, 100 kB each
+        core.handle(b"c-a", send_frames(group("/x.org/big/", [f"e{k}"], [big])), net.now)
+    net.sent.clear()
+    sizes = []
+    for link_id, frames in (core.flush(net._client_send("a")) or core.overlay.take_out()):
+        if frames[0][0] == Kind.FORWARD:
+            sizes.append(sum(len(f) for f in frames[3::2]))
+            net.cores["b"].overlay.on_message(("d", "a"), frames, net.now)   # b dialed a
+    cut = core.config.deliver_bytes
+    assert len(sizes) > 1 and all(s <= max(cut, len(big)) for s in sizes), sizes
+    net.pump()
+    assert sorted(net.delivered("b", b"c-b")) == [f"e{k}" for k in range(8)]

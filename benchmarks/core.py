@@ -5,6 +5,12 @@ the client's decoder (:class:`psepr.session.Session`) spend per event, for the
 shapes of ``psepr bench hop``: one channel (large groups), fan-out to 10
 connections, and 10,000 channels (one event per group).  Messages are built
 with the SDK's own encoder, 2,000 events each, 100-byte JSON payloads.
+
+It also measures what a wake-up costs the same code: one single-event SEND
+through the router core (``handle`` + ``flush``), and one ``orjson.dumps`` of
+the payload, back to back and after sleeping 0.2 ms (5,000 events/s) or 1 ms,
+as a process does between sparse events.  On a machine whose caches and clock
+go cold while a process sleeps, the sparse case is what latency pays.
 """
 
 from __future__ import annotations
@@ -66,8 +72,40 @@ def _measure(channels: int, holders: int, events: int, reps: int = 3) -> dict:
     return {"router_us_per_delivery": best_route * 1e6, "client_us_per_event": best_decode * 1e6}
 
 
+def _cold(n: int) -> list[tuple]:
+    """``[(sleep_s, route_p50_us, route_p99_us, dumps_p50_us, dumps_p99_us), ...]``."""
+    import orjson
+    payload = {"i": 1, "t": 0.0, "p": "x" * 56}
+    msg = wire.encode_send([make_entry("/bench/core/cold/", payload)])
+    core = RouterCore(RouterConfig())
+    core.handle(b"S", wire.encode(Kind.HELLO, {"v": 1}), 0.0)
+    core.handle(b"H", wire.encode(Kind.HELLO, {"v": 1}), 0.0)
+    core.handle(b"H", wire.encode(Kind.LEASE, {"id": "L", "channel": "/bench/core/"}), 0.0)
+    sink = lambda conn, frames: True  # noqa: E731
+    core.flush(sink)
+    rows = []
+    for pause in (0.0, 0.0002, 0.001):
+        route, dumps = [], []
+        for _ in range(n):
+            if pause:
+                time.sleep(pause)
+            t0 = time.perf_counter()
+            core.handle(b"S", msg, 1.0)
+            core.flush(sink)
+            t1 = time.perf_counter()
+            orjson.dumps(payload)
+            t2 = time.perf_counter()
+            route.append(t1 - t0)
+            dumps.append(t2 - t1)
+        route.sort()
+        dumps.sort()
+        rows.append((pause, route[n // 2] * 1e6, route[int(n * 0.99)] * 1e6,
+                     dumps[n // 2] * 1e6, dumps[int(n * 0.99)] * 1e6))
+    return rows
+
+
 def main(args) -> int:
-    """Print the per-event costs of the cores (best of 3 repetitions)."""
+    """Print the per-event costs of the cores (best of 3 repetitions) and of a wake-up."""
     n = 20_000 if args.quick else 100_000
     rows = [("1 channel, 1 holder", 1, 1), ("1 channel, 10 holders", 1, 10),
             ("10,000 channels, 1 holder", 10_000, 1)]
@@ -77,4 +115,10 @@ def main(args) -> int:
         r = _measure(channels, holders, n)
         print(f"{title:<28} {r['router_us_per_delivery']:>20.2f} "
               f"{r['client_us_per_event']:>24.2f}")
+    n_cold = 500 if args.quick else 3000
+    print(f"\nafter a sleep ({n_cold} single events; p50 / p99 in us)\n")
+    print(f"{'sleep before each':<28} {'router handle+flush':>20} {'orjson.dumps 100 B':>24}")
+    for pause, r50, r99, d50, d99 in _cold(n_cold):
+        label = "none (back to back)" if not pause else f"{pause * 1000:g} ms"
+        print(f"{label:<28} {r50:>10.1f} / {r99:>7.1f} {d50:>14.2f} / {d99:>7.2f}")
     return 0

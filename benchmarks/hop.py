@@ -19,6 +19,10 @@ topics stand in for channels) and for libzmq's C proxy (``zmq.proxy``,
 XSUB/XPUB).  Receivers decode every payload, so all columns pay for the same
 work.  Every run is bounded in events and seconds.
 
+Beside each figure: the CPU every process on the path (sender, router or
+forwarder, receivers; all their threads) used per delivered event over the
+run, so that throughput and latency can be read against what they cost.
+
 Roles run as ``python -m benchmarks.hop ROLE ...`` and print one JSON line.
 """
 
@@ -88,6 +92,7 @@ def role_psepr_recv(a) -> None:
             for k in range(a.leases):
                 con.lease(f"{a.channel}c{k}/", duration=600, timeout=30)
     print(json.dumps({"ready": True}), flush=True)
+    cpu0 = time.process_time()
     import threading
     results = [None] * len(cons)
 
@@ -110,7 +115,7 @@ def role_psepr_recv(a) -> None:
         t.join()
     for con in cons:
         con.close()
-    print(json.dumps({"results": results}), flush=True)
+    print(json.dumps({"results": results, "cpu": time.process_time() - cpu0}), flush=True)
 
 
 def role_psepr_send(a) -> None:
@@ -119,6 +124,7 @@ def role_psepr_send(a) -> None:
     chans = [a.channel] if a.leases == 1 else [f"{a.channel}c{k}/" for k in range(a.leases)]
     nch = len(chans)
     send = con.send
+    cpu0 = time.process_time()
     t0 = time.monotonic()
     if a.rate:
         period = 1.0 / a.rate
@@ -135,7 +141,8 @@ def role_psepr_send(a) -> None:
     con.flush(timeout=60)
     t1 = time.monotonic()
     con.close()
-    print(json.dumps({"sent": a.count, "seconds": t1 - t0}), flush=True)
+    print(json.dumps({"sent": a.count, "seconds": t1 - t0, "cpu": time.process_time() - cpu0}),
+          flush=True)
 
 
 def role_raw_fwd(a) -> None:
@@ -179,6 +186,7 @@ def role_raw_recv(a) -> None:
         socks.append(s)
     time.sleep(0.5)  # SUB subscriptions propagate asynchronously; no readiness signal exists
     print(json.dumps({"ready": True}), flush=True)
+    cpu0 = time.process_time()
     import threading
     results = [None] * len(socks)
 
@@ -198,7 +206,7 @@ def role_raw_recv(a) -> None:
         t.start()
     for t in threads:
         t.join()
-    print(json.dumps({"results": results}), flush=True)
+    print(json.dumps({"results": results, "cpu": time.process_time() - cpu0}), flush=True)
     os._exit(0)
 
 
@@ -213,6 +221,7 @@ def role_raw_send(a) -> None:
     chans = [a.channel] if a.leases == 1 else [f"{a.channel}c{k}/" for k in range(a.leases)]
     topics = [c.encode() for c in chans]
     nch = len(topics)
+    cpu0 = time.process_time()
     t0 = time.monotonic()
     send = s.send_multipart
     for i in range(a.count):
@@ -226,7 +235,8 @@ def role_raw_send(a) -> None:
     t1 = time.monotonic()
     time.sleep(0.5)
     s.close(linger=5000)
-    print(json.dumps({"sent": a.count, "seconds": t1 - t0}), flush=True)
+    print(json.dumps({"sent": a.count, "seconds": t1 - t0, "cpu": time.process_time() - cpu0}),
+          flush=True)
 
 
 ROLES = {"psepr-recv": role_psepr_recv, "psepr-send": role_psepr_send,
@@ -282,6 +292,13 @@ def _start_router() -> tuple[subprocess.Popen, str]:
     return p, url
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU (user + system, every thread) a live process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _summarise(recv_out: list[dict], conns_total: int) -> dict:
     res = [r for out in recv_out for r in out["results"]]
     n = sum(r["n"] for r in res)
@@ -299,8 +316,14 @@ def _summarise(recv_out: list[dict], conns_total: int) -> dict:
 
 def _run_roles(recv_role: str, send_role: str, recv_at: list[str], send_at: list[str],
                count: int, conns: int, procs: int, leases: int, rate: int,
-               seconds: float) -> dict:
-    """Start the receivers, wait until they are ready, run the sender, collect results."""
+               seconds: float, mids: tuple = ()) -> dict:
+    """Start the receivers, wait until they are ready, run the sender, collect results.
+
+    ``mids`` are the processes in between (routers, forwarders): their CPU over
+    the run is added to the senders' and receivers' own (each role reports the
+    CPU it used while measuring), giving ``cpu_us`` per delivered event, every
+    process and thread of the path included.
+    """
     recvs: list[subprocess.Popen] = []
     try:
         common = ["--channel", "/bench/hop/", "--leases", str(leases), "--count", str(count),
@@ -311,11 +334,16 @@ def _run_roles(recv_role: str, send_role: str, recv_at: list[str], send_at: list
                                 *lat))
         for r in recvs:
             _line(r, 60)
+        mid0 = [cpu_seconds(p.pid) for p in mids]
         sender = _spawn(send_role, *common, *send_at, "--rate", str(rate))
         outs = [_line(r, seconds + 60) for r in recvs]
-        _line(sender, 60)
+        sent = _line(sender, 60)
+        mid1 = [cpu_seconds(p.pid) for p in mids]
         _stop(sender)
-        return _summarise(outs, conns)
+        out = _summarise(outs, conns)
+        cpu = sent["cpu"] + sum(o["cpu"] for o in outs) + sum(b - a for a, b in zip(mid0, mid1))
+        out["cpu_us"] = cpu / out["received"] * 1e6 if out["received"] else 0.0
+        return out
     finally:
         _stop(*recvs)
 
@@ -325,7 +353,7 @@ def run_psepr(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate:
     router, url = _start_router()
     try:
         return _run_roles("psepr-recv", "psepr-send", ["--url", url], ["--url", url],
-                          count, conns, procs, leases, rate, seconds)
+                          count, conns, procs, leases, rate, seconds, mids=(router,))
     finally:
         _stop(router)
 
@@ -337,7 +365,7 @@ def run_raw(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: i
         ports = _line(fwd, 15)
         return _run_roles("raw-recv", "raw-send", ["--port", str(ports["out"])],
                           ["--port", str(ports["in"])], count, conns, procs, leases, rate,
-                          seconds)
+                          seconds, mids=(fwd,))
     finally:
         _stop(fwd)
 
@@ -374,6 +402,8 @@ def main(args) -> int:
                 cells.append(f"{r['rate']:>12,.0f}/s" + (f" d{r['dropped']}" if r["dropped"]
                                                           else ""))
         print(f"{title:<28} " + " ".join(f"{c:>22}" for c in cells))
+        print(f"{'  CPU us per event':<28} " + " ".join(
+            f"{row[s]['cpu_us']:>22.1f}" for s, _ in systems))
     single = results[scen[0][0]]["psepr"]["rate"]
     many = results[scen[3][0]]["psepr"]["rate"]
     print(f"\n{k10} leases / single lease rate: {many / single if single else 0:.2f}x")

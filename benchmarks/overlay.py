@@ -16,7 +16,9 @@ Scenarios (100-byte JSON payloads, loopback, routers with the ``local`` preset):
                      interest, next to the same routers with no leases.
 
 The sender and holder roles are :mod:`benchmarks.hop`'s, so the one-router
-baseline is exactly ``psepr bench hop``'s path.  Every run is bounded.
+baseline is exactly ``psepr bench hop``'s path; like there, each figure comes
+with the CPU all processes on the path used per delivered event.  Every run is
+bounded.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def _chain_runs(count: int, lat_n: int) -> dict:
         for title, kw in (("rate", dict(count=count)), ("latency", dict(count=lat_n, rate=5000))):
             out[f"chain {title}"] = hop._run_roles(
                 "psepr-recv", "psepr-send", ["--url", urls[2]], ["--url", urls[0]],
-                conns=1, procs=1, leases=1, seconds=30.0, **{"rate": 0, **kw})
+                conns=1, procs=1, leases=1, seconds=30.0, mids=tuple(procs),
+                **{"rate": 0, **kw})
     finally:
         hop._stop(*procs)
     for title, kw in (("rate", dict(count=count)), ("latency", dict(count=lat_n, rate=5000))):
@@ -148,7 +151,7 @@ def _raw_chain(count: int, rate: int = 0) -> dict:
         time.sleep(0.3)   # SUB connections are asynchronous; no readiness signal exists
         return hop._run_roles("raw-recv", "raw-send", ["--port", str(last)],
                               ["--port", str(first)], count=count, conns=1, procs=1, leases=1,
-                              rate=rate, seconds=30.0)
+                              rate=rate, seconds=30.0, mids=tuple(fwds))
     finally:
         hop._stop(*fwds)
 
@@ -226,8 +229,12 @@ def main(args) -> int:
     print(f"{'latency @5k/s p50 / p99':<26} " + " ".join(
         f"{res[k + ' latency']['p50_us']:>12.0f} / {res[k + ' latency']['p99_us']:>6.0f} us"
         for k, _ in cols))
+    print(f"{'  CPU us per event':<26} " + " ".join(
+        f"{res[k + ' latency']['cpu_us']:>24.1f}" for k, _ in cols))
     print(f"{'throughput events/s':<26} " + " ".join(
         f"{res[k + ' rate']['rate']:>22,.0f}/s" for k, _ in cols))
+    print(f"{'  CPU us per event':<26} " + " ".join(
+        f"{res[k + ' rate']['cpu_us']:>24.1f}" for k, _ in cols))
     c = res["chain rate"]
     if c["dropped"]:
         print(f"  (the psepr chain dropped {c['dropped']} events)")

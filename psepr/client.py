@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import threading
 import time
 from pathlib import Path
@@ -146,6 +147,9 @@ class Connection(ConnectionBase):
         self._readers = 0                       # threads waiting in receive()
         self._reader_left = 0.0
         self._io_wake = threading.Event()       # wakes the I/O thread (sends, control)
+        self._io_sleeping = False               # I/O thread blocked in select without the socket
+        self._last_direct = 0.0                 # when send() last sent from the caller's thread
+        self._ospoll = select.poll()            # wake pipe + the sockets' ZMQ_FDs
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
         if wait:
@@ -192,15 +196,64 @@ class Connection(ConnectionBase):
         item = make_entry(channel, payload, type, format, to_service, to_instance, reply_to,
                           re, id, self.config.max_event_bytes)
         q = self._outq
+        self._unflushed = True
+        if not q and not self._backlog:
+            # A lone send goes out from this thread when nobody drives the socket:
+            # no thread hand-off.  Sends in quick succession queue for the I/O
+            # thread instead, which packs them into one batch.
+            now = time.monotonic()
+            if now - self._last_direct >= _DIRECT_GAP \
+                    and self._sock_lock.acquire(blocking=False):
+                try:
+                    if self._send_direct(item, now):
+                        return item[0]
+                finally:
+                    self._sock_lock.release()
         if len(q) >= self.config.send_queue:
             self._wait_space()
         q.append(item)
-        self._unflushed = True
         if not self._woken:
             self._woken = True
             os.write(self._wake_w, b"s")
             self._io_wake.set()
         return item[0]
+
+    def _send_direct(self, item: tuple, now: float) -> bool:
+        """Hand one event to ZeroMQ from the caller's thread (``_sock_lock`` held).
+
+        Returns:
+            False if the session cannot take it now (the caller queues it).
+        """
+        s = self._session
+        sock = self._sock
+        if sock is None or s.state != READY or s.queued or self._closed:
+            return False
+        with self._lock:
+            s.add_events([item])
+            out = s.take_out(now)
+        self._last_direct = now
+        for i, frames in enumerate(out):
+            try:
+                send_frames(sock, frames)
+            except zmq.Again:
+                self._backlog = out[i:]     # in order; the I/O thread retries
+                self._kick()
+                break
+        self._recheck()
+        return True
+
+    def _recheck(self) -> None:
+        """Wake the sleeping I/O thread if a message waits (``_sock_lock`` held).
+
+        ZeroMQ's file descriptor is edge-triggered: a socket operation in another
+        thread may consume the edge the sleeping I/O thread waits for.
+        """
+        if not self._io_sleeping:
+            return
+        for sk in (self._sock, self._mon):
+            if sk is not None and sk.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._kick()
+                return
 
     def _wait_space(self) -> None:
         deadline = time.monotonic() + self.config.send_block_timeout
@@ -578,10 +631,16 @@ class Connection(ConnectionBase):
         self._sock = sock
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._mon, zmq.POLLIN)
+        self._fds = (sock.getsockopt(zmq.FD), self._mon.getsockopt(zmq.FD))
+        for fd in self._fds:
+            self._ospoll.register(fd, select.POLLIN)
 
     def _close_sock(self) -> None:
         sock, mon = self._sock, self._mon
         self._sock = self._mon = None
+        for fd in getattr(self, "_fds", ()):
+            self._ospoll.unregister(fd)
+        self._fds = ()
         if mon is not None:
             self._poller.unregister(mon)
             sock.disable_monitor()
@@ -621,6 +680,7 @@ class Connection(ConnectionBase):
         """
         self._poller = zmq.Poller()
         self._poller.register(self._wake_r, zmq.POLLIN)
+        self._ospoll.register(self._wake_r, select.POLLIN)
         while not self._closed:
             # While a reader drives, it also serves sends and timers (it polls the
             # wake-up pipe): sleep.  After the last reader left, linger a little so
@@ -640,9 +700,31 @@ class Connection(ConnectionBase):
             if not self._sock_lock.acquire(timeout=0.1):
                 continue
             try:
-                self._io_step(None)
+                self._io_step(time.monotonic())     # one turn that does not block
+                timeout = self._idle_timeout()
+                if timeout is not None:
+                    self._io_sleeping = True        # set before others can take the socket
             finally:
                 self._sock_lock.release()
+            if timeout is not None:
+                # Sleep without holding the socket, so that a lone send() can go out
+                # from its own thread; ZeroMQ's descriptors and the wake pipe wake us.
+                try:
+                    self._ospoll.poll(timeout * 1000.0)
+                finally:
+                    self._io_sleeping = False
+
+    def _idle_timeout(self) -> float | None:
+        """Seconds the I/O thread may sleep now, or None if work waits (socket held)."""
+        s = self._session
+        if s.switch_to is not None or (self._outq and s.queued < self.config.send_queue):
+            return None
+        for sk in (self._sock, self._mon):
+            if sk is not None and sk.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return None
+        now = time.monotonic()
+        timeout = max(0.0, s.next_deadline(now) - now)
+        return min(timeout, 0.01) if self._backlog else timeout
 
     def _drive(self, ready, deadline: float | None) -> bool:
         """Run the socket from a reader's thread until ``ready()`` or the deadline.
@@ -662,6 +744,7 @@ class Connection(ConnectionBase):
                     if deadline is not None and time.monotonic() >= deadline:
                         break
                     self._io_step(deadline)
+                self._recheck()
             finally:
                 self._sock_lock.release()
             return True
@@ -751,6 +834,9 @@ class Connection(ConnectionBase):
 
 #: Longest wait in close() for events still queued to reach the router.
 _CLOSE_FLUSH = 2.0
+#: A send at least this long after the last one sent from a caller's thread goes
+#: out at once from its own thread; closer sends queue and leave as one batch.
+_DIRECT_GAP = 50e-6
 #: How long the I/O thread leaves the socket to readers after the last one left.
 _LINGER = 0.005
 #: Longest single stretch a reader drives the socket before re-checking its state

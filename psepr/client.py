@@ -6,10 +6,18 @@ ZeroMQ sockets are not thread-safe, so exactly one thread drives the DEALER
 socket at a time: whoever holds ``_sock_lock`` runs :meth:`Connection._io_step`
 (send what waits, poll, decode, tick the pure :class:`~psepr.session.Session`).
 
-* ``send`` encodes the event in the caller's thread, appends it to a deque and
-  wakes the driving thread through a pipe only when it is not already awake, so
-  a burst of sends becomes one SEND batch.  When more than ``send_queue``
-  events wait, ``send`` blocks (back-pressure) instead of growing memory.
+* ``send`` encodes the event in the caller's thread.  A lone send (nothing
+  queued, none sent from a caller's thread in the last ``_DIRECT_GAP``, nobody
+  driving the socket) is packed and handed to ZeroMQ right there.  Otherwise it
+  is appended to a deque and the driving thread is woken through a pipe only
+  when it is not already awake, so a burst of sends becomes one SEND batch.
+  When more than ``send_queue`` events wait, ``send`` blocks (back-pressure)
+  instead of growing memory.
+* While nobody drives the socket the I/O thread sleeps in ``select.poll`` on
+  the wake pipe and the sockets' ``ZMQ_FD`` without holding ``_sock_lock``.
+  That descriptor is edge-triggered: every other thread that used the socket
+  meanwhile (a direct send, a reader) checks ``ZMQ_EVENTS`` before letting go
+  and wakes the I/O thread if a message waits.
 * A thread blocked in ``receive`` drives the socket itself, so an arriving
   event reaches it with no thread hand-off.  A background I/O thread drives the
   socket the rest of the time (timers, pings, renewals, sends, and filling lease

@@ -234,7 +234,10 @@ class Connection(ConnectionBase):
         """
         s = self._session
         sock = self._sock
-        if sock is None or s.state != READY or s.queued or self._closed:
+        # Anything older still on its way (queued, packed, or refused by a full
+        # socket) must leave first: then this event waits its turn.
+        if sock is None or s.state != READY or s.queued or self._backlog or self._outq \
+                or self._closed:
             return False
         with self._lock:
             s.add_events([item])

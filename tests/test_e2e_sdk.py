@@ -404,3 +404,24 @@ async def test_aio_many_rounds_of_send_flush_and_receive(router_proc):
             await con.flush(timeout=5)
             got = [(await lease.receive(timeout=5)).payload for _ in range(250)]
             assert got == [[r, i] for i in range(250)]
+
+
+def test_lone_and_burst_sends_keep_their_order(router_proc):
+    """Lone sends leave from the caller's thread, bursts through the I/O thread:
+    mixed, one sender's events still arrive in the order sent, none lost."""
+    import random
+    rng = random.Random(5)
+    with psepr.connect(router_proc.url, preset="local") as rx, \
+            psepr.connect(router_proc.url, preset="local") as tx:
+        lease = rx.lease("/t.org/order/", propagated=True)
+        n = 0
+        for _ in range(60):
+            for _ in range(rng.choice((1, 1, 2, 20))):    # lone sends and bursts
+                tx.send("/t.org/order/x/", {"k": n})
+                n += 1
+            time.sleep(rng.choice((0.0, 0.00005, 0.0002, 0.002)))
+        tx.flush()
+        got = [lease.receive(timeout=5).payload["k"] for _ in range(n)]
+        assert got == list(range(n))
+        with pytest.raises(psepr.TimeoutError):
+            lease.receive(timeout=0.2)

@@ -10,6 +10,9 @@ import zmq.auth
 from .config import ClientConfig
 from .errors import ConfigError
 
+#: Longest wait in close() for events already sent to reach the router.
+CLOSE_FLUSH = 2.0
+
 
 def _z85_key(value: "str | bytes | Path", what: str, secret: bool = False) -> str:
     """Accept a Z85 key or a certificate file path; return the Z85 key."""

@@ -31,7 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
 from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
-from ._common import build_config, configure_socket, inbox_channel
+from ._common import CLOSE_FLUSH, build_config, configure_socket, inbox_channel
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
 from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, TimeoutError,
@@ -401,7 +401,7 @@ class Connection(ConnectionBase):
             return
         if self._session.state == READY and self._unflushed:
             try:
-                await self.flush(timeout=_CLOSE_FLUSH)
+                await self.flush(timeout=CLOSE_FLUSH)
             except PseprError:
                 pass   # closing anyway; errors were the caller's to collect by flush()
         self._closed = True
@@ -475,8 +475,6 @@ def _consume(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-#: Longest wait in close() for events still queued to reach the router.
-_CLOSE_FLUSH = 2.0
 
 
 def connect(routers=None, **kwargs) -> Connection:

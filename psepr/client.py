@@ -49,7 +49,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
 from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
-from ._common import build_config, configure_socket, inbox_channel
+from ._common import CLOSE_FLUSH, build_config, configure_socket, inbox_channel
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
 from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, TimeoutError,
@@ -491,7 +491,7 @@ class Connection(ConnectionBase):
         if not self._closed and self._unflushed and self._session.state == READY \
                 and threading.current_thread() is not self._thread:
             try:
-                self.flush(timeout=_CLOSE_FLUSH)
+                self.flush(timeout=CLOSE_FLUSH)
             except PseprError:
                 pass
         with self._lock:
@@ -843,8 +843,6 @@ class Connection(ConnectionBase):
             backlog.pop(0)
 
 
-#: Longest wait in close() for events still queued to reach the router.
-_CLOSE_FLUSH = 2.0
 #: A send at least this long after the last one sent from a caller's thread goes
 #: out at once from its own thread; closer sends queue and leave as one batch.
 _DIRECT_GAP = 50e-6

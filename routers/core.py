@@ -373,11 +373,7 @@ class RouterCore:
             status = {"router": self.config.name, "epoch": None, "links": [], "counters": {},
                       "routers": [{"router": self.config.name, "self": True, "reachable": True,
                                    "next_hop": None, "links": {}, "age": 0.0,
-                                   "load": {"connections": len(self.conns),
-                                            "leases": len(self.leases),
-                                            "events_in": self.events_in,
-                                            "events_out": self.events_out,
-                                            "dropped": self.dropped}}]}
+                                   "load": self.load()}]}
         status["stats"] = self.stats(now)
         self._queue_control(conn, Kind.STATUS_REPLY, {"req": h.get("req"), "status": status})
 
@@ -747,6 +743,12 @@ class RouterCore:
         if self.overlay is not None:
             nxt = min(nxt, self.overlay.next_deadline(now))
         return max(nxt, now)
+
+    def load(self) -> dict:
+        """The few counters a router advertises to its peers (and ``psepr status`` shows)."""
+        return {"connections": len(self.conns), "leases": len(self.leases),
+                "events_in": self.events_in, "events_out": self.events_out,
+                "dropped": self.dropped}
 
     def stats(self, now: float) -> dict:
         """The router's counters as a JSON-able dict."""

@@ -643,7 +643,7 @@ class OverlayCore:
     def _originate(self, now: float) -> None:
         self._lsa_seq += 1
         links = {p: round((l.rtt or 0.0) * 1000.0, 3) for p, l in self._peers().items()}
-        adv = Advert(self.me, self.epoch, self._lsa_seq, links, self._iseq, self._load(),
+        adv = Advert(self.me, self.epoch, self._lsa_seq, links, self._iseq, self.core.load(),
                      self.config.lsa_max_age)
         self.linkstate.accept(adv, now)
         h = adv.to_wire()
@@ -651,11 +651,6 @@ class OverlayCore:
         self._next_refresh = now + self.config.lsa_refresh
         self._routes_changed()
         self._publish(self.me, LINKSTATE_TYPE, h)
-
-    def _load(self) -> dict:
-        c = self.core
-        return {"connections": len(c.conns), "leases": len(c.leases),
-                "events_in": c.events_in, "events_out": c.events_out, "dropped": c.dropped}
 
     def _routes_changed(self) -> None:
         if self._barriers:
@@ -727,7 +722,7 @@ class OverlayCore:
             routers.append({"router": name, "epoch": adv.epoch, "self": name == self.me,
                             "reachable": name == self.me or name in routes,
                             "next_hop": routes.get(name), "links": adv.links,
-                            "load": self._load() if name == self.me else adv.load,
+                            "load": self.core.load() if name == self.me else adv.load,
                             "age": round(now - (adv.expires - adv.max_age), 3),
                             "interest": len(self.interest.routers[name].pairs)
                             if name in self.interest.routers else len(self.local)})

@@ -139,3 +139,17 @@ def test_status_command_shows_routers_links_and_rtt(start_router):
         {"r0": True, "r1": True, "r2": True}
     [link] = st["links"]
     assert link["peer"] == "r1" and link["up"] and link["rtt_ms"] is not None
+
+
+async def test_aio_propagated_lease_and_status_across_routers(start_router):
+    import psepr.aio
+    routers = start_overlay(start_router, 2, [(1, 0)])
+    async with psepr.aio.connect(routers[1].url, preset="local") as holder, \
+            psepr.aio.connect(routers[0].url, preset="local") as sender:
+        lease = await holder.lease("/t.org/aio/", propagated=True)
+        await sender.send("/t.org/aio/x/", {"k": 1})
+        await sender.flush()
+        ev = await lease.receive(timeout=5)
+        assert ev.payload == {"k": 1} and ev.from_service is not None
+        st = await holder.status()
+        assert {r["router"]: r["reachable"] for r in st["routers"]} == {"r0": True, "r1": True}

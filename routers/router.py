@@ -42,12 +42,14 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from psepr.config import tune_gc
 from psepr.errors import ConfigError
+from psepr.wire import KIND_BYTES, Kind
 from psepr.zmqio import recv_frames, recv_frames_user, send_frames
 from registry.acl import ACL, load_acl
 from .config import RouterConfig
 from .core import Conn, RouterCore
 
 log = logging.getLogger("psepr.router")
+FORWARD_KIND = KIND_BYTES[Kind.FORWARD]
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
@@ -251,7 +253,10 @@ class Router:
                     else:
                         send_frames(peer_sock, frames, lid[1])
                 except Again:
-                    overlay.dropped += 1    # peer link full (or not connected)
+                    # Peer link full or not connected: events are lost (counted);
+                    # hellos and pings are simply tried again at the next ping.
+                    if frames[0] == FORWARD_KIND:
+                        overlay.dropped += 1
                 except zmq.ZMQError as exc:
                     if exc.errno != zmq.EHOSTUNREACH:
                         raise

@@ -12,6 +12,7 @@ The public API (see README.md)::
 """
 
 from . import errors
+from ._version import VERSION as __version__
 from .channel import Channel, covers, parse as channel
 from .client import Connection, Lease, connect
 from .config import ClientConfig, tune_gc
@@ -19,8 +20,6 @@ from .errors import (AccessDenied, ChannelError, ClosedError, ConfigError, Conne
                      EventError, LeaseExpired, NoRoute, ProtocolError, PseprError, RemoteError,
                      SlowConsumer, TimeoutError, UsageError, XMLRefused)
 from .event import ATTRIBUTE, EVENT_NS, Event, attribute, from_json, from_xml
-
-__version__ = "0.1.0"
 
 __all__ = [
     "connect", "Connection", "Lease", "ClientConfig", "tune_gc", "Event", "Channel", "channel", "covers",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 
+from . import __version__
 from .errors import PseprError, UsageError
 
 EPILOG_ROUTER = """examples:
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="psepr", description="PsEPR-py: event overlay for farms "
                                 "of machines (routers, channels, leases).")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    p.add_argument("--version", action="version", version="psepr 0.1.0")
+    p.add_argument("--version", action="version", version=f"psepr {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     r = sub.add_parser("router", help="run a router node (with its registry)", epilog=EPILOG_ROUTER,

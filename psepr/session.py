@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import orjson
 
 from . import wire
+from ._version import VERSION
 from .channel import Channel, parse, parse_destination
 from .config import ClientConfig
 from .errors import EventError, TimeoutError, UsageError, remote_error
@@ -48,6 +49,7 @@ READY = "ready"
 CLOSED = "closed"
 
 _K = wire.KIND_BYTES
+
 _instance_seq = itertools.count(1)
 
 
@@ -238,7 +240,7 @@ class Session:
         self._control = [m for m in self._control if m[0] != _K[Kind.HELLO]]
         self._control.insert(0, wire.encode(Kind.HELLO, {
             "v": wire.PROTOCOL_VERSION, "service": self.config.service,
-            "instance": self.instance, "client": "psepr-py/0.1"}))
+            "instance": self.instance, "client": f"psepr-py/{VERSION}"}))
 
     def _next_router(self, now: float, why: str) -> None:
         # Before the first WELCOME the caller hears of failure from connect() itself

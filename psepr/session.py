@@ -417,16 +417,8 @@ class Session:
 
     def _pack(self, items: list, out: list) -> None:
         """Append SEND messages carrying ``items`` to ``out``, cut at the batch limits."""
-        max_e = self.config.batch_events
-        max_b = self.config.batch_bytes
-        i, n = 0, len(items)
-        while i < n:
-            j, size = i, 0
-            while j < n and j - i < max_e and (j == i or size + len(items[j][6]) <= max_b):
-                size += len(items[j][6])
-                j += 1
-            out.append(wire.encode_send(items[i:j]))
-            i = j
+        for chunk in wire.cuts(items, 6, self.config.batch_events, self.config.batch_bytes):
+            out.append(wire.encode_send(chunk))
 
     def requeue(self, frames: list[bytes]) -> None:
         """The socket could not take a message: put it back at the front."""

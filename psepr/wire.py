@@ -149,6 +149,26 @@ def decode(frames: list) -> tuple[int, dict, list]:
     return k[0], header, frames[2:]
 
 
+def cuts(items: list, field: int, max_items: int, max_bytes: int):
+    """Slices of ``items`` for one message each, in order.
+
+    A slice takes items while it holds at most ``max_items`` and their
+    ``item[field]`` byte strings add up to at most ``max_bytes``; it always takes
+    at least one item (a bigger one travels alone).
+
+    Yields:
+        Consecutive slices of ``items``.
+    """
+    i, n = 0, len(items)
+    while i < n:
+        j, size = i, 0
+        while j < n and j - i < max_items and (j == i or size + len(items[j][field]) <= max_bytes):
+            size += len(items[j][field])
+            j += 1
+        yield items[i:j]
+        i = j
+
+
 def pack_events(items: list) -> tuple[dict, list]:
     """Lay events out as a SEND header (groups + columns) and payload chunks.
 

@@ -96,19 +96,6 @@ def _starts(groups: list, plens: list) -> list:
     return out
 
 
-def _cuts(segs: list, cut: int):
-    """Slices of ``segs`` holding about ``cut`` body bytes (at least one segment) and
-    at most ``_MAX_SEGMENTS`` segments each: the messages a flush sends."""
-    i, n = 0, len(segs)
-    while i < n:
-        j, size = i, 0
-        while j < n and j - i < _MAX_SEGMENTS and (j == i or size + len(segs[j][3]) <= cut):
-            size += len(segs[j][3])
-            j += 1
-        yield segs[i:j]
-        i = j
-
-
 def _subset(header: dict, body: bytes, gis: list, starts: list, fsvc: str, finst: str) -> tuple:
     """A segment holding only the groups ``gis`` of a SEND message."""
     groups = header["g"]
@@ -660,7 +647,7 @@ class RouterCore:
                 segs = conn.out_segs
                 conn.out_segs = []
                 conn.out_bytes = conn.out_events = 0
-                for chunk in _cuts(segs, cut):     # bounded FORWARDs, like DELIVERs
+                for chunk in wire.cuts(segs, 3, _MAX_SEGMENTS, cut):   # bounded, like DELIVERs
                     overlay.send_segments(conn, chunk)
                 continue
             control = conn.control
@@ -684,7 +671,7 @@ class RouterCore:
             conn.out_segs = []
             conn.out_bytes = 0
             conn.out_events = 0
-            for chunk in _cuts(segs, cut):
+            for chunk in wire.cuts(segs, 3, _MAX_SEGMENTS, cut):
                 self._send_deliver(conn, chunk, send)
         for conn in retry:
             if not conn.dirty:

@@ -274,21 +274,40 @@ def _stop(*procs: subprocess.Popen) -> None:
             p.wait()
 
 
-def _start_router() -> tuple[subprocess.Popen, str]:
-    p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "router", "--name", "bench",
-                          "--listen", "tcp://127.0.0.1:0"], cwd=ROOT, stdout=subprocess.PIPE,
-                         text=True)
-    url = None
-    deadline = time.monotonic() + 15
+def start_router(name: str = "bench", *extra: str,
+                 quiet: bool = False) -> tuple[subprocess.Popen, str, str | None]:
+    """Start ``psepr router`` on an ephemeral loopback port and wait until it is ready.
+
+    Args:
+        name: the router name.
+        extra: more ``psepr router`` arguments (e.g. ``--peer-listen``, ``--peer``).
+        quiet: discard what the router writes to stderr.
+
+    Returns:
+        ``(process, client url, peer url or None)``.
+    """
+    p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "router", "--name", name,
+                          "--listen", "tcp://127.0.0.1:0", *extra], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True,
+                         stderr=subprocess.DEVNULL if quiet else None)
+    url = peer = None
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         line = p.stdout.readline()
+        if not line:
+            break
         if "listening on" in line:
             url = line.split("listening on")[1].split()[0]
-        if " ready " in line:
-            break
-    if url is None:
-        _stop(p)
-        raise RuntimeError("router did not start")
+        if "peers on" in line:
+            peer = line.split("peers on")[1].split()[0]
+        if " ready " in line and url is not None:
+            return p, url, peer
+    _stop(p)
+    raise RuntimeError(f"router {name} did not start")
+
+
+def _start_router() -> tuple[subprocess.Popen, str]:
+    p, url, _ = start_router()
     return p, url
 
 

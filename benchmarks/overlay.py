@@ -34,33 +34,6 @@ from pathlib import Path
 
 from benchmarks import hop
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_router(name: str, *extra: str) -> tuple[subprocess.Popen, str, str | None]:
-    """Start ``psepr router`` on ephemeral loopback ports.
-
-    Returns:
-        ``(process, client url, peer url or None)``.
-    """
-    p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "router", "--name", name,
-                          "--preset", "local", "--listen", "tcp://127.0.0.1:0",
-                          "--peer-listen", "tcp://127.0.0.1:0", *extra], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    url = peer = None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if not line:
-            break
-        if "listening on" in line:
-            url = line.split("listening on")[1].split()[0]
-        if "peers on" in line:
-            peer = line.split("peers on")[1].split()[0]
-        if " ready " in line:
-            return p, url, peer
-    hop._stop(p)
-    raise RuntimeError(f"router {name} did not start")
 
 
 def start_overlay(n: int, edges) -> tuple[list[subprocess.Popen], list[str]]:
@@ -72,7 +45,8 @@ def start_overlay(n: int, edges) -> tuple[list[subprocess.Popen], list[str]]:
     try:
         for i in range(n):
             extra = [a for j in sorted(dials[i]) for a in ("--peer", peers[j])]
-            p, url, peer = start_router(f"r{i}", *extra)
+            p, url, peer = hop.start_router(f"r{i}", "--preset", "local", "--peer-listen",
+                                            "tcp://127.0.0.1:0", *extra, quiet=True)
             procs.append(p)
             urls.append(url)
             peers.append(peer)

@@ -20,10 +20,11 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -83,6 +84,23 @@ class Lease(LeaseBase):
         await self._con._release(self, timeout)
 
 
+class _Gather:
+    """The replies of one request_all(), and an event set when another arrives."""
+
+    __slots__ = ("replies", "first", "more")
+
+    def __init__(self) -> None:
+        self.replies: list[Event] = []
+        self.first = 0.0
+        self.more = asyncio.Event()
+
+    def add(self, event: Event) -> None:
+        if not self.replies:
+            self.first = time.monotonic()
+        self.replies.append(event)
+        self.more.set()
+
+
 class Connection(ConnectionBase):
     """An asyncio connection; create with :func:`connect` (awaitable, or ``async with``)."""
 
@@ -100,7 +118,7 @@ class Connection(ConnectionBase):
         self._leases: dict[str, Lease] = {}
         self._futs: dict[int, asyncio.Future] = {}
         self._lease_futs: dict[str, asyncio.Future] = {}
-        self._requests: dict[str, asyncio.Future] = {}
+        self._requests: dict[str, "asyncio.Future | _Gather"] = {}
         self._inboxes: dict[str, Lease] = {}
         self._errors: list[Exception] = []
         self._init_arrivals()
@@ -328,18 +346,50 @@ class Connection(ConnectionBase):
                       to_service: str | None = None, to_instance: str | None = None,
                       timeout: float = 2.0) -> Event:
         """Request/reply; see :meth:`psepr.client.Connection.request`."""
+        fut = self._loop.create_future()
+        async with self._asking(channel, payload, type, format, to_service, to_instance,
+                                fut, timeout) as (eid, ch):
+            try:
+                return await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no reply to request {eid} on {ch.text} within "
+                                   f"{timeout} s") from None
+
+    async def request_all(self, channel: "str | Channel", payload: Any = None, *,
+                          type: str | None = None, format: str | None = None,
+                          to_service: str | None = None, to_instance: str | None = None,
+                          timeout: float = 2.0, settle: float | None = None,
+                          done: "Callable[[list[Event]], bool] | None" = None) -> list[Event]:
+        """Gather several replies; see :meth:`psepr.client.Connection.request_all`."""
+        deadline = time.monotonic() + timeout
+        g = _Gather()
+        async with self._asking(channel, payload, type, format, to_service, to_instance,
+                                g, timeout):
+            while not (done is not None and g.replies and done(g.replies)):
+                end = deadline if not (g.replies and settle is not None) \
+                    else min(deadline, g.first + settle)
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                g.more.clear()
+                try:
+                    await asyncio.wait_for(g.more.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            return list(g.replies)
+
+    @contextlib.asynccontextmanager
+    async def _asking(self, channel, payload, type, format, to_service, to_instance,
+                      answer, timeout: float):
+        """Send a request whose replies go to ``answer`` (a future or a _Gather)."""
         ch = parse(channel)
         inbox = await self._inbox(ch.authority, timeout)
         eid = _session.new_id()
-        fut = self._loop.create_future()
-        self._requests[eid] = fut
+        self._requests[eid] = answer
         try:
             await self.send(ch, payload, type=type, format=format, to_service=to_service,
                             to_instance=to_instance, reply_to=inbox.channel, id=eid)
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"no reply to request {eid} on {ch.text} within {timeout} s") \
-                from None
+            yield eid, ch
         finally:
             self._requests.pop(eid, None)
 
@@ -434,9 +484,11 @@ class Connection(ConnectionBase):
         self._any.set()
 
     def _answer(self, event: Event) -> None:
-        fut = self._requests.get(event.re)
-        if fut is not None and not fut.done():
-            fut.set_result(event)
+        answer = self._requests.get(event.re)
+        if isinstance(answer, _Gather):
+            answer.add(event)
+        elif answer is not None and not answer.done():
+            answer.set_result(event)
 
     def ready(self, welcome: dict) -> None:
         self.welcome = welcome

@@ -36,13 +36,14 @@ lost; events not yet handed over are sent to the next router.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import select
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -105,12 +106,15 @@ class Lease(LeaseBase):
         self._con._release(self, timeout)
 
 class _Waiter:
-    __slots__ = ("done", "result", "error")
+    __slots__ = ("done", "result", "error", "replies", "first")
 
-    def __init__(self) -> None:
+    def __init__(self, gather: bool = False) -> None:
         self.done = False
         self.result = None
         self.error: Exception | None = None
+        # request_all(): every reply, and when the first one came (monotonic)
+        self.replies: list | None = [] if gather else None
+        self.first = 0.0
 
 
 class Connection(ConnectionBase):
@@ -427,21 +431,65 @@ class Connection(ConnectionBase):
             TimeoutError: no reply within ``timeout`` (nobody listening, or too slow).
         """
         deadline = time.monotonic() + timeout
+        w = _Waiter()
+        with self._asking(channel, payload, type, format, to_service, to_instance, w,
+                          timeout) as (eid, ch):
+            self._wait_cond(lambda: w.done, max(0.0, deadline - time.monotonic()),
+                            f"no reply to request {eid} on {ch.text} within {timeout} s")
+        return w.result
+
+    def request_all(self, channel: "str | Channel", payload: Any = None, *,
+                    type: str | None = None, format: str | None = None,
+                    to_service: str | None = None, to_instance: str | None = None,
+                    timeout: float = 2.0, settle: float | None = None,
+                    done: "Callable[[list[Event]], bool] | None" = None) -> list[Event]:
+        """Send a request that several responders may answer, and gather the replies.
+
+        Collection ends at ``timeout``, ``settle`` seconds after the first reply,
+        or as soon as ``done(replies)`` returns True, whichever comes first.
+
+        Args:
+            channel, payload, type, format, to_service, to_instance: as for :meth:`send`.
+            timeout: the overall deadline in seconds.
+            settle: once a reply is in, wait at most this much longer for others.
+            done: called with the replies so far (in arrival order) whenever one
+                arrives, with the connection's lock held: keep it quick.
+
+        Returns:
+            The replies in arrival order; empty if nobody answered in time.
+        """
+        deadline = time.monotonic() + timeout
+        w = _Waiter(gather=True)
+        replies = w.replies
+        with self._asking(channel, payload, type, format, to_service, to_instance, w, timeout):
+            with self._cond:
+                while not (done is not None and replies and done(replies)):
+                    if self._closed:
+                        raise ClosedError("connection is closed")
+                    end = deadline if not (replies and settle is not None) \
+                        else min(deadline, w.first + settle)
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                return list(replies)
+
+    @contextlib.contextmanager
+    def _asking(self, channel, payload, type, format, to_service, to_instance,
+                w: _Waiter, timeout: float):
+        """Send a request whose replies go to ``w`` while the block runs."""
         ch = parse(channel)
         inbox = self._inbox(ch.authority, timeout)
-        w = _Waiter()
         eid = _session.new_id()
         with self._lock:
             self._requests[eid] = w
         try:
             self.send(ch, payload, type=type, format=format, to_service=to_service,
                       to_instance=to_instance, reply_to=inbox.channel, id=eid)
-            self._wait_cond(lambda: w.done, max(0.0, deadline - time.monotonic()),
-                            f"no reply to request {eid} on {ch.text} within {timeout} s")
+            yield eid, ch
         finally:
             with self._lock:
                 self._requests.pop(eid, None)
-        return w.result
 
     def reply(self, request: Event, payload: Any = None, *, type: str | None = None,
               format: str | None = None) -> str:
@@ -585,7 +633,14 @@ class Connection(ConnectionBase):
 
     def _answer(self, event: Event) -> None:
         w = self._requests.get(event.re)
-        if w is not None and not w.done:
+        if w is None:
+            return
+        if w.replies is not None:
+            if not w.replies:
+                w.first = time.monotonic()
+            w.replies.append(event)
+            self._cond.notify_all()
+        elif not w.done:
             w.result, w.done = event, True
             self._cond.notify_all()
 

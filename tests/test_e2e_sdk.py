@@ -425,3 +425,79 @@ def test_lone_and_burst_sends_keep_their_order(router_proc):
         assert got == list(range(n))
         with pytest.raises(psepr.TimeoutError):
             lease.receive(timeout=0.2)
+
+
+# -- request_all: several responders --------------------------------------------------------------
+
+def _responders(url: str, channel: str, n: int, failures: list):
+    """``n`` responder connections on ``channel``, each answering one request."""
+    cons = [psepr.connect(url, service=f"resp{i}") for i in range(n)]
+    leases = [c.lease(channel) for c in cons]
+
+    def respond(con, lease):
+        try:
+            req = lease.receive(timeout=5)
+            con.reply(req, {"by": con.principal, "q": req.payload})
+            con.flush()
+        except BaseException as exc:  # reported by the test thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=respond, args=(c, l), daemon=True)
+               for c, l in zip(cons, leases)]
+    for t in threads:
+        t.start()
+    return cons, threads
+
+
+def test_request_all_gathers_every_reply_and_stops_when_done(router_proc):
+    failures: list = []
+    cons, threads = _responders(router_proc.url, CH + "many/", 3, failures)
+    try:
+        with psepr.connect(router_proc.url) as client:
+            start = time.monotonic()
+            replies = client.request_all(CH + "many/", {"q": 2}, timeout=10,
+                                         done=lambda rs: len(rs) == 3)
+            elapsed = time.monotonic() - start
+        for t in threads:
+            t.join(5)
+        assert not failures
+        assert sorted(r.payload["by"] for r in replies) == ["resp0", "resp1", "resp2"]
+        assert all(r.payload["q"] == {"q": 2} and r.re for r in replies)
+        assert len({r.re for r in replies}) == 1
+        assert elapsed < 5      # done() ended it, not the 10 s deadline
+    finally:
+        for c in cons:
+            c.close()
+
+
+def test_request_all_settles_after_the_first_reply_and_is_empty_without_responders(router_proc):
+    failures: list = []
+    cons, threads = _responders(router_proc.url, CH + "one/", 1, failures)
+    try:
+        with psepr.connect(router_proc.url) as client:
+            start = time.monotonic()
+            replies = client.request_all(CH + "one/", 1, timeout=10, settle=0.2)
+            assert len(replies) == 1 and time.monotonic() - start < 5
+            start = time.monotonic()
+            assert client.request_all(CH + "nobody/", 1, timeout=0.3) == []
+            assert 0.25 <= time.monotonic() - start < 2
+        assert not failures
+    finally:
+        for c in cons:
+            c.close()
+
+
+async def test_aio_request_all_gathers_replies(router_proc):
+    failures: list = []
+    cons, threads = _responders(router_proc.url, CH + "aio-many/", 2, failures)
+    con = await psepr.aio.connect(router_proc.url)
+    try:
+        replies = await con.request_all(CH + "aio-many/", {"q": 3}, timeout=10,
+                                        done=lambda rs: len(rs) == 2)
+        assert sorted(r.payload["by"] for r in replies) == ["resp0", "resp1"]
+        assert await con.request_all(CH + "aio-nobody/", 1, timeout=0.3, settle=0.1) == []
+    finally:
+        await con.close()
+        for c in cons:
+            c.close()
+    assert not failures

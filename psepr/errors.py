@@ -11,8 +11,10 @@ level says who is to blame, which is what a caller needs to decide what to do:
 * :class:`ConnectionLost`  - the transport broke; the SDK reconnects by itself.
 * :class:`TimeoutError`    - a deadline passed (also a builtin TimeoutError, so
   ``except TimeoutError`` works as users expect).
-* :class:`NoRoute`         - nobody is there to answer (no lease holder).
+* :class:`NoRoute`         - nobody is there to answer (no lease holder);
+  :class:`NoMonitor` when that is a PLDB query.
 * :class:`SlowConsumer`    - events were dropped because a reader fell behind.
+* :class:`StorageError`    - local storage broke (disk full, read-only database).
 
 Errors carry their facts as attributes (``channel``, ``code``, ``field``...)
 so that callers never parse messages.
@@ -108,6 +110,30 @@ class TimeoutError(PseprError, builtins.TimeoutError):  # noqa: A001 - deliberat
 
 class NoRoute(PseprError):
     """No one answered a request: no lease holder on the channel."""
+
+
+class NoMonitor(NoRoute):
+    """No PLDB monitor answered a query for the channel before the deadline.
+
+    Attributes:
+        channel: the channel the query was for.
+    """
+
+    def __init__(self, message: str, channel: str | None = None) -> None:
+        self.channel = channel
+        super().__init__(message)
+
+
+class StorageError(PseprError):
+    """Local storage failed (disk full, read-only database, corrupt file).
+
+    Attributes:
+        path: the database file concerned.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class SlowConsumer(PseprError):

@@ -1,0 +1,410 @@
+"""PLDB from the client's side: tuples, the query vocabulary, and ``query()``.
+
+Theory of operation
+-------------------
+PLDB remembers the attribute events that fly over channels.  A *tuple* is one
+attribute value seen on a channel: ``(channel, field, value, time, expire,
+source, id)``, where ``time`` is the sending event's time, ``expire`` the
+attribute's validity in seconds, ``source`` the sender (``service/instance``,
+as the router stamped it) and ``id`` the event id.  ``(time, id)`` is the
+tuple's *version*: every monitor that saw the same event holds the same
+version, so "newest version wins" needs no coordination.
+
+Monitors (``pldb/monitor.py``) lease a channel subtree and answer *query
+events* sent on that channel or below it (type :data:`QUERY`).  A query is a
+request: its replies (type :data:`REPLY`) go to the asker's private inbox.
+Several monitors answer the same query, each in one or more *parts* (a big
+subtree does not fit one event), and each names the other ready monitors it
+knows for the channel (``peers``).  :class:`Replies` collects the parts until
+every monitor it has heard of has answered in full, then merges them: one
+answer per ``(channel, field)`` (the newest version), or with ``history`` every
+version once.  Monitors announce themselves on ``/<authority>/_sys/pldb/
+monitors/`` (type :data:`ANNOUNCE`); supervisors count them there.
+
+This module is pure vocabulary plus :func:`query`/:func:`aquery`, which only
+use the connection's public ``request_all``.  Payload shapes are specified in
+docs/protocol.md ("PLDB").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import orjson
+
+from .channel import Channel, parse
+from .errors import EventError, NoMonitor, RemoteError, UsageError
+
+#: Event type of a query (a request; replies go to its ``reply_to``).
+QUERY = "http://psepr.org/xs/pldb/query"
+#: Event type of a monitor's reply part.
+REPLY = "http://psepr.org/xs/pldb/reply"
+#: Event type of a monitor's announcement on the monitors channel.
+ANNOUNCE = "http://psepr.org/xs/pldb/monitor"
+#: Event type of a monitor's report of bad input or a storage failure.
+REPORT = "http://psepr.org/xs/pldb/report"
+
+#: Largest accepted attribute value, as JSON, in bytes: PLDB stores facts, not files.
+MAX_VALUE_BYTES = 64 * 1024
+#: Reply parts are cut at about this many bytes of tuples (events stay far below 1 MiB).
+PART_BYTES = 256 * 1024
+
+_ATTRIBUTE_KEYS = frozenset(("field", "value", "expire"))
+_QUERY_KEYS = frozenset(("field", "since", "history"))
+
+
+def monitors_channel(authority: str) -> Channel:
+    """Where monitors of ``authority`` announce themselves."""
+    return parse(f"/{authority}/_sys/pldb/monitors/")
+
+
+def reports_channel(authority: str) -> Channel:
+    """Where monitors of ``authority`` report bad input and storage trouble."""
+    return parse(f"/{authority}/_sys/pldb/reports/")
+
+
+@dataclass(frozen=True, slots=True)
+class Tuple:
+    """One remembered attribute value.
+
+    Attributes:
+        channel: the channel text the attribute event was sent on.
+        field: the attribute name.
+        value: the attribute value (any JSON value).
+        time: the event's sender time, seconds since the epoch.
+        expire: seconds after ``time`` the value stays valid; None = forever.
+        source: the sender, ``"service/instance"``.
+        id: the event id.
+    """
+
+    channel: str
+    field: str
+    value: Any
+    time: float
+    expire: float | None
+    source: str
+    id: str
+
+    @property
+    def version(self) -> tuple[float, str]:
+        """Order of versions of one ``(channel, field)``: newer compares greater."""
+        return (self.time, self.id)
+
+    @property
+    def expires_at(self) -> float:
+        """Wall-clock time the value goes stale (``inf`` for never)."""
+        return math.inf if self.expire is None else self.time + self.expire
+
+    def row(self) -> list:
+        """The tuple as it travels in a reply: ``[channel, field, value, time, expire, source, id]``."""
+        return [self.channel, self.field, self.value, self.time, self.expire, self.source, self.id]
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Tuple":
+        """Rebuild a tuple from :meth:`row` output (e.g. from a peer).
+
+        Raises:
+            EventError: the row does not have that shape.
+        """
+        if not isinstance(row, list) or len(row) != 7:
+            raise EventError(f"a PLDB tuple row is a list of 7 items, got {row!r:.80}", "tuples")
+        channel, field, value, time, expire, source, id = row
+        if not (isinstance(channel, str) and isinstance(field, str) and field
+                and _is_number(time) and (expire is None or _is_number(expire))
+                and isinstance(source, str) and isinstance(id, str)):
+            raise EventError(f"a PLDB tuple row has a field of the wrong type: {row!r:.120}",
+                             "tuples")
+        parse(channel)
+        return cls(channel, field, value, float(time), None if expire is None else float(expire),
+                   source, id)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def tuple_from_event(event, max_value_bytes: int = MAX_VALUE_BYTES) -> Tuple:
+    """The tuple an attribute event carries.
+
+    Args:
+        event: a :class:`~psepr.event.Event` with an attribute payload
+            (``{"field", "value", "expire"}``, see :func:`psepr.attribute`).
+        max_value_bytes: largest accepted value, as JSON.
+
+    Returns:
+        The :class:`Tuple`.
+
+    Raises:
+        EventError: the payload is not an attribute (names what is wrong).
+    """
+    p = event.payload
+    if not isinstance(p, dict):
+        raise EventError(f"attribute event {event.id}: payload must be a JSON object with "
+                         f"field, value and expire, got {type(p).__name__}", "payload")
+    unknown = p.keys() - _ATTRIBUTE_KEYS
+    if unknown:
+        raise EventError(f"attribute event {event.id}: unknown key(s) "
+                         f"{', '.join(sorted(map(repr, unknown)))} (allowed: field, value, expire)",
+                         sorted(unknown)[0])
+    field = p.get("field")
+    if not isinstance(field, str) or not field or len(field) > 256:
+        raise EventError(f"attribute event {event.id}: field must be a non-empty string of at "
+                         f"most 256 characters, got {field!r:.80}", "field")
+    if "value" not in p:
+        raise EventError(f"attribute event {event.id}: no value for field {field!r}", "value")
+    size = len(orjson.dumps(p["value"]))
+    if size > max_value_bytes:
+        raise EventError(f"attribute event {event.id}: value of {field!r} is {size} bytes, "
+                         f"more than the {max_value_bytes} allowed", "value")
+    expire = p.get("expire")
+    if expire is not None and (not _is_number(expire) or expire < 0):
+        raise EventError(f"attribute event {event.id}: expire must be a non-negative number of "
+                         f"seconds or null, got {expire!r:.40}", "expire")
+    source = f"{event.from_service or ''}/{event.from_instance or ''}"
+    return Tuple(event.channel.text, field, p["value"], event.time,
+                 None if expire is None else float(expire), source, event.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What a query asks for.
+
+    Attributes:
+        channel: the channel queried (its whole subtree is answered).
+        field: only this field, or None for every field.
+        since: only versions at or after this wall-clock time, or None.
+        history: every retained version instead of the newest one.
+    """
+
+    channel: Channel
+    field: str | None = None
+    since: float | None = None
+    history: bool = False
+
+    def payload(self) -> dict:
+        """The query event's JSON payload."""
+        return {"field": self.field, "since": self.since, "history": self.history}
+
+    def wants(self, t: Tuple, now: float) -> bool:
+        """Whether tuple ``t`` answers this query at wall-clock ``now``."""
+        return (t.channel.startswith(self.channel.text)
+                and (self.field is None or t.field == self.field)
+                and (self.since is None or t.time >= self.since)
+                and (self.history or t.expires_at > now))
+
+
+def parse_query(event) -> Query:
+    """The :class:`Query` a query event carries.
+
+    Raises:
+        EventError: the payload is not a query (names what is wrong).
+    """
+    p = event.payload
+    if p is None:
+        p = {}
+    if not isinstance(p, dict):
+        raise EventError(f"query {event.id}: payload must be a JSON object, got "
+                         f"{type(p).__name__}", "payload")
+    unknown = p.keys() - _QUERY_KEYS
+    if unknown:
+        raise EventError(f"query {event.id}: unknown key(s) {', '.join(sorted(map(repr, unknown)))}"
+                         f" (allowed: field, since, history)", sorted(unknown)[0])
+    field, since, history = p.get("field"), p.get("since"), p.get("history", False)
+    if field is not None and (not isinstance(field, str) or not field):
+        raise EventError(f"query {event.id}: field must be a non-empty string or null, "
+                         f"got {field!r:.80}", "field")
+    if since is not None and not _is_number(since):
+        raise EventError(f"query {event.id}: since must be a time in seconds since the epoch "
+                         f"or null, got {since!r:.40}", "since")
+    if not isinstance(history, bool):
+        raise EventError(f"query {event.id}: history must be true or false, got {history!r:.40}",
+                         "history")
+    return Query(event.channel, field, None if since is None else float(since), history)
+
+
+def cut_parts(rows: Iterable[list], part_bytes: int = PART_BYTES) -> list[list[list]]:
+    """Cut reply rows into parts of about ``part_bytes`` of JSON each (at least one part).
+
+    A monitor sends one reply event per part; an empty answer is one empty part.
+    """
+    parts: list[list[list]] = [[]]
+    size = 0
+    for row in rows:
+        n = len(orjson.dumps(row))
+        if size + n > part_bytes and parts[-1]:
+            parts.append([])
+            size = 0
+        parts[-1].append(row)
+        size += n
+    return parts
+
+
+class Replies:
+    """Collects the reply parts of one query from several monitors, and merges them.
+
+    Pure bookkeeping: feed it reply payloads with :meth:`add`; :meth:`complete`
+    says whether every monitor heard of (answering, or named as a peer by one
+    that answered) has sent all its parts.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[str, dict[int, list]] = {}
+        self._last: dict[str, int] = {}     # monitor -> index of its last part
+        self._known: set[str] = set()
+        self._fed = 0
+        self.errors: list[RemoteError] = []
+
+    def feed(self, events: list) -> bool:
+        """Take the reply events not seen yet (``request_all``'s ``done`` hook).
+
+        Returns:
+            :meth:`complete`.
+        """
+        for ev in events[self._fed:]:
+            self.add(ev.payload, ev.from_service)
+        self._fed = len(events)
+        return self.complete()
+
+    def add(self, payload: Any, sender: str | None = None) -> None:
+        """Take one reply payload (a part, or an error).  Garbage is recorded as an error."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("monitor"), str):
+            self.errors.append(RemoteError(f"malformed PLDB reply from {sender}: {payload!r:.120}",
+                                           code="pldb"))
+            return
+        mon = payload["monitor"]
+        self._known.add(mon)
+        if "error" in payload:
+            self.errors.append(RemoteError(f"monitor {mon}: {payload['error']}", code="pldb"))
+            self._last[mon] = -1           # an error is that monitor's whole answer
+            self._parts.setdefault(mon, {})
+            return
+        part, rows = payload.get("part"), payload.get("tuples")
+        if not isinstance(part, int) or not isinstance(rows, list):
+            self.errors.append(RemoteError(f"malformed PLDB reply part from monitor {mon}",
+                                           code="pldb"))
+            return
+        self._parts.setdefault(mon, {})[part] = rows
+        if payload.get("last"):
+            self._last[mon] = part
+        peers = payload.get("peers")
+        if isinstance(peers, list):
+            self._known.update(p for p in peers if isinstance(p, str))
+
+    def answered(self, mon: str) -> bool:
+        """Whether monitor ``mon`` has sent every part of its answer."""
+        last = self._last.get(mon)
+        return last is not None and all(i in self._parts[mon] for i in range(last + 1))
+
+    def complete(self) -> bool:
+        """Whether every monitor heard of has answered in full."""
+        return bool(self._known) and all(self.answered(m) for m in self._known)
+
+    @property
+    def monitors(self) -> list[str]:
+        """The monitors that answered in full."""
+        return sorted(m for m in self._parts if self.answered(m))
+
+    def tuples(self, history: bool = False) -> list[Tuple]:
+        """The merged answer, sorted by channel, field and time.
+
+        Args:
+            history: keep every version once (by id) instead of the newest per
+                ``(channel, field)``.
+
+        Raises:
+            RemoteError: a monitor sent a malformed tuple row.
+        """
+        best: dict[tuple, Tuple] = {}
+        for mon, parts in self._parts.items():
+            for rows in parts.values():
+                for row in rows:
+                    t = Tuple.from_row(row)
+                    key = (t.channel, t.field, t.id) if history else (t.channel, t.field)
+                    old = best.get(key)
+                    if old is None or t.version > old.version:
+                        best[key] = t
+        return sorted(best.values(), key=lambda t: (t.channel, t.field, t.time, t.id))
+
+
+_SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_span(text: str) -> float:
+    """Seconds in a span such as ``"90"``, ``"30s"``, ``"10m"``, ``"2h"`` or ``"1d"``.
+
+    Raises:
+        UsageError: not a span.
+    """
+    m = _SPAN.match(text)
+    if not m:
+        raise UsageError(f"not a time span: {text!r} (examples: 30s, 10m, 2h, 1d)")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def _finish(replies: Replies, q: Query, timeout: float) -> list[Tuple]:
+    if not replies.monitors:
+        if replies.errors:
+            raise replies.errors[0]
+        raise NoMonitor(f"no PLDB monitor answered for {q.channel.text} within {timeout} s",
+                        q.channel.text)
+    if replies.errors and not replies.tuples(q.history):
+        raise replies.errors[0]
+    return replies.tuples(q.history)
+
+
+def _prepare(channel, field, since, history) -> tuple[Query, Replies]:
+    ch = parse(channel)
+    if ch.is_root:
+        raise UsageError("a PLDB query needs a channel below the root, e.g. /example.com/node/")
+    if field is not None and (not isinstance(field, str) or not field):
+        raise UsageError(f"field must be a non-empty string or None, got {field!r}")
+    if since is not None and not _is_number(since):
+        raise UsageError(f"since must be a wall-clock time in seconds, got {since!r}")
+    return Query(ch, field, since, bool(history)), Replies()
+
+
+def query(con, channel: "str | Channel", field: str | None = None, since: float | None = None,
+          history: bool = False, timeout: float = 2.0, settle: float = 0.5) -> list[Tuple]:
+    """Ask PLDB for the tuples on ``channel`` and below (a synchronous connection).
+
+    Args:
+        con: a :class:`psepr.Connection`.
+        channel: the channel; its whole subtree is answered.
+        field: only this field (default: every field).
+        since: only values at or after this wall-clock time (``time.time()`` scale).
+        history: every retained version, oldest first, instead of the newest one.
+        timeout: deadline for the answers, in seconds.
+        settle: once one monitor has answered, wait at most this much longer
+            for the others it named (a monitor that died meanwhile).
+
+    Returns:
+        The tuples, sorted by channel, field and time; one per ``(channel,
+        field)`` unless ``history``.  Expired values are left out unless
+        ``history``.
+
+    Raises:
+        UsageError: bad arguments.
+        NoMonitor: no monitor answered within ``timeout``.
+        RemoteError: every monitor that answered refused the query (the message
+            says why).
+    """
+    q, replies = _prepare(channel, field, since, history)
+    events = con.request_all(q.channel, q.payload(), type=QUERY, timeout=timeout,
+                             settle=settle, done=replies.feed)
+    replies.feed(events)
+    return _finish(replies, q, timeout)
+
+
+async def aquery(con, channel: "str | Channel", field: str | None = None,
+                 since: float | None = None, history: bool = False, timeout: float = 2.0,
+                 settle: float = 0.5) -> list[Tuple]:
+    """:func:`query` for an asyncio connection (:func:`psepr.aio.connect`)."""
+    q, replies = _prepare(channel, field, since, history)
+    events = await con.request_all(q.channel, q.payload(), type=QUERY, timeout=timeout,
+                                   settle=settle, done=replies.feed)
+    replies.feed(events)
+    return _finish(replies, q, timeout)

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 Two tables.  ``latest`` holds the newest version of every ``(channel, field)``
-(an upsert that only ever moves forward in version order, so tuples may
+(an upsert that only ever moves forward in version order, the order of
+:attr:`psepr.pldb.Tuple.version`, so tuples may
 arrive in any order and from peers without harm).  ``history`` holds every
 version seen, keyed by ``(channel, field, time, id)``: a version arriving twice
 (live and again from a peer while filling) is stored once, and the key order
@@ -53,7 +54,9 @@ INSERT INTO latest (channel, field, value, time, expire, source, id) VALUES (?, 
 ON CONFLICT (channel, field) DO UPDATE SET
     value = excluded.value, time = excluded.time, expire = excluded.expire,
     source = excluded.source, id = excluded.id
-WHERE excluded.time > latest.time OR (excluded.time = latest.time AND excluded.id > latest.id)
+WHERE excluded.time > latest.time OR (excluded.time = latest.time AND (
+    length(excluded.id) > length(latest.id)
+    OR (length(excluded.id) = length(latest.id) AND excluded.id > latest.id)))
 """
 _HISTORY = ("INSERT OR IGNORE INTO history (channel, field, value, time, expire, source, id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)")

@@ -8,7 +8,8 @@ The public API (see README.md)::
         con.send("/example.com/heartbeat/x.example.com/", {"load": 0.4}, type="heartbeat")
         event = lease.receive(timeout=5.0)
 
-``psepr.aio.connect`` offers the same API with ``await``.
+``psepr.aio.connect`` offers the same API with ``await``; ``psepr.pldb.query``
+asks PLDB for the tuples remembered on a channel.
 """
 
 from . import errors
@@ -17,16 +18,19 @@ from .channel import Channel, covers, parse as channel
 from .client import Connection, Lease, connect
 from .config import ClientConfig, tune_gc
 from .errors import (AccessDenied, ChannelError, ClosedError, ConfigError, ConnectionLost,
-                     EventError, LeaseExpired, NoRoute, ProtocolError, PseprError, RemoteError,
-                     SlowConsumer, TimeoutError, UsageError, XMLRefused)
+                     EventError, LeaseExpired, NoMonitor, NoRoute, ProtocolError, PseprError,
+                     RemoteError, SlowConsumer, StorageError, TimeoutError, UsageError,
+                     XMLRefused)
 from .event import ATTRIBUTE, EVENT_NS, Event, attribute, from_json, from_xml
+from . import pldb
 
 __all__ = [
     "connect", "Connection", "Lease", "ClientConfig", "tune_gc", "Event", "Channel", "channel", "covers",
     "attribute", "ATTRIBUTE", "EVENT_NS", "from_json", "from_xml", "errors", "aio",
     "PseprError", "UsageError", "ChannelError", "EventError", "XMLRefused", "ConfigError",
     "RemoteError", "AccessDenied", "ProtocolError", "LeaseExpired", "ClosedError",
-    "ConnectionLost", "TimeoutError", "NoRoute", "SlowConsumer", "__version__",
+    "ConnectionLost", "TimeoutError", "NoRoute", "NoMonitor", "SlowConsumer", "StorageError",
+    "pldb", "__version__",
 ]
 
 

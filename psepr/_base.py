@@ -56,6 +56,22 @@ class LeaseBase:
         """Events waiting to be received."""
         return len(self._q)
 
+    def take(self, limit: int | None = None) -> list:
+        """The events already waiting on this lease, oldest first, without waiting.
+
+        Not a coroutine in either shell: a batch consumer takes what is there
+        in one step, and nothing else runs in between.
+
+        Args:
+            limit: take at most this many (default: all).
+
+        Returns:
+            A list of :class:`~psepr.event.Event`, possibly empty.
+        """
+        q = self._q
+        n = len(q) if limit is None else min(limit, len(q))
+        return [q.popleft() for _ in range(n)]
+
 
 class ConnectionBase:
     """Shared identity properties and delivery bookkeeping (a mixin).

@@ -453,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--routers", type=int, default=3, help="how many routers (default 3)")
     run.set_defaults(func=cmd_run)
 
+    from pldb.cli import add_parser as add_pldb_parser
+    add_pldb_parser(sub, _add_router_arg)
+
     b = sub.add_parser("bench", help="benchmarks (hop, overlay, core, idle)")
     b.add_argument("which", choices=("hop", "overlay", "core", "idle"),
                    help="hop: sender -> router -> holders, each its own process; "
@@ -473,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     # Short-lived client commands report every failure as their one error line;
     # the SDK's warnings would repeat it (-v shows them).  Long-running commands
     # (router, lease, stats --watch) keep warnings: fail-over, drops, expiry.
-    quiet = args.command in ("send", "request", "stats") and not getattr(args, "watch", False)
+    quiet = (args.command in ("send", "request", "stats") and not getattr(args, "watch", False)
+             or getattr(args, "pldb_command", None) in ("get", "monitors"))
     levels = [logging.ERROR if quiet else logging.WARNING, logging.INFO, logging.DEBUG]
     logging.basicConfig(level=levels[min(args.verbose, 2)],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

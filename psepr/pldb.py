@@ -7,7 +7,8 @@ attribute value seen on a channel: ``(channel, field, value, time, expire,
 source, id)``, where ``time`` is the sending event's time, ``expire`` the
 attribute's validity in seconds, ``source`` the sender (``service/instance``,
 as the router stamped it) and ``id`` the event id.  ``(time, id)`` is the
-tuple's *version*: every monitor that saw the same event holds the same
+tuple's *version* (ties between equal times broken by the id, see
+:attr:`Tuple.version`): every monitor that saw the same event holds the same
 version, so "newest version wins" needs no coordination.
 
 Monitors (``pldb/monitor.py``) lease a channel subtree and answer *query
@@ -31,12 +32,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import orjson
 
 from .channel import Channel, parse
 from .errors import EventError, NoMonitor, RemoteError, UsageError
+from .event import ATTRIBUTE
 
 #: Event type of a query (a request; replies go to its ``reply_to``).
 QUERY = "http://psepr.org/xs/pldb/query"
@@ -89,9 +91,13 @@ class Tuple:
     id: str
 
     @property
-    def version(self) -> tuple[float, str]:
-        """Order of versions of one ``(channel, field)``: newer compares greater."""
-        return (self.time, self.id)
+    def version(self) -> tuple[float, int, str]:
+        """Order of versions of one ``(channel, field)``: newer compares greater.
+
+        The sender's time first; for equal times the id, shorter first, so that
+        the SDK's ids (``prefix.counter``) of one sender order by counter.
+        """
+        return (self.time, len(self.id), self.id)
 
     @property
     def expires_at(self) -> float:
@@ -408,3 +414,46 @@ async def aquery(con, channel: "str | Channel", field: str | None = None,
                                    settle=settle, done=replies.feed)
     replies.feed(events)
     return _finish(replies, q, timeout)
+
+
+def watch(con, channel: "str | Channel", field: str | None = None, timeout: float = 2.0,
+          duration: float = 3600.0) -> Iterator[Tuple]:
+    """The current tuples below ``channel``, then every newer one as it is sent.
+
+    The lease is in place on every router (the overlay's barrier) before PLDB
+    is asked, so nothing sent in between is missed; a live tuple whose version
+    the answer already held (or surpassed) is skipped, so nothing comes twice.
+
+    Args:
+        con: a :class:`psepr.Connection`.
+        channel: the channel subtree.
+        field: only this field.
+        timeout: deadline for the PLDB answer.
+        duration: the lease's requested duration (renewed automatically).
+
+    Yields:
+        :class:`Tuple` values: first the answer (sorted), then live ones.
+
+    Raises:
+        NoMonitor: no monitor answered (the lease is released).
+    """
+    ch = parse(channel)
+    lease = con.lease(ch, duration=duration, type=ATTRIBUTE, propagated=True)
+    try:
+        newest: dict[tuple[str, str], tuple] = {}
+        for t in query(con, ch, field=field, timeout=timeout):
+            newest[(t.channel, t.field)] = t.version
+            yield t
+        for ev in lease:
+            try:
+                t = tuple_from_event(ev)
+            except EventError:
+                continue          # not an attribute; the monitors report it
+            key = (t.channel, t.field)
+            if (field is not None and t.field != field) or \
+                    (key in newest and t.version <= newest[key]):
+                continue
+            newest[key] = t.version
+            yield t
+    finally:
+        lease.release()

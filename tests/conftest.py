@@ -183,3 +183,76 @@ def wait_converged(routers: list[RouterProcess], timeout: float = 30.0,
             return time.monotonic() - t0
         time.sleep(0.1)
     raise AssertionError(f"overlay did not converge within {timeout} s: {views}")
+
+
+class CLIProcess:
+    """A long-running ``psepr ...`` child (monitor, supervisor, sensors, ...).
+
+    Waits until a line of its stdout contains ``ready`` (readiness is awaited,
+    never slept for), then keeps draining both pipes into ``output``.
+
+    Attributes:
+        proc: the Popen object.
+        lines: stdout lines seen up to readiness.
+        output: every line printed afterwards (stdout and stderr).
+    """
+
+    def __init__(self, *args: str, router: str, ready: str, timeout: float = 20.0,
+                 env: dict | None = None) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "psepr.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PSEPR_ROUTERS": router, **(env or {})})
+        self.lines: list[str] = []
+        self.output: list[str] = []
+        threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.stop()
+                raise RuntimeError(f"psepr {' '.join(args)} exited early "
+                                   f"(rc={self.proc.returncode}): {''.join(self.output)}")
+            self.lines.append(line)
+            if ready in line:
+                break
+        else:
+            self.stop()
+            raise RuntimeError(f"psepr {' '.join(args)} did not print {ready!r} in {timeout} s")
+        threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
+
+    def _drain(self, stream) -> None:
+        try:
+            for line in stream:
+                self.output.append(line)
+        except (ValueError, OSError):
+            pass
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_cli():
+    """Factory: start_cli(*args, router=url, ready=text) -> CLIProcess; all stopped afterwards."""
+    started: list[CLIProcess] = []
+
+    def _start(*args: str, **kw) -> CLIProcess:
+        p = CLIProcess(*args, **kw)
+        started.append(p)
+        return p
+
+    yield _start
+    for p in started:
+        p.stop()

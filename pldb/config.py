@@ -1,0 +1,73 @@
+"""PLDB configuration: frozen dataclasses with named presets (local, lan, wan)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from psepr.pldb import MAX_VALUE_BYTES
+
+from .store import HISTORY_LIMIT
+
+
+@dataclass(frozen=True)
+class PLDBConfig:
+    """How monitors and supervisors behave.
+
+    Attributes:
+        announce_every: seconds between a monitor's announcements (1 s on a LAN:
+            a few hundred bytes per monitor per second, and replicas are
+            recounted within ``announce_ttl`` of a monitor's death).
+        announce_ttl: a monitor not heard from for this long is gone (3.5
+            periods: two lost announcements in a row are tolerated).
+        fill_wait: how long a new monitor listens for its peers' announcements
+            before it fills from them (a little more than ``announce_every``, so
+            every live peer has announced once).
+        fill_timeout: how long the fill query may take before the monitor gives
+            up on it and starts from what it has (and says so).
+        history_limit: versions kept per (channel, field).
+        max_value_bytes: largest attribute value accepted, as JSON.
+        batch: attribute events stored per SQLite transaction at most (bigger
+            amortises the commit; smaller keeps a query waiting less).
+        maintain_every: seconds between history trims and expiry purges.
+        report_every: at most one report of bad input per this many seconds per
+            monitor (the rest are counted in the next report).
+        retry_storage: seconds between retries of a failing database.
+        supervise_every: seconds between a supervisor's rounds.
+        backoff: a supervisor that sees a channel short of (or over) its replicas
+            waits a random time in ``[0, backoff)``, plus ``backoff`` for each
+            monitor it already runs, before acting; then it looks again.  Hosts
+            with less to do act first and the others usually find nothing left.
+    """
+
+    announce_every: float = 1.0
+    announce_ttl: float = 3.5
+    fill_wait: float = 1.2
+    fill_timeout: float = 10.0
+    history_limit: int = HISTORY_LIMIT
+    max_value_bytes: int = MAX_VALUE_BYTES
+    batch: int = 5000
+    maintain_every: float = 10.0
+    report_every: float = 5.0
+    retry_storage: float = 5.0
+    supervise_every: float = 0.5
+    backoff: float = 1.0
+
+    PRESETS = {
+        # One host: everything is near, react fast (tests and `psepr run`).
+        "local": dict(announce_every=0.5, announce_ttl=1.75, fill_wait=0.6, backoff=0.5,
+                      supervise_every=0.25, maintain_every=5.0),
+        # A machine room: the defaults.
+        "lan": dict(),
+        # Wide area: announcements may be late; do not recount replicas on a hiccup.
+        "wan": dict(announce_every=3.0, announce_ttl=10.5, fill_wait=3.5, fill_timeout=30.0,
+                    backoff=3.0, supervise_every=1.5),
+    }
+
+    @classmethod
+    def preset(cls, preset: str, /, **overrides) -> "PLDBConfig":
+        """A configuration from a named preset with overrides (KeyError if unknown)."""
+        return cls(**{**cls.PRESETS[preset], **overrides})
+
+    def replace(self, **changes) -> "PLDBConfig":
+        return dataclasses.replace(self, **changes)

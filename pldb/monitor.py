@@ -1,0 +1,364 @@
+"""A PLDB monitor: remembers one channel subtree and answers queries about it.
+
+Theory of operation
+-------------------
+A monitor is an ordinary client of the bus (an asyncio connection).  It holds
+three leases:
+
+* ``root`` filtered to attribute events: every tuple sent below ``root`` is
+  validated (:func:`psepr.pldb.tuple_from_event`) and stored, a batch per
+  SQLite transaction, in its :class:`~pldb.store.TupleStore`;
+* ``root`` filtered to query events: each is answered on the asker's inbox,
+  in parts, naming the other ready monitors of the channel (``peers``) so the
+  asker knows whose answers to wait for;
+* the authority's monitors channel: announcements of every monitor, its own
+  included, kept in a :class:`~pldb.peers.PeerTable`.
+
+Start-up: lease first (with the overlay-wide barrier), then listen for the
+peers' announcements for ``fill_wait``, then copy every version the ready peers
+hold (a query with ``history``).  Live tuples are stored meanwhile; the store's
+upsert keeps the newest version whatever the order, so the live stream and the
+copy need no merge step and leave no gap.  Only then does the monitor say
+``ready`` and answer queries: a new monitor never answers with half a past.
+
+Bad input (a malformed attribute, a query without a reply channel) is dropped,
+counted, and reported on ``/<authority>/_sys/pldb/reports/`` at most once per
+``report_every``; a malformed query is answered with an error naming the
+problem.  A failing database (disk full, read-only) turns the monitor
+``broken``: it stops answering, reports, retries every ``retry_storage``
+seconds, and after a write succeeds again fills from its peers once more
+(tuples were lost meanwhile) before it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import psepr
+import psepr.aio
+from psepr.channel import Channel, parse
+from psepr.errors import EventError, NoMonitor, PseprError, StorageError
+from psepr.pldb import (ANNOUNCE, QUERY, REPLY, REPORT, aquery, cut_parts, monitors_channel,
+                        parse_query, reports_channel, tuple_from_event)
+
+from .config import PLDBConfig
+from .peers import BROKEN, FILLING, READY, STOPPED, MonitorInfo, PeerTable, parse_announcement
+from .store import TupleStore
+
+log = logging.getLogger("psepr.pldb.monitor")
+
+
+def database_path(data_dir: "str | Path", root: Channel) -> Path:
+    """Where the monitor of ``root`` keeps its database under ``data_dir``."""
+    name = root.text.strip("/").replace("/", "~") or "_root"
+    return Path(data_dir) / f"{name}.sqlite"
+
+
+class Monitor:
+    """One monitor of one channel subtree.
+
+    Args:
+        con: an open :func:`psepr.aio.connect` connection (the monitor does not close it).
+        root: the channel subtree to remember (not ``/``: a monitor belongs to an authority).
+        store: where the tuples live.
+        host: the host name announced (supervisors place replicas by host).
+        config: timings and limits.
+        id: the monitor id; a fresh one by default.
+        clock: wall-clock time (tuple expiry); ``mono``: monotonic time (everything else).
+
+    Attributes:
+        state: ``filling``, ``ready``, ``broken`` or ``stopped``.
+        counters: ``tuples`` stored, ``bad`` inputs dropped, ``queries`` answered,
+            ``lost`` tuples a broken database could not take.
+    """
+
+    def __init__(self, con, root: "str | Channel", store: TupleStore, *, host: str,
+                 config: PLDBConfig | None = None, id: str | None = None,
+                 clock=time.time, mono=time.monotonic) -> None:
+        self.con = con
+        self.root = parse(root)
+        if self.root.is_root:
+            raise psepr.UsageError("a monitor needs a channel below the root, e.g. /example.com/node/")
+        self.store = store
+        self.host = host
+        self.config = config or PLDBConfig()
+        self.id = id or f"{host}~{secrets.token_hex(3)}"
+        self.state = FILLING
+        self.peers = PeerTable()
+        self.counters = {"tuples": 0, "bad": 0, "queries": 0, "lost": 0}
+        self._clock, self._mono = clock, mono
+        self._tasks: list[asyncio.Task] = []
+        self._leases: list = []
+        self._ready = asyncio.Event()
+        self._reported_at = -1e9
+        self._retry_at = 0.0
+        self._unreported = 0
+        self._latest = 0
+        self._dirty = False           # tuples stored since _latest was counted
+        self._recovering = False      # a write succeeded while broken
+        self._fill_task: asyncio.Task | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Lease, then start filling from peers in the background (see :meth:`wait_ready`).
+
+        Raises:
+            AccessDenied, TimeoutError: a lease was refused or not granted.
+        """
+        con, authority = self.con, self.root.authority
+        self._mon_lease = await con.lease(monitors_channel(authority), type=ANNOUNCE, id="pldb-peers")
+        self._attr_lease = await con.lease(self.root, type=psepr.ATTRIBUTE, id="pldb-tuples",
+                                           propagated=True, timeout=10.0)
+        self._query_lease = await con.lease(self.root, type=QUERY, id="pldb-queries",
+                                            propagated=True, timeout=10.0)
+        self._leases = [self._mon_lease, self._attr_lease, self._query_lease]
+        self._latest = self._count_latest()
+        self._tasks = [asyncio.create_task(coro, name=f"pldb-{name}-{self.id}") for name, coro in (
+            ("hear", self._hear()), ("ingest", self._ingest()), ("answer", self._answer()),
+            ("tick", self._tick()))]
+        await self._announce()
+        self._fill_task = asyncio.create_task(self._fill(), name=f"pldb-fill-{self.id}")
+        log.info("monitor %s of %s started (database %s)", self.id, self.root.text, self.store.path)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the monitor answers queries (filled from its peers).
+
+        Raises:
+            TimeoutError: not ready in time.
+        """
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise psepr.TimeoutError(f"monitor {self.id} not ready within {timeout} s") from None
+
+    async def stop(self) -> None:
+        """Say ``stopped``, release the leases, close the database.  Idempotent."""
+        if self.state == STOPPED:
+            return
+        self.state = STOPPED
+        tasks = self._tasks + ([self._fill_task] if self._fill_task else [])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self._announce()
+            for lease in self._leases:
+                await lease.release(timeout=2.0)
+        except PseprError as exc:
+            log.warning("monitor %s: could not say goodbye: %s", self.id, exc)
+        self.store.close()
+        log.info("monitor %s of %s stopped", self.id, self.root.text)
+
+    def info(self) -> MonitorInfo:
+        """This monitor as its announcement describes it."""
+        return MonitorInfo(self.id, self.host, self.root, self.state, self._latest,
+                           self._mono() + self.config.announce_ttl)
+
+    # -- filling ------------------------------------------------------------------------------------
+    async def _fill(self) -> None:
+        """Copy every version the ready peers hold, then become ready."""
+        cfg = self.config
+        await asyncio.sleep(cfg.fill_wait)
+        peers = [m for m in self.peers.ready_covering(self.root) if m.id != self.id]
+        copied = 0
+        if peers:
+            started = self._mono()
+            try:
+                tuples = await aquery(self.con, self.root, history=True,
+                                      timeout=cfg.fill_timeout, settle=cfg.fill_timeout / 4)
+                copied = self.store.apply(tuples)
+                self._latest = self._count_latest()
+                log.info("monitor %s filled %d versions from %d peer(s) in %.2f s", self.id,
+                         copied, len(peers), self._mono() - started)
+            except StorageError as exc:
+                await self._broken(exc)
+                return
+            except (NoMonitor, PseprError) as exc:
+                await self._report("fill-failed", f"could not fill from peers "
+                                   f"{', '.join(m.id for m in peers)}: {exc}", force=True)
+        if self.state == FILLING:        # not broken meanwhile
+            self.state = READY
+            self._ready.set()
+            await self._announce()
+
+    # -- tasks --------------------------------------------------------------------------------------
+    async def _hear(self) -> None:
+        async for ev in self._mon_lease:
+            try:
+                self.peers.heard(parse_announcement(ev.payload, self._mono()))
+            except EventError as exc:
+                await self._report("bad-announcement", f"event {ev.id} from {ev.from_service}: {exc}")
+
+    async def _ingest(self) -> None:
+        while True:
+            first = await self._attr_lease.receive()
+            await self._after_store(*self._store_waiting(first))
+
+    def _store_waiting(self, first=None) -> tuple[list, StorageError | None]:
+        """Store ``first`` and every attribute event already waiting, at once.
+
+        No ``await`` inside: a query answered right after sees every tuple that
+        reached this connection before it.
+
+        Returns:
+            ``(bad, error)``: the refused events with their errors, and the
+            storage failure if the write failed.
+        """
+        events = ([] if first is None else [first]) + self._attr_lease.take()
+        tuples, bad = [], []
+        for ev in events:
+            try:
+                tuples.append(tuple_from_event(ev, self.config.max_value_bytes))
+            except EventError as exc:
+                bad.append((ev, exc))
+        self.counters["bad"] += len(bad)
+        if not tuples:
+            return bad, None
+        if self.state == BROKEN and self._mono() < self._retry_at:
+            self.counters["lost"] += len(tuples)
+            return bad, None
+        try:
+            for i in range(0, len(tuples), self.config.batch):
+                self.store.apply(tuples[i:i + self.config.batch])
+        except StorageError as exc:
+            self.counters["lost"] += len(tuples)
+            return bad, exc
+        self.counters["tuples"] += len(tuples)
+        self._dirty = True
+        if self.state == BROKEN:
+            self._recovering = True    # writable again: _after_store refills
+        return bad, None
+
+    async def _after_store(self, bad: list, error: StorageError | None) -> None:
+        """Report what :meth:`_store_waiting` refused, and storage trouble or recovery."""
+        for ev, exc in bad:
+            await self._report("bad-tuple", f"event {ev.id} on {ev.channel.text} from "
+                               f"{ev.from_service}/{ev.from_instance}: {exc}")
+        if error is not None:
+            await self._broken(error)
+        elif self._recovering:
+            self._recovering = False
+            await self._recovered()
+
+    async def _answer(self) -> None:
+        async for ev in self._query_lease:
+            if self.state != READY:
+                continue          # not filled (or broken): the asker hears the ready ones
+            if ev.reply_to is None:
+                self.counters["bad"] += 1
+                await self._report("bad-query", f"query {ev.id} from {ev.from_service} has no "
+                                   "reply_to channel (send it with request, not send)")
+                continue
+            stored = self._store_waiting()     # tuples that came before the query count
+            try:
+                q = parse_query(ev)
+                rows = [t.row() for t in self.store.query(q, self._clock())]
+            except (EventError, StorageError) as exc:
+                await self._after_store(*stored)
+                self.counters["bad"] += isinstance(exc, EventError)
+                await self.con.reply(ev, {"monitor": self.id, "error": str(exc)}, type=REPLY)
+                continue
+            await self._after_store(*stored)
+            peers = [m.id for m in self.peers.ready_covering(q.channel) if m.id != self.id]
+            parts = cut_parts(rows)
+            for i, part in enumerate(parts):
+                await self.con.reply(ev, {"monitor": self.id, "root": self.root.text, "part": i,
+                                          "last": i == len(parts) - 1, "peers": peers,
+                                          "tuples": part}, type=REPLY)
+            self.counters["queries"] += 1
+
+    async def _tick(self) -> None:
+        cfg = self.config
+        next_maintain = self._mono() + cfg.maintain_every
+        while True:
+            await asyncio.sleep(cfg.announce_every)
+            self.peers.expire(self._mono())
+            if self._mono() >= next_maintain and self.state != BROKEN:
+                next_maintain = self._mono() + cfg.maintain_every
+                try:
+                    self.store.trim()
+                    self.store.purge(self._clock())
+                    self._latest = self._count_latest()
+                except StorageError as exc:
+                    await self._broken(exc)
+            elif self._dirty:
+                self._latest = self._count_latest()
+            await self._announce()
+
+    # -- storage trouble ----------------------------------------------------------------------------
+    async def _broken(self, exc: StorageError) -> None:
+        self._retry_at = self._mono() + self.config.retry_storage
+        if self.state != BROKEN:
+            self.state = BROKEN
+            self._ready.clear()
+            log.error("monitor %s: %s", self.id, exc)
+            await self._announce()
+        await self._report("storage", str(exc), force=True)
+
+    async def _recovered(self) -> None:
+        log.warning("monitor %s: database writable again; refilling from peers", self.id)
+        self.state = FILLING
+        await self._announce()
+        self._fill_task = asyncio.create_task(self._fill(), name=f"pldb-refill-{self.id}")
+
+    def _count_latest(self) -> int:
+        self._dirty = False
+        try:
+            return self.store.counts()["latest"]
+        except StorageError:
+            return self._latest
+
+    # -- speaking -----------------------------------------------------------------------------------
+    async def _announce(self) -> None:
+        info = self.info()
+        self.peers.heard(info)
+        await self.con.send(monitors_channel(self.root.authority),
+                            info.announcement(self.config.announce_ttl), type=ANNOUNCE)
+
+    async def _report(self, kind: str, detail: str, force: bool = False) -> None:
+        """Publish a report, at most one per ``report_every`` unless ``force``."""
+        now = self._mono()
+        if not force and now - self._reported_at < self.config.report_every:
+            self._unreported += 1
+            return
+        log.warning("monitor %s: %s: %s", self.id, kind, detail)
+        payload: dict[str, Any] = {"monitor": self.id, "host": self.host, "root": self.root.text,
+                                   "kind": kind, "detail": detail, "state": self.state,
+                                   "suppressed": self._unreported, "counters": dict(self.counters)}
+        self._reported_at, self._unreported = now, 0
+        await self.con.send(reports_channel(self.root.authority), payload, type=REPORT)
+
+
+async def run_monitor(routers, root: str, data_dir: "str | Path", *, host: str,
+                      config: PLDBConfig | None = None, preset: str = "lan",
+                      ready=None) -> None:
+    """Run one monitor until cancelled (what ``psepr pldb monitor`` does).
+
+    Args:
+        routers: router URL(s), as for :func:`psepr.connect`.
+        root: the channel subtree.
+        data_dir: where the database lives.
+        host: the host name to announce.
+        config: PLDB timings; default the ``preset``'s.
+        preset: the client and PLDB preset.
+        ready: called with the monitor once it answers queries.
+    """
+    config = config or PLDBConfig.preset(preset)
+    ch = parse(root)
+    store = TupleStore(database_path(data_dir, ch), config.history_limit)
+    con = await psepr.aio.connect(routers, preset=preset, service=None)
+    mon = Monitor(con, ch, store, host=host, config=config)
+    try:
+        await mon.start()
+        await mon.wait_ready()
+        if ready is not None:
+            ready(mon)
+        await asyncio.Event().wait()
+    finally:
+        await mon.stop()
+        await con.close()

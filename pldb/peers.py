@@ -1,0 +1,130 @@
+"""Who monitors what: the table of monitor announcements (pure core).
+
+Theory of operation
+-------------------
+Every monitor announces itself every ``announce_every`` seconds on
+``/<authority>/_sys/pldb/monitors/`` with its id, host, root channel, state and
+a time-to-live.  Monitors and supervisors keep a :class:`PeerTable` of what they
+heard: an entry lives until its ttl passes without a fresh announcement (soft
+state: a monitor that died simply stops being counted), or until the monitor
+says ``stopped``.  Times are the *receiver's* monotonic clock, passed in, so
+clocks of other hosts never matter.
+
+States: ``filling`` (starting; copying tuples from its peers, not answering),
+``ready`` (answers queries), ``broken`` (its storage fails; not answering),
+``stopped`` (gone on purpose).  A monitor counts towards a channel's replicas
+while it is ``filling`` or ``ready``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from psepr.channel import Channel, parse
+from psepr.errors import ChannelError, EventError
+
+FILLING, READY, BROKEN, STOPPED = "filling", "ready", "broken", "stopped"
+STATES = (FILLING, READY, BROKEN, STOPPED)
+#: States that count towards a channel's replicas.
+LIVE = (FILLING, READY)
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorInfo:
+    """What one announcement said.
+
+    Attributes:
+        id: the monitor's id (unique in the farm).
+        host: the host it runs on.
+        root: the channel subtree it leases.
+        state: one of :data:`STATES`.
+        tuples: how many current tuples it holds.
+        until: receiver's monotonic time after which the entry is gone.
+    """
+
+    id: str
+    host: str
+    root: Channel
+    state: str
+    tuples: int
+    until: float
+
+    def announcement(self, ttl: float) -> dict:
+        """The announcement payload describing this monitor."""
+        return {"monitor": self.id, "host": self.host, "root": self.root.text,
+                "state": self.state, "tuples": self.tuples, "ttl": ttl}
+
+
+def parse_announcement(payload: Any, now: float) -> MonitorInfo:
+    """The :class:`MonitorInfo` an announcement payload carries, heard at ``now``.
+
+    Raises:
+        EventError: the payload is not an announcement (names what is wrong).
+    """
+    if not isinstance(payload, dict):
+        raise EventError(f"monitor announcement must be a JSON object, got "
+                         f"{type(payload).__name__}", "payload")
+    for key in ("monitor", "host", "root", "state"):
+        if not isinstance(payload.get(key), str) or not payload[key]:
+            raise EventError(f"monitor announcement: {key} must be a non-empty string, "
+                             f"got {payload.get(key)!r:.60}", key)
+    if payload["state"] not in STATES:
+        raise EventError(f"monitor announcement: unknown state {payload['state']!r:.40} "
+                         f"(one of {', '.join(STATES)})", "state")
+    ttl, tuples = payload.get("ttl"), payload.get("tuples", 0)
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
+        raise EventError(f"monitor announcement: ttl must be a positive number of seconds, "
+                         f"got {ttl!r:.40}", "ttl")
+    if isinstance(tuples, bool) or not isinstance(tuples, int):
+        raise EventError(f"monitor announcement: tuples must be an integer, got {tuples!r:.40}",
+                         "tuples")
+    try:
+        root = parse(payload["root"])
+    except ChannelError as exc:
+        raise EventError(f"monitor announcement: bad root: {exc}", "root") from None
+    return MonitorInfo(payload["monitor"], payload["host"], root, payload["state"], tuples,
+                       now + ttl)
+
+
+class PeerTable:
+    """Monitors heard of, by id; entries expire (soft state)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, MonitorInfo] = {}
+
+    def heard(self, info: MonitorInfo) -> None:
+        """Record an announcement (``stopped`` removes the monitor at once)."""
+        if info.state == STOPPED:
+            self._by_id.pop(info.id, None)
+        else:
+            self._by_id[info.id] = info
+
+    def expire(self, now: float) -> list[MonitorInfo]:
+        """Forget monitors not heard from in time.
+
+        Returns:
+            The entries forgotten.
+        """
+        gone = [m for m in self._by_id.values() if m.until <= now]
+        for m in gone:
+            del self._by_id[m.id]
+        return gone
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def all(self) -> list[MonitorInfo]:
+        """Every monitor known, sorted by root then id."""
+        return sorted(self._by_id.values(), key=lambda m: (m.root.text, m.id))
+
+    def live_on(self, root: Channel) -> list[MonitorInfo]:
+        """The live (filling or ready) monitors whose root is exactly ``root``, by id."""
+        return sorted((m for m in self._by_id.values() if m.root == root and m.state in LIVE),
+                      key=lambda m: m.id)
+
+    def ready_covering(self, channel: Channel) -> list[MonitorInfo]:
+        """The ready monitors whose root covers ``channel`` (they receive its queries)."""
+        return [m for m in self._by_id.values()
+                if m.state == READY and m.root.covers(channel)]

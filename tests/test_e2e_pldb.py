@@ -1,0 +1,196 @@
+"""PLDB end to end: monitor processes (`psepr pldb monitor`) behind a real router.
+
+Tuples are sent as attribute events with the SDK; queries are events answered
+by the monitors on the asker's inbox (psepr.pldb.query).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import psepr
+from psepr import pldb
+from psepr.pldb import ANNOUNCE, QUERY, REPORT
+
+from .conftest import ROOT
+
+AUTH = "pldb.example.com"
+NODE = f"/{AUTH}/node/"
+
+
+def start_monitor(start_cli, router, data_dir, host="h1", channel=NODE):
+    return start_cli("pldb", "monitor", "--channel", channel, "--host", host, "--data-dir",
+                     str(data_dir), "--preset", "local", router=router.url, ready=" ready:")
+
+
+def wait_for(what, predicate, timeout=10.0):
+    """Poll ``predicate`` (bounded) until it is true; readiness by condition."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not within {timeout} s")
+
+
+def send_attr(con, channel, field, value, expire=None):
+    return con.send(channel, psepr.attribute(field, value, expire=expire), type=psepr.ATTRIBUTE)
+
+
+def test_monitor_answers_last_values_fields_history_since_and_expiry(router_proc, start_cli,
+                                                                     tmp_path):
+    start_monitor(start_cli, router_proc, tmp_path)
+    with psepr.connect(router_proc.url, preset="local") as con:
+        first = send_attr(con, NODE + "x/", "load", 0.1)
+        time.sleep(0.01)
+        t_mid = time.time()
+        send_attr(con, NODE + "x/", "load", 0.2)
+        send_attr(con, NODE + "x/", "mem", 512)
+        send_attr(con, NODE + "y/", "load", 0.3, expire=0.6)
+        con.flush()
+        got = wait_for("four tuples", lambda: len(pldb.query(con, NODE)) == 3
+                       and pldb.query(con, NODE))
+        assert [(t.channel, t.field, t.value) for t in got] == [
+            (NODE + "x/", "load", 0.2), (NODE + "x/", "mem", 512), (NODE + "y/", "load", 0.3)]
+        assert all(t.source.startswith("anonymous/") for t in got)
+        assert got[2].expire == 0.6
+        one = pldb.query(con, NODE + "x/", "load")
+        assert [t.value for t in one] == [0.2] and one[0].time >= t_mid
+        hist = pldb.query(con, NODE + "x/", "load", history=True)
+        assert [t.value for t in hist] == [0.1, 0.2] and hist[0].id == first
+        assert [t.value for t in pldb.query(con, NODE, "load", since=t_mid)] == [0.2, 0.3]
+        # expiry: y's load is valid for 0.6 s only
+        wait_for("y/load to expire", lambda: [t.channel for t in pldb.query(con, NODE, "load")]
+                 == [NODE + "x/"])
+        assert len(pldb.query(con, NODE + "y/", history=True)) == 1   # the past stays
+
+
+def test_cli_get_prints_values_and_fails_clearly_without_monitor(router_proc, start_cli,
+                                                                 tmp_path):
+    start_monitor(start_cli, router_proc, tmp_path)
+    with psepr.connect(router_proc.url, preset="local") as con:
+        send_attr(con, NODE + "x.example.com/", "load_avg", 0.4, expire=60)
+        con.flush()
+        wait_for("the tuple", lambda: pldb.query(con, NODE))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "psepr.cli", "pldb", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30,
+                              env={"PSEPR_ROUTERS": router_proc.url, "PATH": "/usr/bin:/bin"})
+    r = run("get", NODE + "x.example.com/", "load_avg")
+    assert r.returncode == 0, r.stderr
+    assert "load_avg  0.4" in r.stdout and "expires in" in r.stdout
+    r = run("get", NODE, "--since", "10m", "--history", "--json")
+    assert r.returncode == 0 and '"value":0.4' in r.stdout
+    r = run("get", f"/{AUTH}/nobody/", "--timeout", "0.5")
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"psepr pldb: error: no PLDB monitor answered for "
+                                f"/{AUTH}/nobody/ within 0.5 s")
+    r = run("get", NODE, "--since", "ten minutes")
+    assert r.returncode == 2 and "not a time span: 'ten minutes'" in r.stderr
+
+
+def test_bad_tuples_and_queries_get_clear_answers_and_the_monitor_lives(router_proc, start_cli,
+                                                                        tmp_path):
+    mon = start_monitor(start_cli, router_proc, tmp_path)
+    with psepr.connect(router_proc.url, preset="local") as con:
+        reports = con.lease(f"/{AUTH}/_sys/pldb/reports/", type=REPORT)
+        con.send(NODE + "x/", {"field": "a", "value": 1, "colour": "red"}, type=psepr.ATTRIBUTE)
+        con.send(NODE + "x/", [1, 2, 3], type=psepr.ATTRIBUTE)
+        con.send(NODE + "x/", {"field": "big", "value": "x" * 70_000}, type=psepr.ATTRIBUTE)
+        con.send(NODE + "x/", {"oops": True}, type=QUERY)          # a query with no reply_to
+        send_attr(con, NODE + "x/", "good", 1)
+        con.flush()
+        report = reports.receive(timeout=10).payload
+        assert report["kind"] == "bad-tuple" and "unknown key(s) 'colour'" in report["detail"]
+        assert report["root"] == NODE
+        # a malformed query is answered with an error naming the problem
+        with pytest.raises(psepr.RemoteError) as info:
+            replies = con.request_all(NODE, {"fields": "a"}, type=QUERY, timeout=5,
+                                      done=lambda rs: True)
+            p = pldb.Replies()
+            for ev in replies:
+                p.add(ev.payload)
+            raise p.errors[0]
+        assert "unknown key(s) 'fields'" in str(info.value)
+        assert [t.field for t in wait_for("good", lambda: pldb.query(con, NODE))] == ["good"]
+        # the next report (rate-limited) counts what it did not report one by one
+        assert mon.alive()
+        with pytest.raises(psepr.NoMonitor) as info:
+            start = time.monotonic()
+            pldb.query(con, f"/{AUTH}/unmonitored/", timeout=0.5)
+        assert 0.45 < time.monotonic() - start < 3
+        assert info.value.channel == f"/{AUTH}/unmonitored/"
+
+
+def test_a_restarted_monitor_has_its_tuples_back(router_proc, start_cli, tmp_path):
+    mon = start_monitor(start_cli, router_proc, tmp_path)
+    with psepr.connect(router_proc.url, preset="local") as con:
+        for i in range(50):
+            send_attr(con, NODE + f"n{i}/", "load", i)
+        con.flush()
+        wait_for("50 tuples", lambda: len(pldb.query(con, NODE)) == 50)
+        assert mon.stop() == 0
+        mon = start_monitor(start_cli, router_proc, tmp_path)     # alone: nobody to fill from
+        assert "50 tuples" in mon.lines[-1]
+        got = pldb.query(con, NODE)
+        assert sorted(t.value for t in got) == list(range(50))
+
+
+def test_several_monitors_one_answer_per_tuple_newest_wins_and_a_new_one_fills(
+        router_proc, start_cli, tmp_path):
+    m1 = start_monitor(start_cli, router_proc, tmp_path / "a", host="a")
+    with psepr.connect(router_proc.url, preset="local") as con:
+        for i in range(20):
+            send_attr(con, NODE + f"n{i}/", "load", i)
+        send_attr(con, NODE + "n0/", "load", "newest")
+        con.flush()
+        wait_for("21 versions", lambda: len(pldb.query(con, NODE, history=True)) == 21)
+        m2 = start_monitor(start_cli, router_proc, tmp_path / "b", host="b")
+        assert "21 tuples" not in m2.lines[-1]    # it counts current tuples, not versions
+        assert "20 tuples" in m2.lines[-1]        # filled from a before it said ready
+        got = pldb.query(con, NODE)
+        assert len(got) == 20 and got[0].value == "newest"       # one answer per tuple
+        m1.stop()
+        got = pldb.query(con, NODE, history=True)               # b alone has the whole past
+        assert len(got) == 21
+
+
+def test_watch_has_no_gap_and_no_duplicate_between_answer_and_live(router_proc, start_cli,
+                                                                   tmp_path):
+    start_monitor(start_cli, router_proc, tmp_path)
+    n = 400
+    stop = threading.Event()
+    with psepr.connect(router_proc.url, preset="local") as sender, \
+            psepr.connect(router_proc.url, preset="local") as watcher:
+        def send_all():
+            for i in range(n):
+                send_attr(sender, NODE + "ctr/", "seq", i)
+                if i % 20 == 0:
+                    sender.flush()
+                    time.sleep(0.005)
+            sender.flush()
+            stop.set()
+        for i in range(3):
+            send_attr(sender, NODE + "ctr/", "seq", -1)
+        sender.flush()
+        wait_for("the first tuple", lambda: pldb.query(watcher, NODE))
+        t = threading.Thread(target=send_all)
+        t.start()
+        time.sleep(0.05)            # let the sender get going: the watch starts mid-stream
+        seen = []
+        for tup in pldb.watch(watcher, NODE + "ctr/", field="seq"):
+            seen.append(tup.value)
+            if tup.value == n - 1:
+                break
+        t.join(10)
+    # the first value is the answer (whatever was newest then); after it, every
+    # value once and in order: no gap, no duplicate
+    assert seen == list(range(seen[0], n)), seen[:20]
+    assert len(seen) > 1

@@ -35,9 +35,13 @@ class PLDBConfig:
         retry_storage: seconds between retries of a failing database.
         supervise_every: seconds between a supervisor's rounds.
         backoff: a supervisor that sees a channel short of (or over) its replicas
-            waits a random time in ``[0, backoff)``, plus ``backoff`` for each
-            monitor it already runs, before acting; then it looks again.  Hosts
-            with less to do act first and the others usually find nothing left.
+            waits a random time in ``[0, backoff)``, plus ``backoff_step`` for each
+            monitor it runs or is about to start, before acting; then it looks
+            again.  Hosts with less to do act first and the others usually find
+            nothing left.
+        backoff_step: see ``backoff`` (a quarter of it: larger than the time an
+            announcement takes to travel, small enough that a host running ten
+            monitors still helps within a few seconds).
     """
 
     announce_every: float = 1.0
@@ -52,16 +56,18 @@ class PLDBConfig:
     retry_storage: float = 5.0
     supervise_every: float = 0.5
     backoff: float = 1.0
+    backoff_step: float = 0.25
 
     PRESETS = {
         # One host: everything is near, react fast (tests and `psepr run`).
         "local": dict(announce_every=0.5, announce_ttl=1.75, fill_wait=0.6, backoff=0.5,
+                      backoff_step=0.125,
                       supervise_every=0.25, maintain_every=5.0),
         # A machine room: the defaults.
         "lan": dict(),
         # Wide area: announcements may be late; do not recount replicas on a hiccup.
         "wan": dict(announce_every=3.0, announce_ttl=10.5, fill_wait=3.5, fill_timeout=30.0,
-                    backoff=3.0, supervise_every=1.5),
+                    backoff=3.0, backoff_step=0.75, supervise_every=1.5),
     }
 
     @classmethod

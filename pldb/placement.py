@@ -14,9 +14,9 @@ did: no leader, no election).  Each round, for each channel:
 
 Acting on a glimpse would make every supervisor start a monitor for the same
 gap at once.  So a supervisor that sees a gap first draws a back-off: a random
-time in ``[0, backoff)`` plus ``backoff`` per monitor it already runs (hosts
-with less to do go first); when the back-off ends it looks again and acts only
-if the gap is still there.  Announcements of the first mover reach the others
+time in ``[0, backoff)`` plus ``step`` per monitor it runs or is about to start
+(hosts with less to do go first); when the back-off ends it looks again and
+acts only if the gap is still there.  Announcements of the first mover reach the others
 within their back-off, and they stand down.  Decisions come back as data
 (:class:`Action`); the shell starts and stops monitors.
 
@@ -86,15 +86,18 @@ class Placement:
     Args:
         host: this supervisor's host.
         roots: the channels it supervises.
-        backoff: base back-off in seconds (see module docs).
+        backoff: the random part of a back-off, in seconds (see module docs).
         rng: the random generator (injected: tests pass a seeded one).
+        step: the back-off added per monitor this host runs or is about to
+            start (default ``backoff / 4``).
     """
 
     def __init__(self, host: str, roots: list[Channel], backoff: float,
-                 rng: random.Random) -> None:
+                 rng: random.Random, step: float | None = None) -> None:
         self.host = host
         self.roots = list(roots)
         self.backoff = backoff
+        self.step = backoff / 4 if step is None else step
         self.rng = rng
         self._due: dict[tuple[str, Channel], float] = {}   # (kind, root) -> when to act
 
@@ -130,8 +133,11 @@ class Placement:
                 continue
             due = self._due.get((want, root))
             if due is None:
+                # Busier hosts wait longer; starts already planned count as load,
+                # so one host does not take every channel of a new farm at once.
+                load = len(local) + sum(kind == START for kind, _ in self._due)
                 self._due[(want, root)] = now + self.rng.uniform(0, self.backoff) \
-                    + self.backoff * len(local)
+                    + self.step * load
             elif now >= due:
                 del self._due[(want, root)]
                 actions.append(Action(want, root))

@@ -75,7 +75,8 @@ class Supervisor:
         self.preset = preset
         self.config = config or PLDBConfig.preset(preset)
         self.table = PeerTable()
-        self.placement = Placement(host, self.roots, self.config.backoff, rng or random.Random())
+        self.placement = Placement(host, self.roots, self.config.backoff, rng or random.Random(),
+                                   self.config.backoff_step)
         self.monitors: dict[Channel, Monitor] = {}
         self._busy: set[Channel] = set()        # starts and stops under way
         self._con = None

@@ -194,3 +194,59 @@ def test_watch_has_no_gap_and_no_duplicate_between_answer_and_live(router_proc, 
     # value once and in order: no gap, no duplicate
     assert seen == list(range(seen[0], n)), seen[:20]
     assert len(seen) > 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 192 KiB tmpfs the test mounts (as root) and unmounts; fails, never skips, if it cannot."""
+    where = tmp_path / "small"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"this test needs to mount a small tmpfs (as root): {r.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_full_disk_is_reported_as_an_event_and_the_monitor_recovers(router_proc, start_cli,
+                                                                      small_disk):
+    mon = start_monitor(start_cli, router_proc, small_disk)
+    with psepr.connect(router_proc.url, preset="local") as con:
+        reports = con.lease(f"/{AUTH}/_sys/pldb/reports/", type=REPORT)
+        for i in range(12):                   # 12 x 40 KB values do not fit in 192 KiB
+            send_attr(con, NODE + f"big{i}/", "blob", "x" * 40_000)
+            con.flush()
+        report, deadline = None, time.monotonic() + 15
+        while report is None and time.monotonic() < deadline:
+            p = _next_payload(reports)
+            if p is not None and p["kind"] == "storage":
+                report = p
+        assert report is not None, "no storage report within 15 s"
+        assert "database or disk is full" in report["detail"] and report["state"] == "broken"
+        assert mon.alive()
+        # a broken monitor does not answer with a partial past: nobody answers
+        with pytest.raises(psepr.NoMonitor):
+            pldb.query(con, NODE, timeout=0.5)
+        # room again: a write after retry_storage succeeds, the monitor refills and answers
+        subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            send_attr(con, NODE + "after/", "ok", 1)
+            con.flush()
+            try:
+                got = pldb.query(con, NODE + "after/", timeout=0.5)
+                if got:
+                    break
+            except psepr.NoMonitor:
+                pass
+        else:
+            raise AssertionError("the monitor did not come back after the disk had room")
+        assert mon.alive()
+
+
+def _next_payload(lease):
+    try:
+        return lease.receive(timeout=0.2).payload
+    except psepr.TimeoutError:
+        return None

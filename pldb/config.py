@@ -29,6 +29,10 @@ class PLDBConfig:
         max_value_bytes: largest attribute value accepted, as JSON.
         batch: attribute events stored per SQLite transaction at most (bigger
             amortises the commit; smaller keeps a query waiting less).
+        commit_every: tuples wait at most this long in memory for their
+            transaction (group commit: a commit costs as much as thousands of
+            rows).  A query commits what waits first, so answers never miss
+            them; a crash loses at most this much, which the peers still hold.
         maintain_every: seconds between history trims and expiry purges.
         report_every: at most one report of bad input per this many seconds per
             monitor (the rest are counted in the next report).
@@ -51,6 +55,7 @@ class PLDBConfig:
     history_limit: int = HISTORY_LIMIT
     max_value_bytes: int = MAX_VALUE_BYTES
     batch: int = 5000
+    commit_every: float = 0.05
     maintain_every: float = 10.0
     report_every: float = 5.0
     retry_storage: float = 5.0

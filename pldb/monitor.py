@@ -43,8 +43,8 @@ import psepr
 import psepr.aio
 from psepr.channel import Channel, parse
 from psepr.errors import EventError, NoMonitor, PseprError, StorageError
-from psepr.pldb import (ANNOUNCE, QUERY, REPLY, REPORT, aquery, cut_parts, monitors_channel,
-                        parse_query, reports_channel, tuple_from_event)
+from psepr.pldb import (ANNOUNCE, QUERY, REPLY, REPORT, aquery, attribute_row, cut_parts,
+                        monitors_channel, parse_query, reports_channel)
 
 from .config import PLDBConfig
 from .peers import BROKEN, FILLING, READY, STOPPED, MonitorInfo, PeerTable, parse_announcement
@@ -101,6 +101,8 @@ class Monitor:
         self._latest = 0
         self._dirty = False           # tuples stored since _latest was counted
         self._recovering = False      # a write succeeded while broken
+        self._rows: list[tuple] = []  # attribute rows waiting for their commit
+        self._commit_at = 0.0
         self._fill_task: asyncio.Task | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class Monitor:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._store_waiting(commit=True)      # what was received is kept
         try:
             await self._announce()
             for lease in self._leases:
@@ -157,7 +160,7 @@ class Monitor:
     def info(self) -> MonitorInfo:
         """This monitor as its announcement describes it."""
         return MonitorInfo(self.id, self.host, self.root, self.state, self._latest,
-                           self._mono() + self.config.announce_ttl)
+                           self._mono() + self.config.announce_ttl, self.counters["tuples"])
 
     # -- filling ------------------------------------------------------------------------------------
     async def _fill(self) -> None:
@@ -195,40 +198,56 @@ class Monitor:
                 await self._report("bad-announcement", f"event {ev.id} from {ev.from_service}: {exc}")
 
     async def _ingest(self) -> None:
+        lease = self._attr_lease
         while True:
-            first = await self._attr_lease.receive()
-            await self._after_store(*self._store_waiting(first))
+            if not self._rows:
+                first = await lease.receive()
+            else:                   # rows wait for their commit: not longer than commit_every
+                wait = self._commit_at - self._mono()
+                try:
+                    first = await lease.receive(timeout=wait) if wait > 0 else None
+                except psepr.TimeoutError:
+                    first = None
+            await self._after_store(*self._store_waiting(first, commit=first is None))
 
-    def _store_waiting(self, first=None) -> tuple[list, StorageError | None]:
-        """Store ``first`` and every attribute event already waiting, at once.
+    def _store_waiting(self, first=None, commit: bool = True) -> tuple[list, StorageError | None]:
+        """Take ``first`` and every attribute event already waiting; commit when due.
 
-        No ``await`` inside: a query answered right after sees every tuple that
-        reached this connection before it.
+        Rows are committed together (group commit): when ``commit`` is asked,
+        when ``batch`` rows wait, or ``commit_every`` after the oldest arrived.
+        No ``await`` inside: a query, which asks for the commit, sees every
+        tuple that reached this connection before it.
 
         Returns:
             ``(bad, error)``: the refused events with their errors, and the
             storage failure if the write failed.
         """
         events = ([] if first is None else [first]) + self._attr_lease.take()
-        tuples, bad = [], []
-        for ev in events:
-            try:
-                tuples.append(tuple_from_event(ev, self.config.max_value_bytes))
-            except EventError as exc:
-                bad.append((ev, exc))
-        self.counters["bad"] += len(bad)
-        if not tuples:
+        rows, bad = self._rows, []
+        if events:
+            if not rows:
+                self._commit_at = self._mono() + self.config.commit_every
+            limit = self.config.max_value_bytes
+            for ev in events:
+                try:
+                    rows.append(attribute_row(ev, limit))
+                except EventError as exc:
+                    bad.append((ev, exc))
+            self.counters["bad"] += len(bad)
+        if not rows or not (commit or len(rows) >= self.config.batch
+                            or self._mono() >= self._commit_at):
             return bad, None
+        self._rows = []
         if self.state == BROKEN and self._mono() < self._retry_at:
-            self.counters["lost"] += len(tuples)
+            self.counters["lost"] += len(rows)
             return bad, None
         try:
-            for i in range(0, len(tuples), self.config.batch):
-                self.store.apply(tuples[i:i + self.config.batch])
+            for i in range(0, len(rows), self.config.batch):
+                self.store.apply_rows(rows[i:i + self.config.batch])
         except StorageError as exc:
-            self.counters["lost"] += len(tuples)
+            self.counters["lost"] += len(rows)
             return bad, exc
-        self.counters["tuples"] += len(tuples)
+        self.counters["tuples"] += len(rows)
         self._dirty = True
         if self.state == BROKEN:
             self._recovering = True    # writable again: _after_store refills

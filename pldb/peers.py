@@ -42,6 +42,7 @@ class MonitorInfo:
         state: one of :data:`STATES`.
         tuples: how many current tuples it holds.
         until: receiver's monotonic time after which the entry is gone.
+        stored: tuple versions it stored since it started (a rate gauge).
     """
 
     id: str
@@ -50,11 +51,12 @@ class MonitorInfo:
     state: str
     tuples: int
     until: float
+    stored: int = 0
 
     def announcement(self, ttl: float) -> dict:
         """The announcement payload describing this monitor."""
         return {"monitor": self.id, "host": self.host, "root": self.root.text,
-                "state": self.state, "tuples": self.tuples, "ttl": ttl}
+                "state": self.state, "tuples": self.tuples, "stored": self.stored, "ttl": ttl}
 
 
 def parse_announcement(payload: Any, now: float) -> MonitorInfo:
@@ -73,19 +75,19 @@ def parse_announcement(payload: Any, now: float) -> MonitorInfo:
     if payload["state"] not in STATES:
         raise EventError(f"monitor announcement: unknown state {payload['state']!r:.40} "
                          f"(one of {', '.join(STATES)})", "state")
-    ttl, tuples = payload.get("ttl"), payload.get("tuples", 0)
+    ttl, tuples, stored = payload.get("ttl"), payload.get("tuples", 0), payload.get("stored", 0)
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
         raise EventError(f"monitor announcement: ttl must be a positive number of seconds, "
                          f"got {ttl!r:.40}", "ttl")
-    if isinstance(tuples, bool) or not isinstance(tuples, int):
-        raise EventError(f"monitor announcement: tuples must be an integer, got {tuples!r:.40}",
-                         "tuples")
+    for key, n in (("tuples", tuples), ("stored", stored)):
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise EventError(f"monitor announcement: {key} must be an integer, got {n!r:.40}", key)
     try:
         root = parse(payload["root"])
     except ChannelError as exc:
         raise EventError(f"monitor announcement: bad root: {exc}", "root") from None
     return MonitorInfo(payload["monitor"], payload["host"], root, payload["state"], tuples,
-                       now + ttl)
+                       now + ttl, stored)
 
 
 class PeerTable:

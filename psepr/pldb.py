@@ -29,6 +29,7 @@ docs/protocol.md ("PLDB").
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -146,32 +147,53 @@ def tuple_from_event(event, max_value_bytes: int = MAX_VALUE_BYTES) -> Tuple:
     Raises:
         EventError: the payload is not an attribute (names what is wrong).
     """
+    channel, field, _, time, expire, source, id = attribute_row(event, max_value_bytes)
+    return Tuple(channel, field, event.payload["value"], time, expire, source, id)
+
+
+def attribute_row(event, max_value_bytes: int = MAX_VALUE_BYTES) -> tuple:
+    """Like :func:`tuple_from_event`, as a storage row (the monitor's fast path).
+
+    Returns:
+        ``(channel, field, value as JSON bytes, time, expire, source, id)``.
+
+    Raises:
+        EventError: the payload is not an attribute (names what is wrong).
+    """
     p = event.payload
-    if not isinstance(p, dict):
+    if type(p) is not dict:
         raise EventError(f"attribute event {event.id}: payload must be a JSON object with "
                          f"field, value and expire, got {type(p).__name__}", "payload")
-    unknown = p.keys() - _ATTRIBUTE_KEYS
-    if unknown:
+    if len(p) > 3 or not p.keys() <= _ATTRIBUTE_KEYS:
+        unknown = sorted(p.keys() - _ATTRIBUTE_KEYS)
         raise EventError(f"attribute event {event.id}: unknown key(s) "
-                         f"{', '.join(sorted(map(repr, unknown)))} (allowed: field, value, expire)",
-                         sorted(unknown)[0])
+                         f"{', '.join(map(repr, unknown))} (allowed: field, value, expire)",
+                         unknown[0])
     field = p.get("field")
-    if not isinstance(field, str) or not field or len(field) > 256:
+    if type(field) is not str or not field or len(field) > 256:
         raise EventError(f"attribute event {event.id}: field must be a non-empty string of at "
                          f"most 256 characters, got {field!r:.80}", "field")
-    if "value" not in p:
-        raise EventError(f"attribute event {event.id}: no value for field {field!r}", "value")
-    size = len(orjson.dumps(p["value"]))
-    if size > max_value_bytes:
-        raise EventError(f"attribute event {event.id}: value of {field!r} is {size} bytes, "
-                         f"more than the {max_value_bytes} allowed", "value")
+    try:
+        value = orjson.dumps(p["value"])
+    except KeyError:
+        raise EventError(f"attribute event {event.id}: no value for field {field!r}",
+                         "value") from None
+    if len(value) > max_value_bytes:
+        raise EventError(f"attribute event {event.id}: value of {field!r} is {len(value)} "
+                         f"bytes, more than the {max_value_bytes} allowed", "value")
     expire = p.get("expire")
-    if expire is not None and (not _is_number(expire) or expire < 0):
-        raise EventError(f"attribute event {event.id}: expire must be a non-negative number of "
-                         f"seconds or null, got {expire!r:.40}", "expire")
-    source = f"{event.from_service or ''}/{event.from_instance or ''}"
-    return Tuple(event.channel.text, field, p["value"], event.time,
-                 None if expire is None else float(expire), source, event.id)
+    if expire is not None:
+        if not _is_number(expire) or expire < 0:
+            raise EventError(f"attribute event {event.id}: expire must be a non-negative number "
+                             f"of seconds or null, got {expire!r:.40}", "expire")
+        expire = float(expire)
+    return (event.channel.text, field, value, event.time, expire,
+            _source(event.from_service, event.from_instance), event.id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _source(service: str | None, instance: str | None) -> str:
+    return f"{service or ''}/{instance or ''}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ def _channel(i: int) -> str:
 # -- the sender role -----------------------------------------------------------------------------
 
 def role_send(a) -> None:
+    """Reads ``RATE ROUNDS RUN`` lines; sends that many rounds (RATE 0 = unpaced) and a sentinel."""
     import psepr
     from psepr.channel import parse
     psepr.tune_gc()
@@ -58,19 +59,26 @@ def role_send(a) -> None:
     channels = [parse(_channel(i)) for i in range(NODES)]
     fields = [f"f{j:02}" for j in range(FIELDS)]
     print(json.dumps({"ready": True}), flush=True)
-    sys.stdin.readline()                       # go
     send, attr = con.send, psepr.ATTRIBUTE
-    t0 = time.monotonic()
-    cpu0 = time.process_time()
-    for r in range(a.rounds):
-        for ch in channels:
-            for f in fields:
-                send(ch, {"field": f, "value": r + 0.5, "expire": 3600}, type=attr)
-    con.flush(timeout=120)
-    out = {"sent": a.rounds * NODES * FIELDS, "seconds": time.monotonic() - t0,
-           "cpu": time.process_time() - cpu0}
+    for line in sys.stdin:
+        rate, rounds, run = (int(x) for x in line.split())
+        t0 = time.monotonic()
+        cpu0 = time.process_time()
+        n = 0
+        for r in range(rounds):
+            for ch in channels:
+                if rate and n % 1000 == 0:         # pace in slices of 1,000 tuples
+                    ahead = n / rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                for f in fields:
+                    send(ch, {"field": f, "value": r + 0.5, "expire": 3600}, type=attr)
+                n += FIELDS
+        send(channels[0], {"field": "end", "value": run, "expire": None}, type=attr)
+        con.flush(timeout=120)
+        print(json.dumps({"sent": n, "seconds": time.monotonic() - t0,
+                          "cpu": time.process_time() - cpu0}), flush=True)
     con.close()
-    print(json.dumps(out), flush=True)
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -91,24 +99,59 @@ def _start_monitor(url: str, data_dir: str, host: str) -> tuple[subprocess.Popen
     raise RuntimeError(f"monitor on {host} did not become ready")
 
 
-class _Census:
-    """The monitors' announcements (``stored`` counters), read by the driver."""
+def _holders_of_end(con, run: int) -> set[str]:
+    """The monitors whose answer already holds the sentinel of ``run``."""
+    from psepr.pldb import QUERY
+    replies = con.request_all(_channel(0), {"field": "end"}, type=QUERY, timeout=2.0,
+                              done=lambda rs: len(rs) >= 3)
+    return {ev.payload["monitor"] for ev in replies
+            if any(row[2] == run for row in ev.payload.get("tuples", ()))}
 
-    def __init__(self, con) -> None:
-        from psepr.pldb import ANNOUNCE, monitors_channel
-        self.lease = con.lease(monitors_channel(AUTH), type=ANNOUNCE, propagated=True)
-        self.stored: dict[str, int] = {}
 
-    def poll(self, seconds: float) -> None:
-        import psepr
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
+def _stored(con) -> dict[str, int]:
+    """Each monitor's ``stored`` counter, from one round of announcements."""
+    from psepr.pldb import ANNOUNCE, monitors_channel
+    import psepr
+    lease = con.lease(monitors_channel(AUTH), type=ANNOUNCE)
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + 2.0
+    try:
+        while len(seen) < 3 and time.monotonic() < deadline:
             try:
-                ev = self.lease.receive(timeout=left)
+                p = lease.receive(timeout=0.5).payload
             except psepr.TimeoutError:
-                return
-            p = ev.payload
-            self.stored[p["monitor"]] = p.get("stored", 0)
+                continue
+            seen[p["monitor"]] = p["stored"]
+    finally:
+        lease.release()
+    return seen
+
+
+def _ingest(con, sender, monitors, rate: int, rounds: int, run: int) -> dict:
+    """One ingest run: offered ``rate`` (0 = as fast as the sender can)."""
+    total = rounds * NODES * FIELDS
+    before = _stored(con)
+    cpu0 = {p.pid: hop.cpu_seconds(p.pid) for p, _ in monitors}
+    t0 = time.monotonic()
+    sender.stdin.write(f"{rate} {rounds} {run}\n")
+    sender.stdin.flush()
+    done_at: dict[str, float] = {}
+    deadline = t0 + 30 + total / 5_000
+    while len(done_at) < 3 and time.monotonic() < deadline:
+        for mon in _holders_of_end(con, run) - done_at.keys():
+            done_at[mon] = time.monotonic()
+        time.sleep(0.02)
+    sent = hop._line(sender, 120)
+    time.sleep(1.2)                     # two announcement periods: the counters are current
+    after = _stored(con)
+    per = {m: after.get(m, 0) - before.get(m, 0) - 1 for m in after}   # minus the sentinel
+    slowest = max(done_at.values(), default=time.monotonic()) - t0
+    return {"offered": rate or None, "tuples": total, "seconds": slowest,
+            "rate": min(per.values()) / slowest if per else 0.0,
+            "lost": {m: total - n for m, n in per.items()},
+            "sender_rate": sent["sent"] / sent["seconds"],
+            "monitor_cpu_us": statistics.mean((hop.cpu_seconds(p.pid) - cpu0[p.pid]) * 1e6 / total
+                                              for p, _ in monitors)}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -149,7 +192,7 @@ def _baseline(rounds: int, queries: int) -> dict:
             "subtree_p50_ms": _pct(sub, 0.5) * 1e3, "subtree_tuples": len(got)}
 
 
-def run(rounds: int, queries: int) -> dict:
+def run(rounds: int, queries: int, rate: int) -> dict:
     import psepr
     from psepr import pldb
     procs: list[subprocess.Popen] = []
@@ -163,33 +206,14 @@ def run(rounds: int, queries: int) -> dict:
                 p, mid = _start_monitor(url, str(Path(d) / f"h{i}"), f"h{i}")
                 procs.append(p)
                 mons.append((p, mid))
-            sender = subprocess.Popen([sys.executable, "-m", "benchmarks.pldb", "send", urls[1],
-                                       "--rounds", str(rounds)], cwd=ROOT, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+            sender = subprocess.Popen([sys.executable, "-m", "benchmarks.pldb", "send", urls[1]],
+                                      cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             procs.append(sender)
             hop._line(sender, 30)
             con = psepr.connect(urls[0], preset="local")
-            census = _Census(con)
-            total = rounds * NODES * FIELDS
-            cpu0 = {p.pid: hop.cpu_seconds(p.pid) for p, _ in mons}
-            t0 = time.monotonic()
-            sender.stdin.write("go\n")
-            sender.stdin.flush()
-            deadline = t0 + 60 + total / 2_000
-            while time.monotonic() < deadline:
-                census.poll(0.1)
-                if len(census.stored) == 3 and min(census.stored.values()) >= total:
-                    break
-            done = time.monotonic()
-            sent = hop._line(sender, 120)
-            stored = dict(census.stored)
-            res["ingest"] = {"tuples": total, "seconds": done - t0,
-                             "rate": min(stored.values(), default=0) / (done - t0),
-                             "stored": stored, "sender_rate": sent["sent"] / sent["seconds"],
-                             "monitor_cpu_us": statistics.mean(
-                                 (hop.cpu_seconds(p.pid) - cpu0[p.pid]) * 1e6 / total
-                                 for p, _ in mons)}
+            res["ingest paced"] = _ingest(con, sender, mons, rate, rounds, 1)
+            res["ingest unpaced"] = _ingest(con, sender, mons, 0, rounds, 2)
             rng = random.Random(2)
             lat = []
             for _ in range(queries):
@@ -217,29 +241,37 @@ def run(rounds: int, queries: int) -> dict:
 
 def main(args) -> int:
     """Run the PLDB scenarios and the in-process baseline; print a table (JSON with --json)."""
-    rounds = 2 if args.quick else 10
+    rounds = 3 if args.quick else 15
     queries = 200 if args.quick else 2000
+    rate = 50_000
     print(f"  baseline: {rounds * NODES * FIELDS:,} tuples straight into one SQLite store ...",
           file=sys.stderr, flush=True)
     base = _baseline(rounds, queries)
-    print(f"  3 routers, 3 monitors, {rounds * NODES * FIELDS:,} tuples through the overlay ...",
-          file=sys.stderr, flush=True)
-    res = run(rounds, queries)
+    print(f"  3 routers, 3 monitors, {rounds * NODES * FIELDS:,} tuples through the overlay at "
+          f"{rate:,}/s, then unpaced ...", file=sys.stderr, flush=True)
+    res = run(rounds, queries, rate)
     res["baseline"] = base
-    ing, q, m = res["ingest"], res["query"], res["memory"]
+    q, m = res["query"], res["memory"]
     print(f"\npsepr bench pldb  ({os.cpu_count()} cores; {NODES:,} nodes x {FIELDS} fields; "
           f"3 routers in a chain, a monitor on each; loopback)\n")
-    print(f"{'scenario':<34} {'through PLDB':>22} {'one TupleStore, in process':>28}")
-    print(f"{'ingest, tuples/s (each monitor)':<34} {ing['rate']:>20,.0f}/s {base['rate']:>26,.0f}/s")
-    print(f"{'  sender alone, tuples/s':<34} {ing['sender_rate']:>20,.0f}/s")
-    print(f"{'  monitor CPU per tuple':<34} {ing['monitor_cpu_us']:>19.1f} us")
-    print(f"{'query one tuple p50 / p99':<34} {q['one_p50_ms']:>10.2f} / {q['one_p99_ms']:>6.2f} ms "
+    print(f"{'scenario':<36} {'through PLDB':>24} {'one TupleStore, in process':>28}")
+    for key in ("ingest paced", "ingest unpaced"):
+        ing = res[key]
+        offered = f"offered {ing['offered']:,}/s" if ing["offered"] else "unpaced"
+        lost = sum(ing["lost"].values())
+        print(f"{'ingest, ' + offered:<36} {ing['rate']:>20,.0f}/s "
+              f"{base['rate']:>26,.0f}/s" if key == "ingest paced" else
+              f"{'ingest, ' + offered:<36} {ing['rate']:>20,.0f}/s")
+        print(f"{'  stored by each of 3 monitors in':<36} {ing['seconds']:>20.2f} s "
+              f"   (sender {ing['sender_rate']:,.0f}/s; lost {lost:,})")
+        print(f"{'  monitor CPU per tuple':<36} {ing['monitor_cpu_us']:>19.1f} us")
+    print(f"{'query one tuple p50 / p99':<36} {q['one_p50_ms']:>11.2f} / {q['one_p99_ms']:>6.2f} ms "
           f"{base['one_p50_ms']:>14.3f} / {base['one_p99_ms']:>6.3f} ms")
-    print(f"{'query subtree p50 / max':<34} {q['subtree_p50_ms']:>10.0f} / {q['subtree_max_ms']:>6.0f} ms "
+    print(f"{'query subtree p50 / max':<36} {q['subtree_p50_ms']:>11.0f} / {q['subtree_max_ms']:>6.0f} ms "
           f"{base['subtree_p50_ms']:>14.0f} ms (p50)")
-    print(f"{'  tuples in the subtree':<34} {q['subtree_tuples']:>22,} {base['subtree_tuples']:>28,}")
-    print(f"{'monitor RSS, MiB':<34} {' / '.join(f'{x:.1f}' for x in m['monitor_rss_mib']):>22}")
-    print(f"{'database on disk, MiB':<34} {' / '.join(f'{x:.1f}' for x in m['db_mib']):>22}")
+    print(f"{'  tuples in the subtree':<36} {q['subtree_tuples']:>24,} {base['subtree_tuples']:>28,}")
+    print(f"{'monitor RSS, MiB':<36} {' / '.join(f'{x:.1f}' for x in m['monitor_rss_mib']):>24}")
+    print(f"{'database on disk, MiB':<36} {' / '.join(f'{x:.1f}' for x in m['db_mib']):>24}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
@@ -250,7 +282,6 @@ def _role_main(argv: list[str]) -> None:
     sub = p.add_subparsers(dest="role", required=True)
     s = sub.add_parser("send")
     s.add_argument("url")
-    s.add_argument("--rounds", type=int, default=1)
     a = p.parse_args(argv)
     role_send(a)
 

@@ -167,7 +167,7 @@ def cmd_monitor(args) -> int:
     from .store import TupleStore
     root = parse(args.channel)
     config = PLDBConfig.preset(args.preset)
-    store = TupleStore(database_path(_data_dir(args), root), config.history_limit)
+    store = TupleStore(database_path(_data_dir(args), root), config.history_rows)
 
     async def main(stop):
         con = await psepr.aio.connect(args.router, preset=args.preset, service=args.service,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from psepr.pldb import MAX_VALUE_BYTES
 
-from .store import HISTORY_LIMIT
+from .store import HISTORY_ROWS
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class PLDBConfig:
             every live peer has announced once).
         fill_timeout: how long the fill query may take before the monitor gives
             up on it and starts from what it has (and says so).
-        history_limit: versions kept per (channel, field).
+        history_rows: rows of history a monitor keeps (all keys together; about
+            110 bytes each on disk, so the default is about 55 MB).
         max_value_bytes: largest attribute value accepted, as JSON.
         batch: attribute events stored per SQLite transaction at most (bigger
             amortises the commit; smaller keeps a query waiting less).
@@ -52,7 +53,7 @@ class PLDBConfig:
     announce_ttl: float = 3.5
     fill_wait: float = 1.2
     fill_timeout: float = 10.0
-    history_limit: int = HISTORY_LIMIT
+    history_rows: int = HISTORY_ROWS
     max_value_bytes: int = MAX_VALUE_BYTES
     batch: int = 5000
     commit_every: float = 0.05

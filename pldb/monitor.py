@@ -174,7 +174,10 @@ class Monitor:
             try:
                 tuples = await aquery(self.con, self.root, history=True,
                                       timeout=cfg.fill_timeout, settle=cfg.fill_timeout / 4)
-                copied = self.store.apply(tuples)
+                _, error = self._store_waiting(commit=True)   # live rows first: merge sees them
+                if error is not None:
+                    raise error
+                copied = self.store.merge(tuples)
                 self._latest = self._count_latest()
                 log.info("monitor %s filled %d versions from %d peer(s) in %.2f s", self.id,
                          copied, len(peers), self._mono() - started)
@@ -369,7 +372,7 @@ async def run_monitor(routers, root: str, data_dir: "str | Path", *, host: str,
     """
     config = config or PLDBConfig.preset(preset)
     ch = parse(root)
-    store = TupleStore(database_path(data_dir, ch), config.history_limit)
+    store = TupleStore(database_path(data_dir, ch), config.history_rows)
     con = await psepr.aio.connect(routers, preset=preset, service=None)
     mon = Monitor(con, ch, store, host=host, config=config)
     try:

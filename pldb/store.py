@@ -2,17 +2,25 @@
 
 Theory of operation
 -------------------
-Two tables.  ``latest`` holds the newest version of every ``(channel, field)``
-(an upsert that only ever moves forward in version order, the order of
-:attr:`psepr.pldb.Tuple.version`, so tuples may
-arrive in any order and from peers without harm).  ``history`` holds every
-version seen, keyed by ``(channel, field, time, id)``: a version arriving twice
-(live and again from a peer while filling) is stored once, and the key order
-is the order trimming and history queries want.  History is bounded per
-``(channel, field)``: counts are kept in memory and :meth:`TupleStore.trim`
-deletes the oldest versions of the keys that went over the limit.  Expired
-values are left out of answers at once and deleted from ``latest`` by
-:meth:`TupleStore.purge` (history keeps them until trimmed: the past is the past).
+Two tables.  ``latest`` holds the newest version of every ``(channel, field)``,
+keyed by it: an upsert that only ever moves forward in version order (the
+order of :attr:`psepr.pldb.Tuple.version`), so tuples may arrive in any order,
+live or from peers, without harm.  ``history`` is an append-only log of every
+version, in arrival order, bounded by ``history_rows``: :meth:`TupleStore.trim`
+cuts the oldest rows off its tail.
+
+Why a log and not a table clustered by key: tuples of many keys arrive mixed,
+and a B-tree ordered by ``(channel, field, time)`` takes each new version in
+the middle of the keys' earlier ones, so every commit rewrites pages all over
+the file: about twice the cost per tuple of the log (``python -m
+benchmarks.pldb_layouts`` measures both; figures in docs/benchmarks.md).
+History queries, rare and exploratory, scan the log instead; the bound keeps
+that scan bounded.  The bound is on rows, not per key: a chatty key can push a
+quiet key's old versions out, but never its latest value.
+
+The live stream delivers each event once, so appends are not checked for
+duplicates; :meth:`TupleStore.merge` (a new monitor filling from its peers, who
+send versions it may already hold) skips ids it has.
 
 A subtree is a range of channel texts: every channel below ``/a/b/`` starts with
 ``/a/b/`` and so sorts in ``['/a/b/', '/a/b0')`` ('0' follows '/').
@@ -35,8 +43,10 @@ import orjson
 from psepr.errors import StorageError
 from psepr.pldb import Query, Tuple
 
-#: Versions kept per (channel, field) by default.
-HISTORY_LIMIT = 100
+#: Rows of history kept by default (about 110 bytes each on disk).
+HISTORY_ROWS = 500_000
+#: Bumped when the schema changes; a file of another version is refused.
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS latest (
@@ -44,9 +54,8 @@ CREATE TABLE IF NOT EXISTS latest (
     expire REAL, source TEXT NOT NULL, id TEXT NOT NULL,
     PRIMARY KEY (channel, field)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS history (
-    channel TEXT NOT NULL, field TEXT NOT NULL, time REAL NOT NULL, id TEXT NOT NULL,
-    value BLOB NOT NULL, expire REAL, source TEXT NOT NULL,
-    PRIMARY KEY (channel, field, time, id)) WITHOUT ROWID;
+    channel TEXT NOT NULL, field TEXT NOT NULL, value BLOB NOT NULL, time REAL NOT NULL,
+    expire REAL, source TEXT NOT NULL, id TEXT NOT NULL);
 """
 
 _UPSERT = """
@@ -58,7 +67,7 @@ WHERE excluded.time > latest.time OR (excluded.time = latest.time AND (
     length(excluded.id) > length(latest.id)
     OR (length(excluded.id) = length(latest.id) AND excluded.id > latest.id)))
 """
-_HISTORY = ("INSERT OR IGNORE INTO history (channel, field, value, time, expire, source, id) "
+_HISTORY = ("INSERT INTO history (channel, field, value, time, expire, source, id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
@@ -71,19 +80,26 @@ class TupleStore:
 
     Args:
         path: the database file (created with its directory), or ``":memory:"``.
-        history_limit: versions kept per ``(channel, field)``.
+        history_rows: rows of history kept (the log's bound).
 
     Raises:
-        StorageError: the file cannot be opened or is not a PLDB database.
+        StorageError: the file cannot be opened or is not a PLDB database of
+            this schema version.
     """
 
-    def __init__(self, path: "str | Path", history_limit: int = HISTORY_LIMIT) -> None:
+    def __init__(self, path: "str | Path", history_rows: int = HISTORY_ROWS) -> None:
         self.path = str(path)
-        self.history_limit = history_limit
+        self.history_rows = history_rows
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if version != SCHEMA_VERSION and (version or tables):
+                self._db.close()
+                raise StorageError(f"{self.path} is not a PLDB database of schema version "
+                                   f"{SCHEMA_VERSION} (it says {version}); move it away", self.path)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             # A monitor's working set is every (channel, field): keep its pages
@@ -92,22 +108,18 @@ class TupleStore:
             self._db.execute("PRAGMA cache_size=-32768")
             self._db.execute("PRAGMA wal_autocheckpoint=4000")
             self._db.executescript(_SCHEMA)
-            self._counts: dict[tuple[str, str], int] = {
-                (c, f): n for c, f, n in
-                self._db.execute("SELECT channel, field, count(*) FROM history GROUP BY 1, 2")}
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open PLDB database {self.path}: {exc}", self.path) from None
-        self._over: set[tuple[str, str]] = {k for k, n in self._counts.items()
-                                             if n > history_limit}
 
     def _fail(self, what: str, exc: Exception) -> StorageError:
         return StorageError(f"PLDB database {self.path}: {what} failed: {exc}", self.path)
 
     def apply(self, tuples: Iterable[Tuple]) -> int:
-        """Store tuples (one transaction); versions already held are ignored.
+        """Store tuples (one transaction).
 
         Returns:
-            How many versions were new.
+            How many rows were written to the history.
 
         Raises:
             StorageError: the write failed (nothing of this batch is stored).
@@ -119,7 +131,7 @@ class TupleStore:
         """:meth:`apply` for rows of :func:`psepr.pldb.attribute_row` (no Tuple objects).
 
         Returns:
-            How many versions were new.
+            How many rows were written to the history.
 
         Raises:
             StorageError: the write failed (nothing of this batch is stored).
@@ -129,9 +141,7 @@ class TupleStore:
         db = self._db
         try:
             db.execute("BEGIN")
-            before = db.total_changes
             db.executemany(_HISTORY, rows)
-            new = db.total_changes - before
             db.executemany(_UPSERT, rows)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -140,15 +150,22 @@ class TupleStore:
             except sqlite3.Error:
                 pass
             raise self._fail("write", exc) from None
-        if new:
-            counts, limit, over = self._counts, self.history_limit, self._over
-            for r in rows:
-                key = (r[0], r[1])
-                n = counts.get(key, 0) + 1   # a duplicate only over-counts until trim()
-                counts[key] = n
-                if n > limit:
-                    over.add(key)
-        return new
+        return len(rows)
+
+    def merge(self, tuples: Iterable[Tuple]) -> int:
+        """Store tuples that may already be here (a fill from peers): known ids are skipped.
+
+        Returns:
+            How many versions were new.
+
+        Raises:
+            StorageError: the read or write failed.
+        """
+        try:
+            have = {i for (i,) in self._db.execute("SELECT id FROM history")}
+        except sqlite3.Error as exc:
+            raise self._fail("read", exc) from None
+        return self.apply([t for t in tuples if t.id not in have])
 
     def query(self, q: Query, now: float) -> list[Tuple]:
         """The tuples answering ``q`` at wall-clock ``now`` (see :meth:`Query.wants`).
@@ -170,6 +187,8 @@ class TupleStore:
         if not q.history:
             sql += " AND (expire IS NULL OR time + expire > ?)"
             args.append(now)
+        else:
+            sql += " ORDER BY rowid"
         try:
             rows = self._db.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
@@ -177,37 +196,20 @@ class TupleStore:
         return [Tuple(c, f, orjson.loads(v), t, e, s, i) for c, f, v, t, e, s, i in rows]
 
     def trim(self) -> int:
-        """Delete the oldest versions of every ``(channel, field)`` over the history limit.
+        """Cut the history log down to its newest ``history_rows`` rows.
 
         Returns:
-            How many versions were deleted.
+            How many rows were deleted.
 
         Raises:
             StorageError: the write failed.
         """
-        if not self._over:
-            return 0
-        db, limit = self._db, self.history_limit
-        deleted = 0
         try:
-            db.execute("BEGIN")
-            for channel, field in self._over:
-                cur = db.execute(
-                    "DELETE FROM history WHERE channel = ? AND field = ? AND (time, id) IN "
-                    "(SELECT time, id FROM history WHERE channel = ? AND field = ? "
-                    " ORDER BY time DESC, id DESC LIMIT -1 OFFSET ?)",
-                    (channel, field, channel, field, limit))
-                deleted += cur.rowcount
-                self._counts[(channel, field)] = limit
-            db.execute("COMMIT")
+            return self._db.execute(
+                "DELETE FROM history WHERE rowid <= (SELECT max(rowid) FROM history) - ?",
+                (self.history_rows,)).rowcount
         except sqlite3.Error as exc:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             raise self._fail("trim", exc) from None
-        self._over.clear()
-        return deleted
 
     def purge(self, now: float) -> int:
         """Delete expired values from ``latest``.

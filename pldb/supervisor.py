@@ -132,7 +132,7 @@ class Supervisor:
     async def _start_monitor(self, root: Channel) -> None:
         con = store = None
         try:
-            store = TupleStore(database_path(self.data_dir, root), self.config.history_limit)
+            store = TupleStore(database_path(self.data_dir, root), self.config.history_rows)
             con = await psepr.aio.connect(self.routers, preset=self.preset)
             mon = Monitor(con, root, store, host=self.host, config=self.config)
             self.monitors[root] = mon

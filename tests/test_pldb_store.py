@@ -117,12 +117,21 @@ def test_store_keeps_the_newest_version_whatever_the_arrival_order(tmp_path):
     s = TupleStore(tmp_path / "db.sqlite")
     assert s.apply([tup(time=2.0, id="b", value="new")]) == 1
     assert s.apply([tup(time=1.0, id="a", value="old")]) == 1
-    assert s.apply([tup(time=2.0, id="b", value="new")]) == 0      # seen: ignored
+    assert s.merge([tup(time=2.0, id="b", value="new"), tup(time=0.5, id="c", value="older")]) \
+        == 1                                     # a fill: the known id is skipped
     q = Query(psepr.channel(CH))
     assert [t.value for t in s.query(q, now=10)] == ["new"]
     assert [t.value for t in s.query(Query(psepr.channel(CH), history=True), now=10)] == \
-        ["old", "new"]
+        ["new", "old", "older"]                  # history in arrival order
     s.close()
+
+
+def test_equal_times_order_by_the_sdk_counter_not_the_text():
+    s = TupleStore(":memory:")
+    s.apply([tup(time=5.0, id="abc.10", value="tenth"), tup(time=5.0, id="abc.9", value="ninth")])
+    assert [t.value for t in s.query(Query(psepr.channel(CH)), now=0)] == ["tenth"]
+    a, b = tup(time=5.0, id="abc.9"), tup(time=5.0, id="abc.10")
+    assert b.version > a.version
 
 
 def test_store_queries_subtrees_element_wise_fields_and_since(tmp_path):
@@ -151,25 +160,39 @@ def test_store_honours_expire_and_purges(tmp_path):
     assert len(s.query(Query(psepr.channel(CH), history=True), now=111)) == 2
 
 
-def test_store_history_is_bounded_per_key(tmp_path):
-    s = TupleStore(tmp_path / "db.sqlite", history_limit=5)
-    s.apply([tup(time=float(i), id=f"e{i:03}", value=i) for i in range(20)])
-    s.apply([tup(field="other", time=float(i), id=f"o{i}") for i in range(3)])
+def test_store_history_is_a_bounded_log_and_latest_values_stay(tmp_path):
+    s = TupleStore(tmp_path / "db.sqlite", history_rows=5)
+    s.apply([tup(field="quiet", time=0.0, id="q0", value="q")])
+    s.apply([tup(time=float(i), id=f"e{i:03}", value=i) for i in range(1, 20)])
     assert s.trim() == 15
-    hist = s.query(Query(psepr.channel(CH), field="load", history=True), now=0)
-    assert [t.value for t in hist] == [15, 16, 17, 18, 19]
+    hist = s.query(Query(psepr.channel(CH), history=True), now=0)
+    assert [t.value for t in hist] == [15, 16, 17, 18, 19]       # the newest rows
+    assert {t.field: t.value for t in s.query(Query(psepr.channel(CH)), now=0)} == \
+        {"quiet": "q", "load": 19}                               # latest values are kept
     assert s.trim() == 0
 
 
 def test_store_survives_a_restart(tmp_path):
     path = tmp_path / "sub" / "db.sqlite"
-    s = TupleStore(path, history_limit=3)
+    s = TupleStore(path, history_rows=3)
     s.apply([tup(time=float(i), id=f"e{i}", value=i) for i in range(5)])
     s.close()
-    s = TupleStore(path, history_limit=3)
+    s = TupleStore(path, history_rows=3)
     assert [t.value for t in s.query(Query(psepr.channel(CH)), now=0)] == [4]
-    assert s.trim() == 2                   # the counts came back from the file
+    assert s.trim() == 2
     assert s.counts()["history"] == 3 and s.counts()["bytes"] > 0
+
+
+def test_a_file_of_another_schema_is_refused_clearly(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE something (x)")
+    db.execute("PRAGMA user_version=7")
+    db.commit()
+    db.close()
+    with pytest.raises(StorageError) as info:
+        TupleStore(path)
+    assert "not a PLDB database of schema version 1 (it says 7)" in str(info.value)
 
 
 def test_store_errors_are_storage_errors_not_crashes(tmp_path):

@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run test bench clean system-deps
 
-$(STAMP): pyproject.toml
+# The editable install maps the packages that exist when it runs: a new package
+# (a new top-level */__init__.py) needs a reinstall, so it is a prerequisite too.
+$(STAMP): pyproject.toml $(wildcard */__init__.py)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "installing PsEPR-py and its dependencies into $(VENV) (log: $(VENV)/install.log)"
 	@( $(BIN)/python -m pip install --upgrade pip && $(BIN)/python -m pip install -e '.[test]' ) \

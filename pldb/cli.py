@@ -145,6 +145,8 @@ def _print_tuples(tuples: list, as_json: bool) -> None:
 
 def _run_until_signalled(main) -> int:
     """Run ``main(stop_event)`` in a new loop; SIGTERM/SIGINT set the event."""
+    from psepr.config import tune_gc
+    tune_gc()      # monitors take tens of thousands of events a second
     async def runner():
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -211,9 +211,12 @@ class Monitor:
                     first = await lease.receive(timeout=wait) if wait > 0 else None
                 except psepr.TimeoutError:
                     first = None
-            await self._after_store(*self._store_waiting(first, commit=first is None))
+            # At most one batch per turn: the connection's reader runs in between.
+            await self._after_store(*self._store_waiting(first, commit=first is None,
+                                                         limit=self.config.batch))
 
-    def _store_waiting(self, first=None, commit: bool = True) -> tuple[list, StorageError | None]:
+    def _store_waiting(self, first=None, commit: bool = True,
+                       limit: int | None = None) -> tuple[list, StorageError | None]:
         """Take ``first`` and every attribute event already waiting; commit when due.
 
         Rows are committed together (group commit): when ``commit`` is asked,
@@ -221,19 +224,24 @@ class Monitor:
         No ``await`` inside: a query, which asks for the commit, sees every
         tuple that reached this connection before it.
 
+        Args:
+            first: an event already taken from the lease.
+            commit: commit whatever waits, now.
+            limit: take at most this many waiting events (None: all of them).
+
         Returns:
             ``(bad, error)``: the refused events with their errors, and the
             storage failure if the write failed.
         """
-        events = ([] if first is None else [first]) + self._attr_lease.take()
+        events = ([] if first is None else [first]) + self._attr_lease.take(limit)
         rows, bad = self._rows, []
         if events:
             if not rows:
                 self._commit_at = self._mono() + self.config.commit_every
-            limit = self.config.max_value_bytes
+            max_bytes = self.config.max_value_bytes
             for ev in events:
                 try:
-                    rows.append(attribute_row(ev, limit))
+                    rows.append(attribute_row(ev, max_bytes))
                 except EventError as exc:
                     bad.append((ev, exc))
             self.counters["bad"] += len(bad)

@@ -1,4 +1,4 @@
-"""The ``psepr`` command: routers, sending, leasing, stats, keys, benchmarks.
+"""The ``psepr`` command: routers, sending, leasing, stats, keys, PLDB, sensors, benchmarks.
 
 Every client command takes ``--router URL`` (repeatable; default
 ``PSEPR_ROUTERS``, else the servers file, else ``tcp://127.0.0.1:7600``) and
@@ -269,7 +269,8 @@ def cmd_router(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The embedded local farm: ``--routers`` routers in one process, linked in a full mesh."""
+    """The embedded local farm: ``--routers`` routers in one process, linked in a full mesh,
+    with a PLDB supervisor per router and this host's sensors as their clients."""
     import signal
     import threading
     from routers.config import RouterConfig
@@ -299,13 +300,28 @@ def cmd_run(args) -> int:
     lines = [f"  router {r.config.name:<4} clients {r.endpoints[0]:<24} peers "
              f"{r.peer_endpoints[0] if r.peer_endpoints else '-'}" for r in routers]
     cfg = routers[0].config
+    from services.localfarm import LocalFarmClients
+    from pldb.cli import default_data_dir
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("local-farm")
+    farm = LocalFarmClients(urls, data_dir)
+    try:
+        farm.start()
+    except PseprError:
+        for r in routers:
+            r.stop()
+        raise
     print(f"""PsEPR local farm is up: {len(routers)} router(s) in a full mesh (authority {cfg.authority}).
 """ + "\n".join(lines) + f"""
+  PLDB     one supervisor per router (simulated hosts local-1..{len(urls)}), {farm.replicas} monitors of {farm.channel}
+           (databases in {data_dir})
+  sensors  this host's facts on {farm.channel}{farm.host}/
 
 Try, in another terminal (after `. .venv/bin/activate`):
   psepr lease /example.com/ --count 1                     # on r1 ({urls[0]})
   psepr send /example.com/heartbeat/x.example.com/ --type heartbeat --json '{{"load": 0.4}}' \\
         --router {urls[-1]}                   # sent at r{len(urls)}, delivered through the overlay
+  psepr pldb get {farm.channel}{farm.host}/                # what PLDB remembers of this host
+  psepr pldb monitors                                     # who keeps what
   psepr status                                            # routers, links, round-trip times
   export PSEPR_ROUTERS={",".join(urls)}   # clients fail over between them
 Stop with Ctrl-C.""", flush=True)
@@ -316,6 +332,7 @@ Stop with Ctrl-C.""", flush=True)
         if not all(t.is_alive() for t in threads):
             print("a router thread stopped unexpectedly; shutting down", file=sys.stderr)
             break
+    farm.stop()
     for r in routers:
         r.stop()
     for t in threads:
@@ -339,6 +356,8 @@ def cmd_bench(args) -> int:
         from benchmarks.overlay import main as bench_main
     elif args.which == "idle":
         from benchmarks.idle import main as bench_main
+    elif args.which == "pldb":
+        from benchmarks.pldb import main as bench_main
     else:
         from benchmarks.hop import main as bench_main
     return bench_main(args)
@@ -446,11 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keygen)
 
     run = sub.add_parser("run", help="start the embedded local farm (what `make run` does): "
-                         "routers in a full mesh on loopback")
+                         "routers in a full mesh on loopback, PLDB and this host's sensors")
     run.add_argument("--listen", default="tcp://127.0.0.1:7600",
                      help="the first router's client endpoint; router i uses port + 10*i for "
                           "clients and the next port for peers (default tcp://127.0.0.1:7600)")
     run.add_argument("--routers", type=int, default=3, help="how many routers (default 3)")
+    run.add_argument("--data-dir", metavar="DIR",
+                     help="where the farm's PLDB monitors keep their databases (default "
+                          "$XDG_DATA_HOME/psepr/pldb/local-farm)")
     run.set_defaults(func=cmd_run)
 
     from pldb.cli import add_parser as add_pldb_parser
@@ -458,11 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     from services.cli import add_parser as add_services_parser
     add_services_parser(sub, _add_router_arg)
 
-    b = sub.add_parser("bench", help="benchmarks (hop, overlay, core, idle)")
-    b.add_argument("which", choices=("hop", "overlay", "core", "idle"),
+    b = sub.add_parser("bench", help="benchmarks (hop, overlay, pldb, core, idle)")
+    b.add_argument("which", choices=("hop", "overlay", "pldb", "core", "idle"),
                    help="hop: sender -> router -> holders, each its own process; "
                         "overlay: across a chain of 3 routers, lease reach on 20 routers, "
                         "memory with 10,000 leases; "
+                        "pldb: 1,000 nodes x 20 fields into 3 monitors through 3 routers, "
+                        "query latency, monitor memory; "
                         "core: the router and client cores alone, in process; "
                         "idle: CPU of an idle client and router")
     b.add_argument("--events", type=int, default=300_000, help="events per throughput run")

@@ -343,18 +343,27 @@ class Replies:
                 ``(channel, field)``.
 
         Raises:
-            RemoteError: a monitor sent a malformed tuple row.
+            EventError: a monitor sent a malformed tuple row.
         """
-        best: dict[tuple, Tuple] = {}
-        for mon, parts in self._parts.items():
-            for rows in parts.values():
-                for row in rows:
-                    t = Tuple.from_row(row)
-                    key = (t.channel, t.field, t.id) if history else (t.channel, t.field)
-                    old = best.get(key)
-                    if old is None or t.version > old.version:
-                        best[key] = t
-        return sorted(best.values(), key=lambda t: (t.channel, t.field, t.time, t.id))
+        # Pick the winners on the raw rows (3 monitors answer every tuple: only
+        # a third become Tuples), then validate those.
+        best: dict[tuple, list] = {}
+        try:
+            for parts in self._parts.values():
+                for rows in parts.values():
+                    for row in rows:
+                        if type(row) is not list or len(row) != 7:
+                            raise TypeError
+                        key = (row[0], row[1], row[6]) if history else (row[0], row[1])
+                        old = best.get(key)
+                        if old is None or (row[3], len(row[6]), row[6]) > \
+                                (old[3], len(old[6]), old[6]):
+                            best[key] = row
+        except TypeError:
+            raise EventError(f"a PLDB reply holds a malformed tuple row: {row!r:.120}",
+                             "tuples") from None
+        return sorted((Tuple.from_row(r) for r in best.values()),
+                      key=lambda t: (t.channel, t.field, t.time, t.id))
 
 
 _SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")

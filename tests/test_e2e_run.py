@@ -1,8 +1,9 @@
-"""`psepr run` (what `make run` starts): three routers in a full mesh, one process.
+"""`psepr run` (what `make run` starts): three routers in a full mesh, PLDB and sensors.
 
 Starts it on free loopback ports, leases at the first router, sends at the
-third, and checks the event crossed the overlay; then stops it with SIGTERM, by
-its own pid, and checks it said so.
+third, and checks the event crossed the overlay; asks PLDB what this host's
+sensors published; then stops it with SIGTERM, by its own pid, and checks it
+said so.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ def _free_base() -> int:
     raise RuntimeError("no free port range found")
 
 
-def test_psepr_run_starts_a_three_router_mesh():
+def test_psepr_run_starts_a_three_router_mesh_with_pldb_and_sensors(tmp_path):
     base = _free_base()
     p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "run", "--listen",
-                          f"tcp://127.0.0.1:{base}"], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                          f"tcp://127.0.0.1:{base}", "--data-dir", str(tmp_path)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         deadline = time.monotonic() + 20
@@ -74,6 +75,20 @@ def test_psepr_run_starts_a_three_router_mesh():
             sender.send("/example.com/heartbeat/x.example.com/", {"load": 0.4}, type="heartbeat")
             ev = lease.receive(timeout=5)
             assert ev.payload == {"load": 0.4} and ev.type == "heartbeat"
+            # PLDB remembers what this host's sensors published (monitors start
+            # after their supervisors' back-off: ask until they answer)
+            node = f"/example.com/node/{socket.gethostname()}/"
+            assert node in banner
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    fields = {t.field for t in psepr.pldb.query(holder, node, timeout=1.0)}
+                    if {"load_avg", "cpu_count", "kernel"} <= fields:
+                        break
+                except psepr.NoMonitor:
+                    pass
+                assert time.monotonic() < deadline, "PLDB of the local farm never answered"
+                time.sleep(0.2)
     finally:
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=20)

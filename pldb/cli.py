@@ -237,9 +237,11 @@ def cmd_monitors(args) -> int:
     for m in monitors:
         if args.json:
             print(orjson.dumps({"monitor": m.id, "host": m.host, "root": m.root.text,
-                                "state": m.state, "tuples": m.tuples}).decode())
+                                "state": m.state, "tuples": m.tuples, "stored": m.stored,
+                                "dropped": m.dropped}).decode())
         else:
-            print(f"{m.root.text}  {m.id}  host={m.host}  {m.state}  tuples={m.tuples}")
+            print(f"{m.root.text}  {m.id}  host={m.host}  {m.state}  tuples={m.tuples}  "
+                  f"stored={m.stored}" + (f"  DROPPED={m.dropped}" if m.dropped else ""))
     if not monitors and not args.json:
         print(f"# no monitor of {args.authority} announced itself within {args.wait} s",
               file=sys.stderr)

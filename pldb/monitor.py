@@ -42,7 +42,7 @@ from typing import Any
 import psepr
 import psepr.aio
 from psepr.channel import Channel, parse
-from psepr.errors import EventError, NoMonitor, PseprError, StorageError
+from psepr.errors import EventError, PseprError, StorageError
 from psepr.pldb import (ANNOUNCE, QUERY, REPLY, REPORT, aquery, attribute_row, cut_parts,
                         monitors_channel, parse_query, reports_channel)
 
@@ -74,7 +74,9 @@ class Monitor:
     Attributes:
         state: ``filling``, ``ready``, ``broken`` or ``stopped``.
         counters: ``tuples`` stored, ``bad`` inputs dropped, ``queries`` answered,
-            ``lost`` tuples a broken database could not take.
+            ``lost`` tuples a broken database could not take.  Tuples dropped
+            at a full queue (the monitor too slow for its channel) are counted
+            by its lease, announced as ``dropped`` and reported as ``overflow``.
     """
 
     def __init__(self, con, root: "str | Channel", store: TupleStore, *, host: str,
@@ -103,6 +105,7 @@ class Monitor:
         self._recovering = False      # a write succeeded while broken
         self._rows: list[tuple] = []  # attribute rows waiting for their commit
         self._commit_at = 0.0
+        self._dropped_told = 0        # queue drops already reported
         self._fill_task: asyncio.Task | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -147,7 +150,8 @@ class Monitor:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._store_waiting(commit=True)      # what was received is kept
+        if self._leases:
+            self._store_waiting(commit=True)      # what was received is kept
         try:
             await self._announce()
             for lease in self._leases:
@@ -160,7 +164,13 @@ class Monitor:
     def info(self) -> MonitorInfo:
         """This monitor as its announcement describes it."""
         return MonitorInfo(self.id, self.host, self.root, self.state, self._latest,
-                           self._mono() + self.config.announce_ttl, self.counters["tuples"])
+                           self._mono() + self.config.announce_ttl, self.counters["tuples"],
+                           self._dropped())
+
+    def _dropped(self) -> int:
+        """Tuples lost before this monitor saw them: its queue was full (it is too slow)."""
+        lease = getattr(self, "_attr_lease", None)
+        return 0 if lease is None else lease.dropped
 
     # -- filling ------------------------------------------------------------------------------------
     async def _fill(self) -> None:
@@ -184,7 +194,7 @@ class Monitor:
             except StorageError as exc:
                 await self._broken(exc)
                 return
-            except (NoMonitor, PseprError) as exc:
+            except PseprError as exc:      # NoMonitor: the peers died meanwhile
                 await self._report("fill-failed", f"could not fill from peers "
                                    f"{', '.join(m.id for m in peers)}: {exc}", force=True)
         if self.state == FILLING:        # not broken meanwhile
@@ -318,6 +328,12 @@ class Monitor:
                     await self._broken(exc)
             elif self._dirty:
                 self._latest = self._count_latest()
+            dropped = self._dropped()
+            if dropped > self._dropped_told:
+                await self._report("overflow", f"{dropped - self._dropped_told} tuples dropped "
+                                   f"at a full queue ({dropped} in all): this monitor cannot keep "
+                                   f"up with {self.root.text}")
+                self._dropped_told = dropped
             await self._announce()
 
     # -- storage trouble ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class MonitorInfo:
         tuples: how many current tuples it holds.
         until: receiver's monotonic time after which the entry is gone.
         stored: tuple versions it stored since it started (a rate gauge).
+        dropped: tuples it lost at a full queue since it started (too slow).
     """
 
     id: str
@@ -52,11 +53,13 @@ class MonitorInfo:
     tuples: int
     until: float
     stored: int = 0
+    dropped: int = 0
 
     def announcement(self, ttl: float) -> dict:
         """The announcement payload describing this monitor."""
         return {"monitor": self.id, "host": self.host, "root": self.root.text,
-                "state": self.state, "tuples": self.tuples, "stored": self.stored, "ttl": ttl}
+                "state": self.state, "tuples": self.tuples, "stored": self.stored,
+                "dropped": self.dropped, "ttl": ttl}
 
 
 def parse_announcement(payload: Any, now: float) -> MonitorInfo:
@@ -75,19 +78,20 @@ def parse_announcement(payload: Any, now: float) -> MonitorInfo:
     if payload["state"] not in STATES:
         raise EventError(f"monitor announcement: unknown state {payload['state']!r:.40} "
                          f"(one of {', '.join(STATES)})", "state")
-    ttl, tuples, stored = payload.get("ttl"), payload.get("tuples", 0), payload.get("stored", 0)
+    ttl = payload.get("ttl")
+    counts = {k: payload.get(k, 0) for k in ("tuples", "stored", "dropped")}
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
         raise EventError(f"monitor announcement: ttl must be a positive number of seconds, "
                          f"got {ttl!r:.40}", "ttl")
-    for key, n in (("tuples", tuples), ("stored", stored)):
+    for key, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int):
             raise EventError(f"monitor announcement: {key} must be an integer, got {n!r:.40}", key)
     try:
         root = parse(payload["root"])
     except ChannelError as exc:
         raise EventError(f"monitor announcement: bad root: {exc}", "root") from None
-    return MonitorInfo(payload["monitor"], payload["host"], root, payload["state"], tuples,
-                       now + ttl, stored)
+    return MonitorInfo(payload["monitor"], payload["host"], root, payload["state"],
+                       counts["tuples"], now + ttl, counts["stored"], counts["dropped"])
 
 
 class PeerTable:

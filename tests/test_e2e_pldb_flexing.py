@@ -141,3 +141,26 @@ def test_kill_every_monitor_on_one_host_and_the_others_restore_k(router_proc, st
                 assert h == victim or proc.alive()
     finally:
         census.close()
+
+
+@pytest.mark.slow
+def test_replicas_auto_follows_the_hosts(router_proc, start_cli, tmp_path):
+    """--replicas auto with A=0.99 (p=0.1): k = 2 once two hosts or more run supervisors."""
+    channel = f"/{AUTH}/auto/"
+    hosts = [start_cli("pldb", "supervisor", "--channels", channel, "--replicas", "auto",
+                       "--availability", "0.99", "--host", h, "--data-dir", str(tmp_path / h),
+                       "--preset", "local", router=router_proc.url, ready="keeps")
+             for h in ("x", "y", "z")]
+    census = Census(router_proc.url)
+    try:
+        def placed():
+            with census.lock:
+                census.table.expire(time.monotonic())
+                return sorted(m.host for m in census.table.all()
+                              if m.root.text == channel and m.state == READY)
+        wait_until("two ready monitors", lambda: len(placed()) == 2, timeout=30)
+        time.sleep(2.0)          # a few rounds later: still two, not three
+        assert len(placed()) == 2, placed()
+        assert all(h.alive() for h in hosts)
+    finally:
+        census.close()

@@ -256,3 +256,24 @@ def start_cli():
     yield _start
     for p in started:
         p.stop()
+
+
+def wait_for(what: str, predicate, timeout: float = 10.0):
+    """Poll ``predicate`` (bounded in time) until it returns something true; return that.
+
+    Raises:
+        AssertionError: naming ``what``, when it did not happen within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not within {timeout} s")
+
+
+def start_monitor(start_cli, router: RouterProcess, data_dir, channel: str, host: str = "h1"):
+    """A `psepr pldb monitor` process (local preset) of ``channel``, ready to answer."""
+    return start_cli("pldb", "monitor", "--channel", channel, "--host", host, "--data-dir",
+                     str(data_dir), "--preset", "local", router=router.url, ready=" ready:")

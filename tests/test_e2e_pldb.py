@@ -17,26 +17,15 @@ import psepr
 from psepr import pldb
 from psepr.pldb import ANNOUNCE, QUERY, REPORT
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
+from .conftest import start_monitor as conftest_start_monitor
 
 AUTH = "pldb.example.com"
 NODE = f"/{AUTH}/node/"
 
 
-def start_monitor(start_cli, router, data_dir, host="h1", channel=NODE):
-    return start_cli("pldb", "monitor", "--channel", channel, "--host", host, "--data-dir",
-                     str(data_dir), "--preset", "local", router=router.url, ready=" ready:")
-
-
-def wait_for(what, predicate, timeout=10.0):
-    """Poll ``predicate`` (bounded) until it is true; readiness by condition."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not within {timeout} s")
+def start_monitor(start_cli, router, data_dir, host="h1"):
+    return conftest_start_monitor(start_cli, router, data_dir, NODE, host)
 
 
 def send_attr(con, channel, field, value, expire=None):

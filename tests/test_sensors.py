@@ -32,7 +32,8 @@ from psepr.errors import ChannelError, ConfigError, TimeoutError as PseprTimeout
 from services import sensors as S
 from services.sensors import Reader, Sampler, SensorConfig, SensorCore, Sensors, within
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
+from .conftest import start_monitor as conftest_start_monitor
 
 AUTH = "sensors.example.com"
 NODE = f"/{AUTH}/node/"
@@ -484,20 +485,8 @@ def test_authority_and_host_must_make_a_channel(authority, host):
 
 # -- end to end: router, monitor, sensors processes ------------------------------------------------
 
-def wait_for(what, predicate, timeout=15.0):
-    """Poll ``predicate`` (bounded) until it is true; readiness by condition."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not within {timeout} s")
-
-
 def start_monitor(start_cli, router, data_dir):
-    return start_cli("pldb", "monitor", "--channel", NODE, "--host", "m1", "--data-dir",
-                     str(data_dir), "--preset", "local", router=router.url, ready=" ready:")
+    return conftest_start_monitor(start_cli, router, data_dir, NODE, "m1")
 
 
 def start_sensors(start_cli, router, host, *extra):
@@ -523,7 +512,7 @@ def test_pldb_answers_a_nodes_facts_published_by_a_sensors_process(router_proc, 
             "python_packages_digest", "python_packages", "net_addrs"}
     with psepr.connect(router_proc.url, preset="local") as con:
         got = wait_for("the node's facts",
-                       lambda: (f := fields_of(con, NODE + "simhost1/")) and want <= set(f) and f)
+                       lambda: (f := fields_of(con, NODE + "simhost1/")) and want <= set(f) and f, timeout=15.0)
     assert all(t.expire == 30.0 and t.channel == NODE + "simhost1/" for t in got.values())
     assert all(t.source.startswith("sensors/") for t in got.values())
     assert isinstance(got["load_avg"].value, float)
@@ -545,7 +534,7 @@ def test_two_simulated_hosts_publish_on_their_own_channels(router_proc, start_cl
         def both():
             ts = pldb.query(con, NODE, "cpu_count")
             return len(ts) == 2 and ts
-        got = wait_for("cpu_count of both hosts", both)
+        got = wait_for("cpu_count of both hosts", both, timeout=15.0)
     assert [t.channel for t in got] == [NODE + "simhost1/", NODE + "simhost2/"]
     assert got[0].source != got[1].source
 

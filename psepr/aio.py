@@ -172,7 +172,7 @@ class Connection(ConnectionBase):
         sock = self._ctx.socket(zmq.DEALER)
         configure_socket(sock, self.config)
         # Hear at once when the router's end closes (it died); see psepr.client.
-        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sock.connect(url)
         self._sock = sock
         self._session.start(time.monotonic())
@@ -181,11 +181,12 @@ class Connection(ConnectionBase):
         self._schedule_flush()
 
     async def _watch(self, mon) -> None:
-        """Fail over as soon as the monitor reports the connection closed."""
+        """Start the WELCOME clock at the handshake; fail over once the connection closes."""
         try:
-            while parse_monitor_message(await mon.recv_multipart())["event"] \
+            while (ev := parse_monitor_message(await mon.recv_multipart())["event"]) \
                     != zmq.EVENT_DISCONNECTED:
-                pass
+                if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._session.connected(time.monotonic())
             if not self._closed:
                 self._session.disconnected(time.monotonic())
                 self._changed.set()       # the timer task switches sockets

@@ -692,7 +692,9 @@ class Connection(ConnectionBase):
         configure_socket(sock, self.config)
         # Hear at once when the router's end closes (it died): fail-over need not
         # wait for dead_after seconds of silence.
-        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # (and when the connection completes: the WELCOME clock starts then).
+        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED
+                                            | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sock.connect(url)
         self._sock = sock
         self._poller.register(sock, zmq.POLLIN)
@@ -858,16 +860,20 @@ class Connection(ConnectionBase):
                 pass
         mon = self._mon
         if mon is not None and ready.get(mon):
-            closed = False
+            closed = handshake = False
             try:
                 while mon.poll(0):
-                    ev = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
-                    closed = closed or ev["event"] == zmq.EVENT_DISCONNECTED
+                    ev = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))["event"]
+                    closed = closed or ev == zmq.EVENT_DISCONNECTED
+                    handshake = handshake or ev == zmq.EVENT_HANDSHAKE_SUCCEEDED
             except zmq.ZMQError:
                 pass
-            if closed:
+            if closed or handshake:
                 with self._lock:
-                    s.disconnected(time.monotonic())
+                    if handshake:
+                        s.connected(time.monotonic())
+                    if closed:
+                        s.disconnected(time.monotonic())
         if ready.get(sock):
             with self._lock:
                 self._refresh_full()

@@ -16,7 +16,8 @@ Life cycle: ``start`` queues HELLO; WELCOME makes the session READY, which
 re-registers every lease (same ids, so a router sees renewals) and releases
 the buffered events.  An ERROR ``no-session`` (the router restarted) re-sends
 HELLO on the same socket.  Silence longer than ``dead_after``, or no WELCOME
-within ``connect_timeout``, moves to the next router in the list (with a
+within ``connect_timeout`` (of the connection completing, or of the socket's
+creation while it does not), moves to the next router in the list (with a
 jittered back-off after a full round).  Leases are renewed at
 ``renew_fraction`` of the grant and retried every ``renew_retry`` seconds.
 """
@@ -206,6 +207,7 @@ class Session:
         self._pend: list = []                # encoded events (make_entry items) to send
         self._barriers = 0                   # _Barrier markers in _pend (flush pings)
         self._req = itertools.count(1)
+        self._hello_req: int | None = None   # the req of the latest HELLO
         self._waiting: dict[int, str] = {}   # req -> kind, for control requests
         self._renewals: list = []            # heap of (renew_at, lease_id), lazily invalidated
         self._index: dict | None = None      # channel text -> leases on it (None: rebuild)
@@ -238,9 +240,14 @@ class Session:
         self.hello_at = now
         self.last_rx = now
         self._control = [m for m in self._control if m[0] != _K[Kind.HELLO]]
+        # Numbered: a WELCOME answering an earlier HELLO (one that left just before
+        # we gave up on it) is ignored, so leases are registered on the session
+        # that stays, not on one the router is about to replace.
+        self._hello_req = next(self._req)
         self._control.insert(0, wire.encode(Kind.HELLO, {
             "v": wire.PROTOCOL_VERSION, "service": self.config.service,
-            "instance": self.instance, "client": f"psepr-py/{VERSION}"}))
+            "instance": self.instance, "client": f"psepr-py/{VERSION}",
+            "req": self._hello_req}))
 
     def _next_router(self, now: float, why: str) -> None:
         # Before the first WELCOME the caller hears of failure from connect() itself
@@ -261,6 +268,17 @@ class Session:
             ls.active = False
         self.switch_to = None  # decided in tick once retry_at passes
         self._need_switch = True
+
+    def connected(self, now: float) -> None:
+        """The shell saw the socket's connection to the router complete (handshake).
+
+        The WELCOME clock starts here, not when the socket was made: a router
+        that comes up just before ``connect_timeout`` would otherwise see the
+        client give up on a connection whose HELLO it is answering, and the
+        events it then delivers to that connection would be lost.
+        """
+        if self.state == CONNECTING:
+            self.hello_at = now
 
     def disconnected(self, now: float) -> None:
         """The shell saw the TCP connection to the router drop: fail over at once.
@@ -483,6 +501,9 @@ class Session:
             log.warning("router %s sent a malformed %s: %r", self.router, kind, exc)
 
     def _on_welcome(self, h: dict, now: float) -> None:
+        if h.get("req") != self._hello_req:
+            log.debug("router %s: ignoring a WELCOME to an earlier HELLO", self.router)
+            return
         self.welcome = h
         self.state = READY
         self.was_ready = True

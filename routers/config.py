@@ -37,6 +37,11 @@ class RouterConfig:
         max_leases_per_conn: leases one connection may hold.
         conn_timeout: a connection silent this long is forgotten with its leases
             (clients ping every second while idle, so 30 s is generous).
+        detach_grace: a session whose connection vanished (ZeroMQ: host
+            unreachable) keeps its leases and undelivered events this long for
+            its client to say HELLO again from a new connection (it does at its
+            next ping, within a second or two); then it is forgotten.  A dead
+            client's interest lingers this long, so it stays short.
         stats_interval: seconds between published stats events.
         max_per_turn: messages drained per loop turn before deliveries are flushed;
             bounds latency and lets ZeroMQ's fair queueing interleave senders.
@@ -78,6 +83,7 @@ class RouterConfig:
     conn_queue: int = 64
     max_leases_per_conn: int = 100_000
     conn_timeout: float = 30.0
+    detach_grace: float = 5.0
     stats_interval: float = 5.0
     max_per_turn: int = 1000
     max_bytes_per_turn: int = 4 << 20
@@ -105,7 +111,7 @@ class RouterConfig:
         "lan": dict(),
         # Wide area: longer silence before forgetting a client or a peer (lossy
         # links, long round trips).
-        "wan": dict(conn_timeout=90.0, stats_interval=10.0, peer_ping=2.0,
+        "wan": dict(conn_timeout=90.0, detach_grace=15.0, stats_interval=10.0, peer_ping=2.0,
                     peer_dead_after=8.0, lsa_refresh=30.0, lsa_max_age=100.0,
                     barrier_timeout=10.0),
     }

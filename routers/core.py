@@ -58,6 +58,9 @@ _MAX_CACHE = 100_000
 #: Control messages (PONG, LEASED, ERROR...) kept per connection while its ZeroMQ
 #: queue is full, retried on later turns; beyond this they are dropped and counted.
 _MAX_CONTROL_BACKLOG = 1000
+#: Events kept for a session whose connection vanished (see RouterCore.detach) until
+#: its client says HELLO again on a new connection; beyond this the oldest are dropped.
+_DETACHED_EVENTS = 10_000
 _JSON_NUM = (int, float)
 #: Most (header, body) segments in one DELIVER message.
 _MAX_SEGMENTS = 256
@@ -119,7 +122,7 @@ class Conn:
 
     __slots__ = ("ident", "principal", "instance", "last_seen", "out_segs",
                  "out_bytes", "out_events", "control", "dirty", "pending_drops", "events_in", "events_out",
-                 "dropped", "errors", "may_send_cache", "created")
+                 "dropped", "errors", "may_send_cache", "created", "detached")
 
     def __init__(self, ident: bytes, principal: str, instance: str, now: float) -> None:
         self.ident = ident
@@ -138,6 +141,7 @@ class Conn:
         self.dropped = 0
         self.errors = 0
         self.may_send_cache: dict[str, bool] = {}
+        self.detached: float | None = None   # when its connection vanished
 
     def __repr__(self) -> str:
         return f"Conn({self.principal}/{self.instance})"
@@ -165,6 +169,9 @@ class RouterCore:
         self.acl = acl
         self.leases = LeaseTable(config.max_lease, config.max_leases_per_conn)
         self.conns: dict[bytes, Conn] = {}
+        #: (principal, instance) -> session, for a client that says HELLO again on a
+        #: new connection (see _on_hello): instances the client named itself only.
+        self._instances: dict[tuple[str, str], Conn] = {}
         self._dirty: list[Conn] = []
         self._channels: dict[str, tuple[str, ...]] = {}   # validated channel -> prefixes
         self._types: set[str] = set()                      # validated type names
@@ -276,17 +283,48 @@ class RouterCore:
                 return
         if principal is None:
             principal = service or "anonymous"
+        prev = self._instances.get((principal, instance)) if instance is not None else None
+        if prev is not None and prev.ident != ident and prev.detached is not None:
+            # The same client on a new connection, its old one gone: the session
+            # moves over with its leases and the events kept for it, so nothing is
+            # lost in between.  A session whose connection still works is left
+            # alone: a stale HELLO (a socket the client already gave up) must not
+            # pull a live session away from it.
+            self._takeover(prev, ident, now)
+            self._welcome(prev, h, resumed=True)
+            return
         old = self.conns.pop(ident, None)
         if old is not None:
-            self.leases.release_holder(old)
+            self._drop_conn(old)
         conn = Conn(ident, principal, instance or ident.hex(), now)
         self.conns[ident] = conn
+        if instance is not None:
+            self._instances[(principal, instance)] = conn
+        self._welcome(conn, h, resumed=False)
+
+    def _welcome(self, conn: Conn, h: dict, resumed: bool) -> None:
         c = self.config
         self._queue_control(conn, Kind.WELCOME, {
             "v": wire.PROTOCOL_VERSION, "router": c.name, "authority": c.authority,
             "principal": conn.principal, "instance": conn.instance, "max_lease": c.max_lease,
             "max_event": c.max_event_bytes, "max_message": c.max_message_bytes,
-            "req": h.get("req")})
+            "resumed": resumed, "req": h.get("req")})
+
+    def _takeover(self, conn: Conn, ident: bytes, now: float) -> None:
+        log.info("session %r moves to a new connection (%s -> %s)", conn, conn.ident.hex(),
+                 ident.hex())
+        other = self.conns.pop(ident, None)
+        if other is not None and other is not conn:
+            self._drop_conn(other)
+        self.conns.pop(conn.ident, None)
+        conn.ident = ident
+        conn.detached = None
+        conn.last_seen = now
+        conn.control = []            # answers meant for the old connection
+        self.conns[ident] = conn
+        if conn.out_segs and not conn.dirty:
+            conn.dirty = True
+            self._dirty.append(conn)
 
     def _on_lease(self, conn: Conn, h: dict, now: float) -> None:
         req = h.get("req")
@@ -651,6 +689,9 @@ class RouterCore:
                 for chunk in wire.cuts(segs, 3, _MAX_SEGMENTS, cut):   # bounded, like DELIVERs
                     overlay.send_segments(conn, chunk)
                 continue
+            if conn.detached is not None:
+                self._bound_detached(conn)
+                continue
             control = conn.control
             if control:
                 sent = 0
@@ -673,7 +714,11 @@ class RouterCore:
             conn.out_bytes = 0
             conn.out_events = 0
             for chunk in wire.cuts(segs, 3, _MAX_SEGMENTS, cut):
-                self._send_deliver(conn, chunk, send)
+                if conn.detached is not None:      # it vanished during this flush
+                    conn.out_segs.extend(chunk)
+                    conn.out_events += sum(seg[4] for seg in chunk)
+                else:
+                    self._send_deliver(conn, chunk, send)
         for conn in retry:
             if not conn.dirty:
                 conn.dirty = True
@@ -692,17 +737,49 @@ class RouterCore:
         if send(conn, frames):
             conn.pending_drops = 0
             conn.events_out += n
+        elif conn.detached is not None:    # kept for the client's next connection
+            conn.out_segs.extend(segs)
+            conn.out_events += n
         else:
             conn.pending_drops += n
             conn.dropped += n
             self.dropped += n
 
+    def _bound_detached(self, conn: Conn) -> None:
+        """Drop the oldest events kept for a detached session beyond ``_DETACHED_EVENTS``."""
+        segs = conn.out_segs
+        while conn.out_events > _DETACHED_EVENTS and segs:
+            seg = segs.pop(0)
+            conn.out_events -= seg[4]
+            conn.pending_drops += seg[4]
+            conn.dropped += seg[4]
+            self.dropped += seg[4]
+
     def forget(self, ident: bytes) -> None:
-        """Drop a session and its leases (BYE, timeout, or the peer vanished)."""
+        """Drop a session and its leases (BYE, or silent for ``conn_timeout``)."""
         conn = self.conns.pop(ident, None)
         if conn is not None:
-            self.leases.release_holder(conn)
-            conn.out_segs = []
+            self._drop_conn(conn)
+
+    def _drop_conn(self, conn: Conn) -> None:
+        self.leases.release_holder(conn)
+        conn.out_segs = []
+        key = (conn.principal, conn.instance)
+        if self._instances.get(key) is conn:
+            del self._instances[key]
+
+    def detach(self, ident: bytes, now: float) -> None:
+        """The connection of a session vanished (ZeroMQ: host unreachable).
+
+        The session keeps its leases and up to ``_DETACHED_EVENTS`` undelivered
+        events for ``detach_grace`` seconds: a client whose connection ZeroMQ
+        re-made underneath it says HELLO again from a new routing id and takes
+        the session over (see :meth:`_on_hello`).  Otherwise it is forgotten.
+        """
+        conn = self.conns.get(ident)
+        if conn is not None and conn.detached is None:
+            log.info("connection of session %r vanished; keeping it for a new HELLO", conn)
+            conn.detached = now
 
     # -- time ----------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -713,8 +790,11 @@ class RouterCore:
                 self._queue_control(conn, Kind.EXPIRED, {"id": lease.id,
                                                          "channel": lease.channel.text})
         limit = now - self.config.conn_timeout
-        for ident in [i for i, c in self.conns.items() if c.last_seen < limit]:
-            log.info("forgetting silent session %r", self.conns[ident])
+        gone = now - self.config.detach_grace
+        for ident in [i for i, c in self.conns.items()
+                      if c.last_seen < limit or (c.detached is not None and c.detached < gone)]:
+            log.info("forgetting %s session %r", "silent" if self.conns[ident].detached is None
+                     else "detached", self.conns[ident])
             self.forget(ident)
         if now >= self.next_stats:
             self.next_stats = now + self.config.stats_interval

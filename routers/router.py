@@ -15,7 +15,8 @@ lone event still goes out at once.
 
 Sends use ``ROUTER_MANDATORY`` and ``NOBLOCK``: a full per-connection queue
 raises ``Again`` (counted as a drop, reported to the client) and a vanished
-peer raises ``EHOSTUNREACH`` (its session is forgotten).  Nothing blocks.
+peer raises ``EHOSTUNREACH`` (its session is kept, detached, for a HELLO from the
+same client on a new connection; see ``RouterCore.detach``).  Nothing blocks.
 Peer DEALERs use ``IMMEDIATE``: nothing queues for a peer that is not
 connected (the overlay routes around it instead), and a restarted peer gets
 no stale messages meant for its former run.
@@ -232,7 +233,7 @@ class Router:
                 return False
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
-                    core.forget(conn.ident)
+                    core.detach(conn.ident, time.monotonic())
                     sock_of.pop(conn.ident, None)
                     return False
                 raise

@@ -102,11 +102,15 @@ class Harness:
     def __init__(self, config: RouterConfig = CONFIG, acl: ACL | None = None) -> None:
         self.core = RouterCore(config, acl, now=0.0)
         self.full: set[bytes] = set()        # connections whose queue is "full"
+        self.gone: set[bytes] = set()        # connections that vanished (EHOSTUNREACH)
         self.sent: list[tuple[bytes, int, dict, list, bool]] = []
         self.now = 0.0
 
     def send(self, conn, frames) -> bool:
         kind, header, rest = wire.decode(frames)
+        if conn.ident in self.gone:            # as routers/router.py does on EHOSTUNREACH
+            self.core.detach(conn.ident, self.now)
+            return False
         ok = conn.ident not in self.full
         self.sent.append((conn.ident, kind, header, rest, ok))
         return ok
@@ -224,6 +228,65 @@ def test_a_second_hello_starts_a_fresh_session_without_the_old_leases(h):
     h.lease(b"c1", "l1", "/a/")
     h.hello(b"c1")
     assert len(h.core.leases) == 0
+
+
+def test_a_hello_on_a_new_connection_takes_a_vanished_session_over_with_its_leases(h):
+    assert h.hello(b"old", instance="inst-1")["resumed"] is False
+    h.lease(b"old", "l1", "/a/")
+    h.core.detach(b"old", 0.0)                 # its connection vanished
+    assert h.hello(b"new", instance="inst-1")["resumed"] is True
+    assert b"old" not in h.core.conns and b"new" in h.core.conns
+    assert len(h.core.leases) == 1
+    h.hello(b"s")
+    h.handle(b"s", send_frames(group("/a/x/", ["e1"], [b"1"])))
+    assert [d.id for d in h.deliveries(b"new")] == ["e1"]
+
+
+def test_events_for_a_vanished_connection_wait_for_its_next_hello(h):
+    h.hello(b"old", instance="inst-1")
+    h.lease(b"old", "l1", "/a/")
+    h.hello(b"s")
+    h.gone.add(b"old")
+    h.handle(b"s", send_frames(group("/a/x/", ["e1", "e2"], [b"1", b"2"])))
+    h.flush()                                  # EHOSTUNREACH: the session detaches
+    h.handle(b"s", send_frames(group("/a/y/", ["e3"], [b"3"])))
+    h.flush()
+    assert h.core.conns[b"old"].detached is not None and h.core.dropped == 0
+    # the client, from a new routing id: WELCOME (resumed), then what was kept
+    h.handle(b"new", wire.encode(Kind.HELLO, {"v": wire.PROTOCOL_VERSION, "service": "svc",
+                                              "instance": "inst-1"}))
+    h.flush()
+    assert [k for i, k, *_ in h.sent if i == b"new"] == [Kind.WELCOME, Kind.DELIVER]
+    assert [d.id for d in h.deliveries(b"new")] == ["e1", "e2", "e3"]
+    assert h.core.dropped == 0
+
+
+def test_a_stale_hello_does_not_pull_a_live_session_away(h):
+    h.hello(b"live", instance="inst-1")
+    h.lease(b"live", "l1", "/a/")
+    assert h.hello(b"stale", instance="inst-1")["resumed"] is False
+    assert h.core.conns[b"live"].instance == "inst-1" and len(h.core.leases) == 1
+    h.hello(b"s")
+    h.handle(b"s", send_frames(group("/a/x/", ["e1"], [b"1"])))
+    assert [d.id for d in h.deliveries(b"live")] == ["e1"]
+
+
+def test_a_detached_session_is_forgotten_after_the_grace(h):
+    h.hello(b"old", instance="inst-1")
+    h.lease(b"old", "l1", "/a/")
+    h.core.detach(b"old", 10.0)
+    h.core.tick(10.0 + CONFIG.detach_grace - 0.5)
+    assert b"old" in h.core.conns
+    h.core.tick(10.0 + CONFIG.detach_grace + 0.5)
+    assert b"old" not in h.core.conns and len(h.core.leases) == 0
+
+
+def test_another_principal_cannot_take_a_session_over(h):
+    h.hello(b"a", service="alice", instance="shared")
+    h.lease(b"a", "l1", "/a/")
+    assert h.hello(b"m", service="mallory", instance="shared")["resumed"] is False
+    assert b"a" in h.core.conns and h.core.conns[b"a"].principal == "alice"
+    assert len(h.core.leases) == 1
 
 
 def test_unknown_kind_and_malformed_frames_are_answered_with_protocol_errors(h):

@@ -216,10 +216,9 @@ def cmd_supervisor(args) -> int:
 
 def cmd_monitors(args) -> int:
     from psepr.cli import _connect
-    from psepr.errors import TimeoutError as PTimeout
+    from psepr.errors import EventError, TimeoutError as PTimeout
     from psepr.pldb import ANNOUNCE, monitors_channel
     from .peers import PeerTable, parse_announcement
-    from psepr.errors import EventError
     table = PeerTable()
     with _connect(args) as con:
         lease = con.lease(monitors_channel(args.authority), type=ANNOUNCE, propagated=True)

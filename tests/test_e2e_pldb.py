@@ -15,7 +15,7 @@ import pytest
 
 import psepr
 from psepr import pldb
-from psepr.pldb import ANNOUNCE, QUERY, REPORT
+from psepr.pldb import QUERY, REPORT
 
 from .conftest import ROOT, wait_for
 from .conftest import start_monitor as conftest_start_monitor

@@ -321,8 +321,9 @@ class Monitor:
             if self._mono() >= next_maintain and self.state != BROKEN:
                 next_maintain = self._mono() + cfg.maintain_every
                 try:
-                    self.store.trim()
                     self.store.purge(self._clock())
+                    self.store.checkpoint()
+                    self.store.trim()
                     self._latest = self._count_latest()
                 except StorageError as exc:
                     await self._broken(exc)
@@ -354,10 +355,7 @@ class Monitor:
 
     def _count_latest(self) -> int:
         self._dirty = False
-        try:
-            return self.store.counts()["latest"]
-        except StorageError:
-            return self._latest
+        return len(self.store)
 
     # -- speaking -----------------------------------------------------------------------------------
     async def _announce(self) -> None:

@@ -2,12 +2,19 @@
 
 Theory of operation
 -------------------
-Two tables.  ``latest`` holds the newest version of every ``(channel, field)``,
-keyed by it: an upsert that only ever moves forward in version order (the
-order of :attr:`psepr.pldb.Tuple.version`), so tuples may arrive in any order,
-live or from peers, without harm.  ``history`` is an append-only log of every
-version, in arrival order, bounded by ``history_rows``: :meth:`TupleStore.trim`
-cuts the oldest rows off its tail.
+``history`` is an append-only log of every version, in arrival order: the
+durable record, one INSERT per tuple, bounded by ``history_rows``
+(:meth:`TupleStore.trim` cuts the oldest rows off its tail).  The newest version
+of every ``(channel, field)`` lives in memory (a sorted dict, so a subtree is a
+key range) and only moves forward in version order (the order of
+:attr:`psepr.pldb.Tuple.version`), so tuples may arrive in any order, live or
+from peers, without harm.  :meth:`TupleStore.checkpoint` writes the keys that
+changed into the ``latest`` table with the log position it reflects (the
+*watermark*); opening a store loads ``latest`` and replays the log after the
+watermark, so a crash between checkpoints loses nothing the log has.  Trimming
+never cuts above the watermark.  Keeping ``latest`` as a checkpoint instead of
+an upsert per tuple halves the SQLite work of ingest, and answers for current
+values come from memory.
 
 Why a log and not a table clustered by key: tuples of many keys arrive mixed,
 and a B-tree ordered by ``(channel, field, time)`` takes each new version in
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Iterable
 
 import orjson
+from sortedcontainers import SortedDict
 
 from psepr.errors import StorageError
 from psepr.pldb import Query, Tuple
@@ -56,17 +64,15 @@ CREATE TABLE IF NOT EXISTS latest (
 CREATE TABLE IF NOT EXISTS history (
     channel TEXT NOT NULL, field TEXT NOT NULL, value BLOB NOT NULL, time REAL NOT NULL,
     expire REAL, source TEXT NOT NULL, id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+_COLUMNS = "channel, field, value, time, expire, source, id"
 
-_UPSERT = """
-INSERT INTO latest (channel, field, value, time, expire, source, id) VALUES (?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (channel, field) DO UPDATE SET
-    value = excluded.value, time = excluded.time, expire = excluded.expire,
-    source = excluded.source, id = excluded.id
-WHERE excluded.time > latest.time OR (excluded.time = latest.time AND (
-    length(excluded.id) > length(latest.id)
-    OR (length(excluded.id) = length(latest.id) AND excluded.id > latest.id)))
-"""
+
+def _newer(row: tuple, old: tuple) -> bool:
+    """Whether storage row ``row`` is a newer version than ``old`` (Tuple.version order)."""
+    return (row[3], len(row[6]), row[6]) > (old[3], len(old[6]), old[6])
+
 _HISTORY = ("INSERT INTO history (channel, field, value, time, expire, source, id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
@@ -88,6 +94,8 @@ class TupleStore:
     """
 
     def __init__(self, path: "str | Path", history_rows: int = HISTORY_ROWS) -> None:
+        if history_rows < 1:
+            raise StorageError(f"history_rows must be at least 1, got {history_rows}", str(path))
         self.path = str(path)
         self.history_rows = history_rows
         try:
@@ -109,6 +117,18 @@ class TupleStore:
             self._db.execute("PRAGMA wal_autocheckpoint=4000")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._latest: SortedDict = SortedDict(
+                ((r[0], r[1]), r) for r in self._db.execute(f"SELECT {_COLUMNS} FROM latest"))
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchone()
+            self._watermark = row[0] if row else 0
+            self._dirty: set[tuple[str, str]] = set()    # keys changed since the checkpoint
+            self._gone: set[tuple[str, str]] = set()     # keys purged since the checkpoint
+            # The log after the watermark: versions the last checkpoint did not see.
+            self._remember(self._db.execute(
+                f"SELECT {_COLUMNS} FROM history WHERE rowid > ? ORDER BY rowid",
+                (self._watermark,)).fetchall())
+            self._last_rowid = self._db.execute(
+                "SELECT coalesce(max(rowid), 0) FROM history").fetchone()[0]
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open PLDB database {self.path}: {exc}", self.path) from None
 
@@ -142,7 +162,7 @@ class TupleStore:
         try:
             db.execute("BEGIN")
             db.executemany(_HISTORY, rows)
-            db.executemany(_UPSERT, rows)
+            last = db.execute("SELECT max(rowid) FROM history").fetchone()[0]
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -150,7 +170,57 @@ class TupleStore:
             except sqlite3.Error:
                 pass
             raise self._fail("write", exc) from None
+        self._last_rowid = last
+        self._remember(rows)
         return len(rows)
+
+    def _remember(self, rows: Iterable[tuple]) -> None:
+        """Move the in-memory newest versions forward with these stored rows."""
+        latest, dirty = self._latest, self._dirty
+        get, put = latest.get, dict.__setitem__     # a known key: no sorted-list work
+        for row in rows:
+            key = (row[0], row[1])
+            old = get(key)
+            if old is None:
+                latest[key] = row
+            elif row[3] > old[3] or (row[3] == old[3] and _newer(row, old)):
+                put(latest, key, row)
+            else:
+                continue
+            dirty.add(key)
+
+    def checkpoint(self) -> int:
+        """Write the newest versions that changed into ``latest``, with the watermark.
+
+        Returns:
+            How many keys were written or deleted.
+
+        Raises:
+            StorageError: the write failed (the next checkpoint retries them).
+        """
+        if not self._dirty and not self._gone:
+            return 0
+        latest = self._latest
+        rows = [latest[k] for k in self._dirty if k in latest]
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            db.executemany(f"INSERT OR REPLACE INTO latest ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           rows)
+            db.executemany("DELETE FROM latest WHERE channel = ? AND field = ?", self._gone)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('watermark', ?)",
+                       (self._last_rowid,))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise self._fail("checkpoint", exc) from None
+        n = len(rows) + len(self._gone)
+        self._watermark = self._last_rowid
+        self._dirty, self._gone = set(), set()
+        return n
 
     def merge(self, tuples: Iterable[Tuple]) -> int:
         """Store tuples that may already be here (a fill from peers): known ids are skipped.
@@ -170,29 +240,32 @@ class TupleStore:
     def query(self, q: Query, now: float) -> list[Tuple]:
         """The tuples answering ``q`` at wall-clock ``now`` (see :meth:`Query.wants`).
 
+        Current values come from memory, history from the log.
+
         Raises:
             StorageError: the read failed.
         """
         lo, hi = _subtree(q.channel.text)
-        table = "history" if q.history else "latest"
-        sql = (f"SELECT channel, field, value, time, expire, source, id FROM {table} "
-               "WHERE channel >= ? AND channel < ?")
-        args: list = [lo, hi]
-        if q.field is not None:
-            sql += " AND field = ?"
-            args.append(q.field)
-        if q.since is not None:
-            sql += " AND time >= ?"
-            args.append(q.since)
         if not q.history:
-            sql += " AND (expire IS NULL OR time + expire > ?)"
-            args.append(now)
+            since = q.since
+            rows = [r for r in self._latest.values()[self._latest.bisect_left((lo, "")):
+                                                   self._latest.bisect_left((hi, ""))]
+                    if (q.field is None or r[1] == q.field)
+                    and (since is None or r[3] >= since)
+                    and (r[4] is None or r[3] + r[4] > now)]
         else:
-            sql += " ORDER BY rowid"
-        try:
-            rows = self._db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise self._fail("query", exc) from None
+            sql = f"SELECT {_COLUMNS} FROM history WHERE channel >= ? AND channel < ?"
+            args: list = [lo, hi]
+            if q.field is not None:
+                sql += " AND field = ?"
+                args.append(q.field)
+            if q.since is not None:
+                sql += " AND time >= ?"
+                args.append(q.since)
+            try:
+                rows = self._db.execute(sql + " ORDER BY rowid", args).fetchall()
+            except sqlite3.Error as exc:
+                raise self._fail("query", exc) from None
         return [Tuple(c, f, orjson.loads(v), t, e, s, i) for c, f, v, t, e, s, i in rows]
 
     def trim(self) -> int:
@@ -204,33 +277,36 @@ class TupleStore:
         Raises:
             StorageError: the write failed.
         """
+        # Never above the watermark: the log after it is what a restart replays.
+        cut = min(self._last_rowid - self.history_rows, self._watermark)
+        if cut <= 0:
+            return 0
         try:
-            return self._db.execute(
-                "DELETE FROM history WHERE rowid <= (SELECT max(rowid) FROM history) - ?",
-                (self.history_rows,)).rowcount
+            return self._db.execute("DELETE FROM history WHERE rowid <= ?", (cut,)).rowcount
         except sqlite3.Error as exc:
             raise self._fail("trim", exc) from None
 
     def purge(self, now: float) -> int:
-        """Delete expired values from ``latest``.
+        """Forget expired current values (the next checkpoint deletes them from ``latest``).
 
         Returns:
-            How many were deleted.
-
-        Raises:
-            StorageError: the write failed.
+            How many were forgotten.
         """
-        try:
-            return self._db.execute(
-                "DELETE FROM latest WHERE expire IS NOT NULL AND time + expire <= ?",
-                (now,)).rowcount
-        except sqlite3.Error as exc:
-            raise self._fail("purge", exc) from None
+        gone = [k for k, r in self._latest.items() if r[4] is not None and r[3] + r[4] <= now]
+        for k in gone:
+            del self._latest[k]
+            self._dirty.discard(k)
+            self._gone.add(k)
+        return len(gone)
+
+    def __len__(self) -> int:
+        """How many current values (one per ``(channel, field)``) the store holds."""
+        return len(self._latest)
 
     def counts(self) -> dict:
-        """``{"latest": n, "history": n, "bytes": file size}`` for announcements and stats."""
+        """``{"latest": n, "history": n, "bytes": file size}`` for stats and the CLI."""
+        latest = len(self._latest)
         try:
-            latest = self._db.execute("SELECT count(*) FROM latest").fetchone()[0]
             history = self._db.execute("SELECT count(*) FROM history").fetchone()[0]
         except sqlite3.Error as exc:
             raise self._fail("count", exc) from None
@@ -243,7 +319,11 @@ class TupleStore:
         return {"latest": latest, "history": history, "bytes": size}
 
     def close(self) -> None:
-        """Close the database (idempotent)."""
+        """Checkpoint (best effort: the log has everything anyway) and close.  Idempotent."""
+        try:
+            self.checkpoint()
+        except StorageError:
+            pass
         try:
             self._db.close()
         except sqlite3.Error:

@@ -163,6 +163,8 @@ def test_store_history_is_a_bounded_log_and_latest_values_stay(tmp_path):
     s = TupleStore(tmp_path / "db.sqlite", history_rows=5)
     s.apply([tup(field="quiet", time=0.0, id="q0", value="q")])
     s.apply([tup(time=float(i), id=f"e{i:03}", value=i) for i in range(1, 20)])
+    assert s.trim() == 0                        # nothing is cut above the checkpoint
+    s.checkpoint()
     assert s.trim() == 15
     hist = s.query(Query(psepr.channel(CH), history=True), now=0)
     assert [t.value for t in hist] == [15, 16, 17, 18, 19]       # the newest rows
@@ -178,8 +180,32 @@ def test_store_survives_a_restart(tmp_path):
     s.close()
     s = TupleStore(path, history_rows=3)
     assert [t.value for t in s.query(Query(psepr.channel(CH)), now=0)] == [4]
-    assert s.trim() == 2
+    assert s.trim() == 2                        # close() checkpointed
     assert s.counts()["history"] == 3 and s.counts()["bytes"] > 0
+
+
+def test_a_crash_between_checkpoints_loses_nothing_the_log_has(tmp_path):
+    path = tmp_path / "db.sqlite"
+    s = TupleStore(path)
+    s.apply([tup(field="a", time=1.0, id="1", value="a1")])
+    s.checkpoint()
+    s.apply([tup(field="a", time=2.0, id="2", value="a2"), tup(field="b", id="3", value="b")])
+    s._db.close()                              # a crash: no checkpoint of the last rows
+    s = TupleStore(path)
+    got = {t.field: t.value for t in s.query(Query(psepr.channel(CH)), now=0)}
+    assert got == {"a": "a2", "b": "b"} and len(s) == 2
+    s.close()
+
+
+def test_purged_values_leave_the_checkpoint_too(tmp_path):
+    path = tmp_path / "db.sqlite"
+    s = TupleStore(path)
+    s.apply([tup(field="short", time=100.0, expire=10, id="1"), tup(field="long", id="2")])
+    s.checkpoint()
+    assert s.purge(now=200.0) == 1
+    s.close()
+    s = TupleStore(path)
+    assert [t.field for t in s.query(Query(psepr.channel(CH)), now=0)] == ["long"]
 
 
 def test_a_file_of_another_schema_is_refused_clearly(tmp_path):

@@ -34,7 +34,9 @@ class PLDBConfig:
             transaction (group commit: a commit costs as much as thousands of
             rows).  A query commits what waits first, so answers never miss
             them; a crash loses at most this much, which the peers still hold.
-        maintain_every: seconds between history trims and expiry purges.
+        maintain_every: seconds between checkpoints of the current values (a
+            restart replays at most this much of the log), history trims and
+            expiry purges.
         report_every: at most one report of bad input per this many seconds per
             monitor (the rest are counted in the next report).
         retry_storage: seconds between retries of a failing database.

@@ -162,18 +162,17 @@ def _data_dir(args) -> Path:
 
 
 def cmd_monitor(args) -> int:
-    import psepr.aio
     from psepr.channel import parse
     from .config import PLDBConfig
-    from .monitor import Monitor, database_path
+    from .monitor import Monitor, connect, database_path
     from .store import TupleStore
     root = parse(args.channel)
     config = PLDBConfig.preset(args.preset)
     store = TupleStore(database_path(_data_dir(args), root), config.history_rows)
 
     async def main(stop):
-        con = await psepr.aio.connect(args.router, preset=args.preset, service=args.service,
-                                      keyfile=args.key, server_key=args.server_key)
+        con = await connect(args.router, config, args.preset, service=args.service,
+                            keyfile=args.key, server_key=args.server_key)
         mon = Monitor(con, root, store, host=args.host, config=config)
         try:
             await mon.start()

@@ -28,6 +28,10 @@ class PLDBConfig:
         history_rows: rows of history a monitor keeps (all keys together; about
             110 bytes each on disk, so the default is about 55 MB).
         max_value_bytes: largest attribute value accepted, as JSON.
+        queue: attribute events a monitor's connection buffers before it drops
+            (and counts, announces and reports) the excess: ten batches, a
+            second of ingest at 50,000 tuples/s, and a bound on the monitor's
+            memory when it is flooded (the SDK's default is 100,000).
         batch: attribute events stored per SQLite transaction at most (bigger
             amortises the commit; smaller keeps a query waiting less).
         commit_every: tuples wait at most this long in memory for their
@@ -57,6 +61,7 @@ class PLDBConfig:
     fill_timeout: float = 10.0
     history_rows: int = HISTORY_ROWS
     max_value_bytes: int = MAX_VALUE_BYTES
+    queue: int = 50_000
     batch: int = 5000
     commit_every: float = 0.05
     maintain_every: float = 10.0

@@ -378,31 +378,20 @@ class Monitor:
         await self.con.send(reports_channel(self.root.authority), payload, type=REPORT)
 
 
-async def run_monitor(routers, root: str, data_dir: "str | Path", *, host: str,
-                      config: PLDBConfig | None = None, preset: str = "lan",
-                      ready=None) -> None:
-    """Run one monitor until cancelled (what ``psepr pldb monitor`` does).
+def connect(routers, config: PLDBConfig, preset: str = "lan", **kwargs):
+    """An asyncio connection for a monitor: the ``preset``'s client settings, with a
+    lease queue of ``config.queue`` events (a monitor that falls behind drops and
+    reports, rather than buffering without end).
 
     Args:
         routers: router URL(s), as for :func:`psepr.connect`.
-        root: the channel subtree.
-        data_dir: where the database lives.
-        host: the host name to announce.
-        config: PLDB timings; default the ``preset``'s.
-        preset: the client and PLDB preset.
-        ready: called with the monitor once it answers queries.
+        config: the PLDB settings.
+        preset: the client preset.
+        kwargs: more :func:`psepr.aio.connect` arguments (service, keys).
+
+    Returns:
+        The (awaitable) connection.
     """
-    config = config or PLDBConfig.preset(preset)
-    ch = parse(root)
-    store = TupleStore(database_path(data_dir, ch), config.history_rows)
-    con = await psepr.aio.connect(routers, preset=preset, service=None)
-    mon = Monitor(con, ch, store, host=host, config=config)
-    try:
-        await mon.start()
-        await mon.wait_ready()
-        if ready is not None:
-            ready(mon)
-        await asyncio.Event().wait()
-    finally:
-        await mon.stop()
-        await con.close()
+    from psepr.config import ClientConfig
+    return psepr.aio.connect(routers, config=ClientConfig.preset(preset, lease_queue=config.queue),
+                             **kwargs)

@@ -33,7 +33,7 @@ from psepr.errors import EventError, PseprError, UsageError
 from psepr.pldb import ANNOUNCE, monitors_channel
 
 from .config import PLDBConfig
-from .monitor import Monitor, database_path
+from .monitor import Monitor, connect, database_path
 from .peers import PeerTable, parse_announcement
 from .placement import START, Placement, replicas_for
 from .store import TupleStore
@@ -133,7 +133,7 @@ class Supervisor:
         con = store = None
         try:
             store = TupleStore(database_path(self.data_dir, root), self.config.history_rows)
-            con = await psepr.aio.connect(self.routers, preset=self.preset)
+            con = await connect(self.routers, self.config, self.preset)
             mon = Monitor(con, root, store, host=self.host, config=self.config)
             self.monitors[root] = mon
             await mon.start()

@@ -41,6 +41,7 @@ report as an event instead of dying.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Iterable
@@ -135,6 +136,21 @@ class TupleStore:
     def _fail(self, what: str, exc: Exception) -> StorageError:
         return StorageError(f"PLDB database {self.path}: {what} failed: {exc}", self.path)
 
+    @contextlib.contextmanager
+    def _transaction(self, what: str):
+        """One transaction; a failure rolls it back and raises StorageError naming ``what``."""
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            yield db
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise self._fail(what, exc) from None
+
     def apply(self, tuples: Iterable[Tuple]) -> int:
         """Store tuples (one transaction).
 
@@ -158,18 +174,9 @@ class TupleStore:
         """
         if not rows:
             return 0
-        db = self._db
-        try:
-            db.execute("BEGIN")
+        with self._transaction("write") as db:
             db.executemany(_HISTORY, rows)
             last = db.execute("SELECT max(rowid) FROM history").fetchone()[0]
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise self._fail("write", exc) from None
         self._last_rowid = last
         self._remember(rows)
         return len(rows)
@@ -202,21 +209,12 @@ class TupleStore:
             return 0
         latest = self._latest
         rows = [latest[k] for k in self._dirty if k in latest]
-        db = self._db
-        try:
-            db.execute("BEGIN")
-            db.executemany(f"INSERT OR REPLACE INTO latest ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           rows)
+        with self._transaction("checkpoint") as db:
+            db.executemany(f"INSERT OR REPLACE INTO latest ({_COLUMNS}) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             db.executemany("DELETE FROM latest WHERE channel = ? AND field = ?", self._gone)
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('watermark', ?)",
                        (self._last_rowid,))
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise self._fail("checkpoint", exc) from None
         n = len(rows) + len(self._gone)
         self._watermark = self._last_rowid
         self._dirty, self._gone = set(), set()

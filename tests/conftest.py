@@ -105,19 +105,24 @@ def router_proc():
     r.stop()
 
 
+def _processes(cls):
+    """A fixture body: yields ``start(*args, **kw) -> cls(...)``; stops every one afterwards."""
+    started: list = []
+
+    def _start(*args: str, **kw):
+        p = cls(*args, **kw)
+        started.append(p)
+        return p
+
+    yield _start
+    for p in started:
+        p.stop()
+
+
 @pytest.fixture
 def start_router():
     """Factory: start_router(*args, name=...) -> RouterProcess; all stopped afterwards."""
-    started: list[RouterProcess] = []
-
-    def _start(*extra: str, **kw) -> RouterProcess:
-        r = RouterProcess(*extra, **kw)
-        started.append(r)
-        return r
-
-    yield _start
-    for r in started:
-        r.stop()
+    yield from _processes(RouterProcess)
 
 
 def start_overlay(start, n: int, edges, preset: str = "local", prefix: str = "r",
@@ -246,16 +251,7 @@ class CLIProcess:
 @pytest.fixture
 def start_cli():
     """Factory: start_cli(*args, router=url, ready=text) -> CLIProcess; all stopped afterwards."""
-    started: list[CLIProcess] = []
-
-    def _start(*args: str, **kw) -> CLIProcess:
-        p = CLIProcess(*args, **kw)
-        started.append(p)
-        return p
-
-    yield _start
-    for p in started:
-        p.stop()
+    yield from _processes(CLIProcess)
 
 
 def wait_for(what: str, predicate, timeout: float = 10.0):

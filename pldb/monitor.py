@@ -96,6 +96,7 @@ class Monitor:
         self._clock, self._mono = clock, mono
         self._tasks: list[asyncio.Task] = []
         self._leases: list = []
+        self._attr_lease = None       # set by start()
         self._ready = asyncio.Event()
         self._reported_at = -1e9
         self._retry_at = 0.0
@@ -169,8 +170,7 @@ class Monitor:
 
     def _dropped(self) -> int:
         """Tuples lost before this monitor saw them: its queue was full (it is too slow)."""
-        lease = getattr(self, "_attr_lease", None)
-        return 0 if lease is None else lease.dropped
+        return 0 if self._attr_lease is None else self._attr_lease.dropped
 
     # -- filling ------------------------------------------------------------------------------------
     async def _fill(self) -> None:

@@ -23,7 +23,42 @@ _LISTEN = re.compile(r"listening on (\S+)")
 _PEERS = re.compile(r"peers on (\S+)")
 
 
-class RouterProcess:
+class ChildProcess:
+    """What the test's child processes share: draining their output, stopping them by pid.
+
+    Subclasses set ``proc`` (a Popen with text pipes) and ``output`` (a list).
+    """
+
+    proc: subprocess.Popen
+    output: list
+
+    def _drain(self, stream) -> None:
+        try:
+            for line in stream:
+                self.output.append(line)
+        except (ValueError, OSError):
+            pass
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except Exception:
+                pass
+        return self.proc.returncode
+
+
+class RouterProcess(ChildProcess):
     """A `psepr router` child process.
 
     Attributes:
@@ -67,34 +102,9 @@ class RouterProcess:
         for stream in (self.proc.stdout, self.proc.stderr):
             threading.Thread(target=self._drain, args=(stream,), daemon=True).start()
 
-    def _drain(self, stream) -> None:
-        try:
-            for line in stream:
-                self.output.append(line)
-        except (ValueError, OSError):
-            pass
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def rss(self) -> int:
         import psutil
         return psutil.Process(self.proc.pid).memory_info().rss
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for f in (self.proc.stdout, self.proc.stderr):
-            try:
-                f.close()
-            except Exception:
-                pass
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -190,7 +200,7 @@ def wait_converged(routers: list[RouterProcess], timeout: float = 30.0,
     raise AssertionError(f"overlay did not converge within {timeout} s: {views}")
 
 
-class CLIProcess:
+class CLIProcess(ChildProcess):
     """A long-running ``psepr ...`` child (monitor, supervisor, sensors, ...).
 
     Waits until a line of its stdout contains ``ready`` (readiness is awaited,
@@ -226,26 +236,6 @@ class CLIProcess:
             self.stop()
             raise RuntimeError(f"psepr {' '.join(args)} did not print {ready!r} in {timeout} s")
         threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
-
-    def _drain(self, stream) -> None:
-        try:
-            for line in stream:
-                self.output.append(line)
-        except (ValueError, OSError):
-            pass
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
 
 
 @pytest.fixture

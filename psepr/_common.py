@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from pathlib import Path
 
 import zmq
@@ -74,6 +76,24 @@ def configure_socket(sock: zmq.Socket, config: ClientConfig) -> None:
         sock.curve_serverkey = config.curve_server_key.encode("ascii")
         sock.curve_publickey = config.curve_public_key.encode("ascii")
         sock.curve_secretkey = config.curve_secret_key.encode("ascii")
+
+
+_monitors = itertools.count(1)
+
+
+def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """A PAIR socket that receives ``sock``'s connection events (``zmq_socket_monitor``).
+
+    pyzmq's default monitor address is ``inproc://monitor.s-<FD>``; a closed
+    socket's endpoint stays bound until ZeroMQ's reaper thread gets to it, so a
+    new socket that reuses the file descriptor at once (a reconnect, the next
+    connection) failed with EADDRINUSE.  Each monitor here gets its own address.
+
+    Raises:
+        zmq.ZMQError: ZeroMQ could not set up the monitor.
+    """
+    return sock.get_monitor_socket(events, f"inproc://psepr-monitor-{os.getpid()}-"
+                                           f"{next(_monitors)}")
 
 
 def inbox_channel(authority: str, principal: str, instance: str) -> str:

@@ -32,7 +32,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
 from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
-from ._common import CLOSE_FLUSH, build_config, configure_socket, inbox_channel
+from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel,
+                      monitor_socket)
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
 from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, TimeoutError,
@@ -132,7 +133,7 @@ class Connection(ConnectionBase):
         self.welcome: dict | None = None
         self.dropped_by_router = 0
         self._session = Session(self.config, self.routers, self, time.monotonic())
-        self._sock = None
+        self._sock = self._mon = None
         self._tasks: list[asyncio.Task] = []
 
     async def _start(self) -> "Connection":
@@ -165,20 +166,32 @@ class Connection(ConnectionBase):
         url = self._session.take_switch()
         if url is None:
             return
-        if self._sock is not None:
-            self._sock.close(linger=0)
         for t in self._tasks[1:]:
             t.cancel()
+        self._close_sock()
         sock = self._ctx.socket(zmq.DEALER)
         configure_socket(sock, self.config)
         # Hear at once when the router's end closes (it died); see psepr.client.
-        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        mon = monitor_socket(sock, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sock.connect(url)
-        self._sock = sock
+        self._sock, self._mon = sock, mon
         self._session.start(time.monotonic())
         self._tasks[1:] = [asyncio.create_task(self._reader(sock), name="psepr-reader"),
                            asyncio.create_task(self._watch(mon), name="psepr-monitor")]
         self._schedule_flush()
+
+    def _close_sock(self) -> None:
+        sock, mon = self._sock, self._mon
+        self._sock = self._mon = None
+        if sock is None:
+            return
+        # The monitor goes first: ZeroMQ's I/O thread sends connection events to the
+        # monitor's PAIR socket with a blocking send, so an event (the router closing
+        # its end) raised after the PAIR closed would block that thread for good, and
+        # with it every socket of the shared context (no connection ever completes).
+        sock.disable_monitor()
+        mon.close(linger=0)
+        sock.close(linger=0)
 
     async def _watch(self, mon) -> None:
         """Start the WELCOME clock at the handshake; fail over once the connection closes."""
@@ -192,8 +205,6 @@ class Connection(ConnectionBase):
                 self._changed.set()       # the timer task switches sockets
         except (asyncio.CancelledError, zmq.ZMQError):
             pass
-        finally:
-            mon.close(linger=0)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and not self._closed:
@@ -469,9 +480,7 @@ class Connection(ConnectionBase):
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        self._close_sock()
         self._any.set()
         for lease in self._leases.values():
             lease._has.set()

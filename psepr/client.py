@@ -50,7 +50,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
 from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
-from ._common import CLOSE_FLUSH, build_config, configure_socket, inbox_channel
+from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel,
+                      monitor_socket)
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
 from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, TimeoutError,
@@ -693,8 +694,8 @@ class Connection(ConnectionBase):
         # Hear at once when the router's end closes (it died): fail-over need not
         # wait for dead_after seconds of silence.
         # (and when the connection completes: the WELCOME clock starts then).
-        self._mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED
-                                            | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._mon = monitor_socket(sock, zmq.EVENT_DISCONNECTED
+                                   | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sock.connect(url)
         self._sock = sock
         self._poller.register(sock, zmq.POLLIN)

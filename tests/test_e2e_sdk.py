@@ -501,3 +501,25 @@ async def test_aio_request_all_gathers_replies(router_proc):
         for c in cons:
             c.close()
     assert not failures
+
+
+
+def test_aio_connections_keep_connecting_after_their_routers_stop():
+    """Regression: close() used to close the monitor's PAIR before the socket; the
+    router's end closing in between left ZeroMQ's I/O thread blocked on the monitor
+    for good, and every later asyncio connection of the process timed out."""
+    from tests.conftest import RouterProcess
+
+    async def one_round(url: str, r: int) -> int:
+        async with psepr.aio.connect(url, preset="local") as con:
+            lease = await con.lease(f"/aio-fresh/{r}/")
+            await con.send(f"/aio-fresh/{r}/x/", r)
+            async for event in lease:
+                return event.payload
+
+    for r in range(25):           # a fresh event loop and a fresh router each round
+        router = RouterProcess()
+        try:
+            assert asyncio.run(one_round(router.url, r)) == r, f"round {r}"
+        finally:
+            router.stop()

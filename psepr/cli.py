@@ -477,8 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pldb.cli import add_parser as add_pldb_parser
     add_pldb_parser(sub, _add_router_arg)
+    from services.cli import add_membership_parsers
     from services.cli import add_parser as add_services_parser
     add_services_parser(sub, _add_router_arg)
+    add_membership_parsers(sub, _add_router_arg)
 
     b = sub.add_parser("bench", help="benchmarks (hop, overlay, pldb, core, idle)")
     b.add_argument("which", choices=("hop", "overlay", "pldb", "core", "idle"),

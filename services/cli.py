@@ -1,4 +1,4 @@
-"""``psepr sensors``: publish this node's facts as PLDB attribute tuples.
+"""``psepr sensors``, ``psepr agent``, ``psepr detector``, ``psepr members``.
 
 Hooked into the ``psepr`` command by :func:`add_parser`; errors follow the
 command's rules (one line on stderr; exit 1 at run time, 2 for bad usage).
@@ -61,6 +61,109 @@ def add_parser(sub, add_router_arg) -> None:
                    help="sample once, publish every field, exit")
     add_router_arg(p)
     p.set_defaults(func=cmd_sensors)
+
+
+FD_EPILOG = """examples:
+  psepr agent --authority example.com                      # on every host: heartbeats + sensors
+  psepr detector --authority example.com --preset lan      # on any 3 hosts (--name must differ)
+  psepr members --authority example.com                    # the current view
+  psepr lease /example.com/farm/membership/ --type membership   # changes as they happen
+  psepr agent --authority example.com --host sim1 --host sim2 --no-sensors   # simulated hosts
+(docs/membership.md explains the presets, the quorum rule and the traffic per node)
+"""
+
+
+def add_membership_parsers(sub, add_router_arg) -> None:
+    """Add ``agent``, ``detector`` and ``members`` to the ``psepr`` subparsers."""
+    import socket as _socket
+    host = _socket.gethostname()
+    presets = ("local", "lan", "wan")
+    p = sub.add_parser(
+        "agent", help="heartbeats (and sensors) for this host, on /AUTHORITY/farm/heartbeat/HOST/",
+        description="Send this host's heartbeat (incarnation and counter) every period, refute "
+                    "suspicions of it, say 'left' on SIGTERM/SIGINT, and run its node sensors.",
+        epilog=FD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--authority", default="example.com",
+                   help="naming authority of the channels (default example.com)")
+    p.add_argument("--host", action="append", metavar="NAME",
+                   help=f"node name (default: this machine's, {host}); repeat it to simulate "
+                        "several hosts in one process")
+    p.add_argument("--preset", default="lan", choices=presets,
+                   help="timings: heartbeat every 0.2 s (local), 0.5 s (lan), 2 s (wan); "
+                        "default lan")
+    p.add_argument("--period", type=_positive, metavar="SECONDS",
+                   help="seconds between heartbeats (overrides the preset; detectors must "
+                        "use a t_fail of several periods)")
+    p.add_argument("--no-sensors", action="store_true",
+                   help="heartbeats only (no node sensors)")
+    add_router_arg(p)
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser(
+        "detector", help="a failure detector: suspects silent nodes; the leader publishes views",
+        description="Lease the heartbeats under /AUTHORITY/farm/, suspect nodes that fall "
+                    "silent, share opinions with the other detectors, and (the live healthy "
+                    "detector with the smallest name) publish numbered membership views.",
+        epilog=FD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--authority", default="example.com",
+                   help="naming authority of the channels (default example.com)")
+    p.add_argument("--name", default=f"det-{host}",
+                   help=f"this detector's name, unique among detectors (default det-{host})")
+    p.add_argument("--preset", default="lan", choices=presets,
+                   help="timings: local suspects after 1 s of silence, lan after 2 s, wan "
+                        "after 10 s (default lan)")
+    p.add_argument("--method", choices=("gossip", "phi"),
+                   help="gossip: counter + fixed timeout (default); phi: accrual detector")
+    add_router_arg(p)
+    p.set_defaults(func=cmd_detector)
+
+    p = sub.add_parser(
+        "members", help="the current membership view: node, state, incarnation, since",
+        description="Ask the detectors for the current view and print it.",
+        epilog=FD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--authority", default="example.com",
+                   help="naming authority of the channels (default example.com)")
+    p.add_argument("--timeout", type=_positive, default=2.0, metavar="SECONDS",
+                   help="how long to wait for a detector's answer (default 2)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    add_router_arg(p)
+    p.set_defaults(func=cmd_members)
+
+
+def cmd_agent(args) -> int:
+    from .agent import main
+    return main(args)
+
+
+def cmd_detector(args) -> int:
+    from .detector import main
+    return main(args)
+
+
+def cmd_members(args) -> int:
+    import json
+    import time
+
+    import psepr
+
+    from .membership import members
+    with psepr.connect(args.router, preset="lan", service=args.service,
+                       keyfile=args.key, server_key=args.server_key) as con:
+        view, answer = members(con, args.authority, timeout=args.timeout)
+    if args.json:
+        print(json.dumps({**answer, "view": view.payload()}, indent=2))
+        return 0
+    print(f"view {view.number} by {view.leader or '-'}; detectors: "
+          f"{', '.join(answer.get('detectors') or []) or '-'}")
+    if not view.members:
+        print("(no members)")
+        return 0
+    width = max(4, *(len(h) for h in view.members))
+    print(f"{'node':<{width}}  {'state':<9} {'incarnation':>14}  since")
+    for host, m in sorted(view.members.items()):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.since))
+        print(f"{host:<{width}}  {m.state:<9} {m.incarnation:>14}  {since}")
+    return 0
 
 
 def cmd_sensors(args) -> int:

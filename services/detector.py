@@ -1,0 +1,313 @@
+"""The detector process: heartbeats in, opinions out, numbered views from the leader.
+
+Theory of operation
+-------------------
+A detector is an ordinary asyncio client.  It leases, under
+``/<authority>/farm/``, the heartbeat subtree (type ``heartbeat``), the
+detectors' subtree (type ``detector``) and the membership channel (types
+``view`` and ``members``).  Three tasks run:
+
+* *hear* feeds heartbeats to the pure :class:`~services.detection.DetectorCore`,
+  opinions to :class:`~services.membership.Opinions`, views to a
+  :class:`~services.membership.ViewFollower`, and answers ``members`` queries
+  with the view it holds.  Bad payloads are counted and logged (rate-limited),
+  never fatal.
+* *tick* runs every ``tick`` seconds: the tick's lateness feeds the health
+  guard, the core re-decides suspicions, the detector publishes its opinion when
+  it changed (and every ``t_gossip`` regardless), and -- when it is the leader
+  (:meth:`Opinions.leader`) -- computes the next view with
+  :func:`~services.membership.next_view` and publishes it, followed by one
+  ``membership`` event per change on ``/<authority>/farm/membership/<host>/``.
+* The opinion doubles as the *self-probe*: it travels through the overlay and
+  comes back on the detector's own lease; its round trip feeds the health
+  guard, so a detector whose router is slow or gone doubts itself.
+
+A detector that just started listens for ``t_fail`` seconds (and asks the
+others for the current view) before it may lead, so that it continues the
+existing sequence of views instead of starting a new one, and so that it has
+heard every live node before it suspects any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from psepr.errors import EventError, PseprError
+
+from .detection import DetectionConfig, DetectorCore
+from .membership import (CHANGE, HEARTBEAT, OPINION, QUERY, VIEW, Heartbeat, Opinion, Opinions,
+                         View, ViewFollower, detectors_channel, heartbeat_channel,
+                         membership_channel, next_view)
+
+log = logging.getLogger("psepr.detector")
+
+
+class Detector:
+    """One failure detector.
+
+    Args:
+        con: an open :func:`psepr.aio.connect` connection (not closed by the detector).
+        authority: the naming authority.
+        name: this detector's name (unique among detectors; the smallest live
+            healthy name leads).
+        config: timings and method.
+        clock: monotonic time; wall: wall-clock time (view ``since`` fields).
+
+    Attributes:
+        core, opinions, follower: the pure state.
+        counters: ``heartbeats``, ``bad`` payloads, ``views`` published,
+            ``queries`` answered.
+    """
+
+    def __init__(self, con, authority: str, name: str, config: DetectionConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.con = con
+        self.authority = authority
+        self.name = name
+        self.config = cfg = config or DetectionConfig()
+        self.clock, self.wall = clock, wall
+        now = clock()
+        self.core = DetectorCore(cfg, now)
+        self.opinions = Opinions(cfg.detector_ttl)
+        self.follower = ViewFollower()
+        self.epoch = wall()
+        self.seq = 0
+        self.counters = {"heartbeats": 0, "bad": 0, "views": 0, "queries": 0}
+        self.my_channel = detectors_channel(authority, name)
+        self.view_channel = membership_channel(authority)
+        self._started = now
+        self._opinion_at = -1e9
+        self._view_at = -1e9
+        self._probe: tuple[int, float] | None = None      # (seq, sent at) awaiting its echo
+        self._changed = True
+        self._bad_logged = -1e9
+        self._catch_up: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._leases: list = []
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Lease the channels and start the tasks.
+
+        Raises:
+            AccessDenied, TimeoutError: a lease was refused or not granted.
+        """
+        con, a = self.con, self.authority
+        self._leases = [
+            await con.lease(heartbeat_channel(a), type=HEARTBEAT, id="fd-heartbeats",
+                            propagated=True, timeout=10.0),
+            await con.lease(detectors_channel(a), type=OPINION, id="fd-opinions",
+                            propagated=True, timeout=10.0),
+            await con.lease(self.view_channel, type=VIEW, id="fd-views", propagated=True,
+                            timeout=10.0),
+            await con.lease(self.view_channel, type=QUERY, id="fd-queries", propagated=True,
+                            timeout=10.0),
+        ]
+        self._tasks = [asyncio.create_task(self._hear(), name=f"fd-hear-{self.name}"),
+                       asyncio.create_task(self._tick(), name=f"fd-tick-{self.name}")]
+        self._catch_up = asyncio.create_task(self._ask_view(), name=f"fd-ask-{self.name}")
+        log.info("detector %s started on /%s/farm/ (%s, t_fail %g s)", self.name, a,
+                 self.config.method, self.config.t_fail)
+
+    async def stop(self) -> None:
+        """Stop the tasks and release the leases (the others see this detector age out)."""
+        tasks = self._tasks + ([self._catch_up] if self._catch_up else [])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lease in self._leases:
+            try:
+                await lease.release(timeout=2.0)
+            except PseprError:
+                pass
+        self._leases = []
+
+    # -- hearing ---------------------------------------------------------------------------
+    async def _hear(self) -> None:
+        con = self.con
+        while True:
+            ev = await con.receive()
+            try:
+                self._take(ev)
+            except EventError as exc:
+                self.counters["bad"] += 1
+                now = self.clock()
+                if now - self._bad_logged > 5.0:
+                    self._bad_logged = now
+                    log.warning("detector %s ignored a %s event from %s on %s: %s (%d so far)",
+                                self.name, ev.type, ev.from_service, ev.channel.text, exc,
+                                self.counters["bad"])
+            except Exception:     # a bug here must not end detection; make it visible
+                self.counters["bad"] += 1
+                log.exception("detector %s failed on a %s event", self.name, ev.type)
+
+    def _take(self, ev) -> None:
+        now = self.clock()
+        kind = ev.type
+        if kind == HEARTBEAT:
+            hb = Heartbeat.parse(ev.payload)
+            if ev.channel.parts[-1] != hb.host:
+                raise EventError(f"heartbeat of {hb.host!r} on another host's channel")
+            self.counters["heartbeats"] += 1
+            if self.core.heartbeat(now, hb.host, hb.incarnation, hb.counter, hb.left):
+                self._changed = True
+        elif kind == OPINION:
+            op = Opinion.parse(ev.payload)
+            if op.detector == self.name:
+                if self._probe is not None and op.seq == self._probe[0] and op.epoch == self.epoch:
+                    self.core.health.probe(now, now - self._probe[1])
+                    self._probe = None
+                return
+            self.opinions.add(op, now)
+        elif kind == VIEW:
+            view = View.parse(ev.payload)
+            if view.leader != self.name:
+                self.follower.offer(view)
+        elif kind == QUERY and ev.reply_to is not None:
+            self.counters["queries"] += 1
+            asyncio.get_running_loop().create_task(self.con.reply(ev, self.status()))
+
+    def status(self) -> dict:
+        """What a ``members`` query gets: this detector's view and its standing."""
+        now = self.clock()
+        stretch = self.core.health.stretch
+        return {"detector": self.name, "healthy": self.core.health.healthy,
+                "health": self.core.health.score,
+                "leader": self.opinions.leader(now, stretch),
+                "detectors": [op.detector for op in self.opinions.live(now, stretch)],
+                "view": self.follower.view.payload()}
+
+    async def _ask_view(self) -> None:
+        """Ask the other detectors for the current view (at start, or when behind)."""
+        try:
+            replies = await self.con.request_all(self.view_channel, {"detector": self.name},
+                                                 type=QUERY, timeout=self.config.t_fail,
+                                                 settle=self.config.tick * 4)
+        except PseprError as exc:
+            log.warning("detector %s: asking for the current view failed: %s", self.name, exc)
+            return
+        for r in replies:
+            try:
+                self.follower.offer(View.parse(r.payload.get("view")
+                                               if isinstance(r.payload, dict) else None))
+            except EventError:
+                self.counters["bad"] += 1
+
+    # -- ticking ---------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        cfg = self.config
+        scheduled = self.clock()
+        while True:
+            scheduled += cfg.tick
+            now = self.clock()
+            if scheduled < now - cfg.tick:
+                scheduled = now          # far behind: do not burst to catch up
+            await asyncio.sleep(max(0.0, scheduled - now))
+            try:
+                await self._decide(self.clock(), scheduled)
+            except PseprError as exc:
+                log.warning("detector %s: %s", self.name, exc)
+
+    async def _decide(self, now: float, scheduled: float) -> None:
+        cfg = self.config
+        core = self.core
+        if core.tick(now, scheduled):
+            self._changed = True
+        if self._probe is not None and now - self._probe[1] > cfg.probe_limit:
+            core.health.probe(now, None)
+            self._probe = None
+        if self._changed or now - self._opinion_at >= cfg.t_gossip:
+            await self._publish_opinion(now)
+        await self._lead(now)
+
+    async def _publish_opinion(self, now: float) -> None:
+        self.seq += 1
+        health = self.core.health
+        op = Opinion(self.name, self.epoch, self.seq, health.healthy, health.score,
+                     self.follower.view.number,
+                     {h: (inc, st) for h, (inc, st) in self.core.opinion().items()})
+        self.opinions.add(op, now)
+        self._changed = False
+        self._opinion_at = now
+        if self._probe is None:
+            self._probe = (self.seq, now)
+        await self.con.send(self.my_channel, op.payload(), type=OPINION)
+
+    async def _lead(self, now: float) -> None:
+        cfg = self.config
+        stretch = self.core.health.stretch
+        if (now - self._started < cfg.t_fail
+                or self.opinions.leader(now, stretch) != self.name):
+            return
+        live = self.opinions.live(now, stretch)
+        current = self.follower.view
+        if max(op.view for op in live) > current.number:
+            # Someone saw a later view than ours: fetch it before leading.
+            if self._catch_up is None or self._catch_up.done():
+                self._catch_up = asyncio.create_task(self._ask_view())
+            return
+        view = next_view(current, live, self.name, self.wall(), cfg.t_cleanup)
+        if view is not current:
+            self.follower.offer(view)
+            self.counters["views"] += 1
+            await self._publish_view(view, changes=True)
+            self._view_at = now
+        elif now - self._view_at >= cfg.view_refresh and current.number:
+            await self._publish_view(current, changes=False)
+            self._view_at = now
+
+    async def _publish_view(self, view: View, changes: bool) -> None:
+        con = self.con
+        await con.send(self.view_channel, view.payload(), type=VIEW)
+        if changes:
+            for host, event in view.changes:
+                log.info("view %d: %s %s", view.number, host, event)
+                await con.send(membership_channel(self.authority, host),
+                               view.change_payload(host, event), type=CHANGE)
+
+
+def connect(routers, preset: str = "lan", **kwargs):
+    """An asyncio connection for a detector (the ``preset``'s client settings).
+
+    Returns:
+        The (awaitable) connection.
+    """
+    import psepr.aio
+    return psepr.aio.connect(routers, preset=preset, **kwargs)
+
+
+async def serve(args) -> int:
+    """Run one detector until cancelled (SIGTERM/SIGINT in :func:`main`)."""
+    config = DetectionConfig.preset(args.preset, **({"method": args.method}
+                                                     if args.method else {}))
+    async with connect(args.router, preset=args.preset, service=args.service or "detector",
+                       keyfile=args.key, server_key=args.server_key) as con:
+        det = Detector(con, args.authority, args.name, config)
+        await det.start()
+        print(f"detector {args.name} on /{args.authority}/farm/ ({config.method}, "
+              f"t_gossip {config.t_gossip:g} s, t_fail {config.t_fail:g} s) (ready)",
+              flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await det.stop()
+    return 0
+
+
+def main(args) -> int:
+    """``psepr detector``: run a failure detector until SIGTERM/SIGINT.
+
+    Raises:
+        UsageError, ConfigError: bad arguments; PseprError: no router.
+    """
+    membership_channel(args.authority)           # a bad authority fails before connecting
+    return asyncio.run(serve(args))

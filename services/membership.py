@@ -1,0 +1,420 @@
+"""Membership: the channels, the payloads, and agreement on numbered views (pure core).
+
+Theory of operation
+-------------------
+Channels (``A`` is the authority)::
+
+    /A/farm/heartbeat/<host>/     type heartbeat   node agents -> detectors
+    /A/farm/detectors/<name>/     type detector    each detector's opinion, to all detectors
+    /A/farm/membership/           type view        the numbered views (full member map)
+    /A/farm/membership/           type members     a query; every detector answers with its view
+    /A/farm/membership/<host>/    type membership  one event per change of one node
+
+Each detector (:mod:`services.detector`) publishes its *opinion* every
+``t_gossip`` and at once when it changes: every node it knows with the node's
+incarnation and its local state (alive, suspect, left), and whether the
+detector is healthy (:class:`services.detection.HealthGuard`).
+
+**Agreement.**  Every detector keeps the latest opinion of every detector
+(:class:`Opinions`); a detector is *live* while its opinion is younger than
+``detector_ttl``.  The live, healthy detector with the smallest name is the
+*leader*; only it publishes views.  Each view it publishes is computed by
+:func:`next_view` from the previous view and the live opinions:
+
+* a node any live detector says ``left`` (at its current incarnation or
+  later) is ``left``;
+* a node suspected by a quorum -- a majority of the live *healthy*
+  detectors -- is ``failed`` (unhealthy detectors abstain: a starved
+  detector must doubt itself before it accuses others);
+* a node suspected by at least one healthy detector, but fewer than a
+  quorum, is ``suspect`` (its agent hears it and refutes with a higher
+  incarnation); a failed node stays failed until no healthy detector
+  suspects it any more, then it has ``recovered``;
+* otherwise it is ``alive``; failed and departed nodes leave the view
+  ``t_cleanup`` after they failed or left.
+
+Views are numbered from 1; each carries the full member map and the changes
+since the previous view.  Every detector, leader or not, follows the views it
+hears (:class:`ViewFollower` keeps only increasing numbers), so when the
+leader dies its successor -- the next smallest live healthy name, once the
+old leader's opinion has aged past ``detector_ttl`` -- continues the same
+sequence from the last number it saw.  A leader that hears a view numbered at
+least as high as its own from another detector adopts it (two leaders only
+overlap while one of them is partitioned or starved; the healthy rule keeps a
+detector that was just starved from leading until it has caught up).  Every
+subscriber therefore sees one sequence of views; one that joins late asks
+with a ``members`` query and continues from the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from psepr.channel import Channel, parse
+from psepr.errors import EventError
+
+from .detection import ALIVE, LEFT, SUSPECT
+
+#: View states of a node (``recovered`` is an event, the state is alive again).
+FAILED = "failed"
+RECOVERED = "recovered"
+STATES = (ALIVE, SUSPECT, FAILED, LEFT)
+EVENTS = (ALIVE, SUSPECT, FAILED, RECOVERED, LEFT)
+
+#: Event types.
+HEARTBEAT = "heartbeat"
+OPINION = "detector"
+VIEW = "view"
+CHANGE = "membership"
+QUERY = "members"
+
+
+def farm_channel(authority: str, *elements: str) -> Channel:
+    """``/<authority>/farm/<elements>/`` as a parsed channel.
+
+    Raises:
+        ChannelError: the authority or an element breaks the channel grammar.
+    """
+    return parse("/" + "/".join((authority, "farm", *elements)) + "/")
+
+
+def heartbeat_channel(authority: str, host: str | None = None) -> Channel:
+    """The heartbeat subtree, or one host's heartbeat channel."""
+    return farm_channel(authority, "heartbeat", *((host,) if host else ()))
+
+
+def detectors_channel(authority: str, name: str | None = None) -> Channel:
+    """The detectors' opinion subtree, or one detector's channel."""
+    return farm_channel(authority, "detectors", *((name,) if name else ()))
+
+
+def membership_channel(authority: str, host: str | None = None) -> Channel:
+    """The membership channel (views, queries), or one host's change channel."""
+    return farm_channel(authority, "membership", *((host,) if host else ()))
+
+
+# -- payloads ---------------------------------------------------------------------------
+
+def _field(payload: Any, name: str, kind, what: str):
+    if not isinstance(payload, dict):
+        raise EventError(f"{what} payload must be a JSON object, got {type(payload).__name__}")
+    value = payload.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise EventError(f"{what} payload needs {name!r} as {getattr(kind, '__name__', kind)}, "
+                         f"got {value!r}")
+    return value
+
+
+def _count(payload: Any, name: str, what: str) -> int:
+    value = _field(payload, name, int, what)
+    if value < 0:
+        raise EventError(f"{what} payload: {name} must not be negative, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One heartbeat: ``{"host", "incarnation", "counter", "period", "state"}``."""
+
+    host: str
+    incarnation: int
+    counter: int
+    period: float
+    left: bool = False
+
+    def payload(self) -> dict:
+        return {"host": self.host, "incarnation": self.incarnation, "counter": self.counter,
+                "period": self.period, "state": LEFT if self.left else ALIVE}
+
+    @classmethod
+    def parse(cls, payload: Any) -> "Heartbeat":
+        """Validate a heartbeat payload.
+
+        Raises:
+            EventError: a field is missing or of the wrong kind, or the state is unknown.
+        """
+        host = _field(payload, "host", str, "heartbeat")
+        state = payload.get("state", ALIVE)
+        if state not in (ALIVE, LEFT):
+            raise EventError(f"heartbeat state must be alive or left, got {state!r}")
+        period = payload.get("period", 0.0)
+        if not isinstance(period, (int, float)) or isinstance(period, bool) or period < 0:
+            raise EventError(f"heartbeat period must be a non-negative number, got {period!r}")
+        return cls(host, _count(payload, "incarnation", "heartbeat"),
+                   _count(payload, "counter", "heartbeat"), float(period), state == LEFT)
+
+
+@dataclass(frozen=True)
+class Opinion:
+    """One detector's opinion: what it knows of every node, and its own health."""
+
+    detector: str
+    epoch: float                       # the detector's start (wall clock): a restart is newer
+    seq: int
+    healthy: bool
+    health: int
+    view: int                          # the last view number it saw
+    nodes: Mapping[str, tuple[int, str]]
+
+    def payload(self) -> dict:
+        return {"detector": self.detector, "epoch": self.epoch, "seq": self.seq,
+                "healthy": self.healthy, "health": self.health, "view": self.view,
+                "nodes": {h: [inc, st] for h, (inc, st) in self.nodes.items()}}
+
+    @classmethod
+    def parse(cls, payload: Any) -> "Opinion":
+        """Validate an opinion payload.
+
+        Raises:
+            EventError: a field is missing, of the wrong kind, or names an unknown state.
+        """
+        what = "detector opinion"
+        nodes = _field(payload, "nodes", dict, what)
+        parsed = {}
+        for host, entry in nodes.items():
+            if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], int)
+                    or isinstance(entry[0], bool) or entry[1] not in (ALIVE, SUSPECT, LEFT)):
+                raise EventError(f"{what}: node {host!r} must be [incarnation, state], "
+                                 f"got {entry!r}")
+            parsed[host] = (entry[0], entry[1])
+        epoch = _field(payload, "epoch", (int, float), what)
+        return cls(_field(payload, "detector", str, what), float(epoch),
+                   _count(payload, "seq", what), bool(_field(payload, "healthy", bool, what)),
+                   _count(payload, "health", what), _count(payload, "view", what), parsed)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A node in a view."""
+
+    state: str
+    incarnation: int
+    since: float                       # wall-clock time of its last state change
+
+    def as_list(self) -> list:
+        return [self.state, self.incarnation, self.since]
+
+
+@dataclass(frozen=True)
+class View:
+    """A numbered membership view.
+
+    Attributes:
+        number: 1, 2, ...; 0 is the empty view before the first.
+        leader: the detector that published it.
+        members: host -> :class:`Member`.
+        changes: ``(host, event)`` pairs that made it (event in :data:`EVENTS`).
+    """
+
+    number: int = 0
+    leader: str = ""
+    members: Mapping[str, Member] = field(default_factory=dict)
+    changes: tuple[tuple[str, str], ...] = ()
+
+    def payload(self) -> dict:
+        return {"view": self.number, "leader": self.leader,
+                "members": {h: m.as_list() for h, m in sorted(self.members.items())},
+                "changes": [list(c) for c in self.changes]}
+
+    @classmethod
+    def parse(cls, payload: Any) -> "View":
+        """Validate a view payload.
+
+        Raises:
+            EventError: a field is missing or malformed.
+        """
+        what = "view"
+        members = {}
+        for host, entry in _field(payload, "members", dict, what).items():
+            if (not isinstance(entry, list) or len(entry) != 3 or entry[0] not in STATES
+                    or not isinstance(entry[1], int) or not isinstance(entry[2], (int, float))):
+                raise EventError(f"view: member {host!r} must be [state, incarnation, since], "
+                                 f"got {entry!r}")
+            members[host] = Member(entry[0], entry[1], float(entry[2]))
+        changes = payload.get("changes", [])
+        if not isinstance(changes, list) or not all(
+                isinstance(c, list) and len(c) == 2 and c[1] in EVENTS for c in changes):
+            raise EventError(f"view: changes must be [[host, event], ...], got {changes!r}")
+        return cls(_count(payload, "view", what), _field(payload, "leader", str, what),
+                   members, tuple((c[0], c[1]) for c in changes))
+
+    def change_payload(self, host: str, event: str) -> dict:
+        """The payload of the ``membership`` event for one change of this view."""
+        m = self.members.get(host)
+        return {"host": host, "state": event, "incarnation": m.incarnation if m else 0,
+                "since": m.since if m else 0.0, "view": self.number, "leader": self.leader}
+
+
+# -- agreement --------------------------------------------------------------------------
+
+def quorum(voters: int) -> int:
+    """A majority of ``voters`` (at least 1)."""
+    return voters // 2 + 1
+
+
+class Opinions:
+    """The latest opinion of every detector, and when it arrived.
+
+    Args:
+        ttl: an opinion older than this is its detector's death.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._latest: dict[str, tuple[Opinion, float]] = {}
+
+    def add(self, opinion: Opinion, now: float) -> bool:
+        """Keep ``opinion`` unless an opinion of the same detector is newer.
+
+        Returns:
+            True when it was kept.
+        """
+        old = self._latest.get(opinion.detector)
+        if old is not None and (opinion.epoch, opinion.seq) <= (old[0].epoch, old[0].seq):
+            return False
+        self._latest[opinion.detector] = (opinion, now)
+        return True
+
+    def live(self, now: float, stretch: float = 1.0) -> list[Opinion]:
+        """The opinions of live detectors, by name; forgets long-dead ones."""
+        ttl = self.ttl * stretch
+        for name, (_, at) in list(self._latest.items()):
+            if now - at > 10 * ttl:
+                del self._latest[name]
+        return [op for name, (op, at) in sorted(self._latest.items()) if now - at <= ttl]
+
+    def leader(self, now: float, stretch: float = 1.0) -> str | None:
+        """The live healthy detector with the smallest name, or None."""
+        for op in self.live(now, stretch):
+            if op.healthy:
+                return op.detector
+        return None
+
+
+def next_view(previous: View, opinions: Iterable[Opinion], leader: str, wall: float,
+              t_cleanup: float) -> View:
+    """The view that follows ``previous`` given the live detectors' opinions.
+
+    Args:
+        previous: the last view (number 0 for none).
+        opinions: the live detectors' opinions (healthy or not).
+        leader: the name of the detector computing it.
+        wall: the wall-clock time (for ``since``).
+        t_cleanup: seconds a failed or departed node stays in the view.
+
+    Returns:
+        ``previous`` itself when nothing changed (same object), else the next
+        view (number + 1) with its changes.
+    """
+    ops = list(opinions)
+    voters = [op for op in ops if op.healthy]
+    need = quorum(len(voters))
+    hosts = set(previous.members)
+    for op in ops:
+        hosts.update(op.nodes)
+    members: dict[str, Member] = {}
+    changes: list[tuple[str, str]] = []
+    for host in sorted(hosts):
+        old = previous.members.get(host)
+        seen = [op.nodes[host] for op in ops if host in op.nodes]
+        inc = max([i for i, _ in seen] + ([old.incarnation] if old else []))
+        # Votes count only for the newest incarnation: a refutation voids older suspicions.
+        left = any(st == LEFT and i >= inc for i, st in seen)
+        suspects = sum(1 for op in voters
+                       if host in op.nodes and op.nodes[host][1] == SUSPECT
+                       and op.nodes[host][0] >= inc)
+        alive = any(st == ALIVE and i >= inc for i, st in seen)
+        if left:
+            state = LEFT
+        elif voters and suspects >= need:
+            state = FAILED
+        elif suspects:
+            state = FAILED if old is not None and old.state == FAILED else SUSPECT
+        elif alive or old is None:
+            state = ALIVE
+        else:
+            state = old.state          # nobody healthy has an opinion: keep what we had
+        if old is None and state != ALIVE:
+            continue                   # never a member: nothing to report
+        if (old is not None and old.state in (FAILED, LEFT) and state == old.state
+                and wall - old.since > t_cleanup):
+            continue                   # gone for good: dropped from the view
+        if old is not None and old.state == state and old.incarnation == inc:
+            members[host] = old
+            continue
+        event = RECOVERED if state == ALIVE and old is not None and old.state == FAILED \
+            else state
+        since = old.since if old is not None and old.state == state else wall
+        members[host] = Member(state, inc, since)
+        changes.append((host, event))
+    if not changes and members.keys() == previous.members.keys():
+        return previous
+    return View(previous.number + 1, leader, members, tuple(changes))
+
+
+class ViewFollower:
+    """The latest view a subscriber has accepted: numbers only ever increase."""
+
+    def __init__(self) -> None:
+        self.view = View()
+
+    def offer(self, view: View) -> bool:
+        """Accept ``view`` if it is newer than the current one.
+
+        Returns:
+            True when accepted.
+        """
+        if view.number <= self.view.number:
+            return False
+        self.view = view
+        return True
+
+
+# -- the subscriber's side ----------------------------------------------------------------
+
+def best_answer(replies: Iterable[Any]) -> tuple[View, dict] | None:
+    """The newest view among the detectors' answers to a ``members`` query.
+
+    Args:
+        replies: reply events (their payloads as :meth:`Detector.status` makes them).
+
+    Returns:
+        ``(view, answer)`` for the highest view number, or None when no reply
+        held a valid view.
+    """
+    best = None
+    for r in replies:
+        payload = r.payload
+        try:
+            view = View.parse(payload.get("view") if isinstance(payload, dict) else None)
+        except EventError:
+            continue
+        if best is None or view.number > best[0].number:
+            best = (view, payload)
+    return best
+
+
+def members(con, authority: str, timeout: float = 2.0) -> tuple[View, dict]:
+    """Ask the detectors for the current membership view (synchronous connection).
+
+    Args:
+        con: a :class:`psepr.Connection`.
+        authority: the naming authority.
+        timeout: how long to wait for the first answer.
+
+    Returns:
+        ``(view, answer)``: the newest view any detector holds, and that
+        detector's answer (``detector``, ``leader``, ``detectors``, ``healthy``).
+
+    Raises:
+        NoRoute: no detector answered within ``timeout``.
+    """
+    from psepr.errors import NoRoute
+    ch = membership_channel(authority)
+    replies = con.request_all(ch, {}, type=QUERY, timeout=timeout, settle=0.3)
+    best = best_answer(replies)
+    if best is None:
+        raise NoRoute(f"no detector answered on {ch.text} within {timeout:g} s "
+                      f"(is `psepr detector --authority {authority}` running?)")
+    return best

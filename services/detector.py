@@ -86,6 +86,7 @@ class Detector:
         self._changed = True
         self._bad_logged = -1e9
         self._catch_up: asyncio.Task | None = None
+        self._rivals: dict[str, View] = {}     # leader -> its last view from a fork
         self._tasks: list[asyncio.Task] = []
         self._leases: list = []
 
@@ -166,7 +167,7 @@ class Detector:
         elif kind == VIEW:
             view = View.parse(ev.payload)
             if view.leader != self.name:
-                self.follower.offer(view)
+                self._adopt(view)
         elif kind == QUERY and ev.reply_to is not None:
             self.counters["queries"] += 1
             asyncio.get_running_loop().create_task(self.con.reply(ev, self.status()))
@@ -192,10 +193,22 @@ class Detector:
             return
         for r in replies:
             try:
-                self.follower.offer(View.parse(r.payload.get("view")
-                                               if isinstance(r.payload, dict) else None))
+                view = View.parse(r.payload.get("view") if isinstance(r.payload, dict) else None)
             except EventError:
                 self.counters["bad"] += 1
+                continue
+            self._adopt(view)
+
+    def _adopt(self, view: View) -> None:
+        """Follow ``view`` if it is newer; keep it (or ours) as a rival if they forked."""
+        mine = self.follower.view
+        if self.follower.offer(view):
+            if mine.leader == self.name:
+                # Another leader went on while we led (a partition): our subscribers
+                # hold `mine`; the next view must tell them where it differs.
+                self._rivals[mine.leader] = mine
+        elif not self.follower.known(view.number, view.leader):
+            self._rivals[view.leader] = view
 
     # -- ticking ---------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -227,9 +240,9 @@ class Detector:
     async def _publish_opinion(self, now: float) -> None:
         self.seq += 1
         health = self.core.health
+        view = self.follower.view
         op = Opinion(self.name, self.epoch, self.seq, health.healthy, health.score,
-                     self.follower.view.number,
-                     {h: (inc, st) for h, (inc, st) in self.core.opinion().items()})
+                     view.number, self.core.opinion(), view.leader)
         self.opinions.add(op, now)
         self._changed = False
         self._opinion_at = now
@@ -242,16 +255,21 @@ class Detector:
         stretch = self.core.health.stretch
         if (now - self._started < cfg.t_fail
                 or self.opinions.leader(now, stretch) != self.name):
+            self._rivals.clear()          # only a leader reconciles forks
             return
         live = self.opinions.live(now, stretch)
         current = self.follower.view
-        if max(op.view for op in live) > current.number:
-            # Someone saw a later view than ours: fetch it before leading.
+        if any(not self.follower.known(op.view, op.view_by) for op in live):
+            # Someone holds a view we never accepted (a later one, or a fork from
+            # a partition): fetch the views before publishing the next.
             if self._catch_up is None or self._catch_up.done():
                 self._catch_up = asyncio.create_task(self._ask_view())
-            return
-        view = next_view(current, live, self.name, self.wall(), cfg.t_cleanup)
+            if any(op.view > current.number for op in live):
+                return
+        view = next_view(current, live, self.name, self.wall(), cfg.t_cleanup,
+                         self._rivals.values())
         if view is not current:
+            self._rivals.clear()
             self.follower.offer(view)
             self.counters["views"] += 1
             await self._publish_view(view, changes=True)

@@ -156,10 +156,12 @@ class Opinion:
     health: int
     view: int                          # the last view number it saw
     nodes: Mapping[str, tuple[int, str]]
+    view_by: str = ""                  # ... and the leader that published it
 
     def payload(self) -> dict:
         return {"detector": self.detector, "epoch": self.epoch, "seq": self.seq,
                 "healthy": self.healthy, "health": self.health, "view": self.view,
+                "view_by": self.view_by,
                 "nodes": {h: [inc, st] for h, (inc, st) in self.nodes.items()}}
 
     @classmethod
@@ -179,9 +181,13 @@ class Opinion:
                                  f"got {entry!r}")
             parsed[host] = (entry[0], entry[1])
         epoch = _field(payload, "epoch", (int, float), what)
+        view_by = payload.get("view_by", "")
+        if not isinstance(view_by, str):
+            raise EventError(f"{what}: view_by must be a detector name, got {view_by!r}")
         return cls(_field(payload, "detector", str, what), float(epoch),
                    _count(payload, "seq", what), bool(_field(payload, "healthy", bool, what)),
-                   _count(payload, "health", what), _count(payload, "view", what), parsed)
+                   _count(payload, "health", what), _count(payload, "view", what), parsed,
+                   view_by)
 
 
 @dataclass(frozen=True)
@@ -292,8 +298,15 @@ class Opinions:
         return None
 
 
+def _event(old: Member | None, state: str, incarnation: int) -> str | None:
+    """The change event from ``old`` to (``state``, ``incarnation``), or None if none."""
+    if old is not None and old.state == state and old.incarnation == incarnation:
+        return None
+    return RECOVERED if state == ALIVE and old is not None and old.state == FAILED else state
+
+
 def next_view(previous: View, opinions: Iterable[Opinion], leader: str, wall: float,
-              t_cleanup: float) -> View:
+              t_cleanup: float, rivals: Iterable[View] = ()) -> View:
     """The view that follows ``previous`` given the live detectors' opinions.
 
     Args:
@@ -302,17 +315,24 @@ def next_view(previous: View, opinions: Iterable[Opinion], leader: str, wall: fl
         leader: the name of the detector computing it.
         wall: the wall-clock time (for ``since``).
         t_cleanup: seconds a failed or departed node stays in the view.
+        rivals: views another leader published while this one's sequence went on
+            without them (a partition healed): the next view is numbered past
+            them too, and its changes also name every node whose state differs
+            from a rival's, so that their subscribers hear it.
 
     Returns:
         ``previous`` itself when nothing changed (same object), else the next
-        view (number + 1) with its changes.
+        view (numbered one past ``previous`` and every rival) with its changes.
     """
     ops = list(opinions)
+    rivals = [r for r in rivals if r is not previous]
     voters = [op for op in ops if op.healthy]
     need = quorum(len(voters))
     hosts = set(previous.members)
     for op in ops:
         hosts.update(op.nodes)
+    for r in rivals:
+        hosts.update(r.members)
     members: dict[str, Member] = {}
     changes: list[tuple[str, str]] = []
     for host in sorted(hosts):
@@ -340,24 +360,38 @@ def next_view(previous: View, opinions: Iterable[Opinion], leader: str, wall: fl
         if (old is not None and old.state in (FAILED, LEFT) and state == old.state
                 and wall - old.since > t_cleanup):
             continue                   # gone for good: dropped from the view
-        if old is not None and old.state == state and old.incarnation == inc:
+        event = _event(old, state, inc)
+        for r in rivals:
+            if event is None:
+                event = _event(r.members.get(host), state, inc)
+        if event is None:
             members[host] = old
             continue
-        event = RECOVERED if state == ALIVE and old is not None and old.state == FAILED \
-            else state
         since = old.since if old is not None and old.state == state else wall
         members[host] = Member(state, inc, since)
         changes.append((host, event))
-    if not changes and members.keys() == previous.members.keys():
+    if not changes and not rivals and members.keys() == previous.members.keys():
         return previous
-    return View(previous.number + 1, leader, members, tuple(changes))
+    number = max([previous.number] + [r.number for r in rivals]) + 1
+    return View(number, leader, members, tuple(changes))
 
 
 class ViewFollower:
-    """The latest view a subscriber has accepted: numbers only ever increase."""
+    """The latest view a detector or subscriber has accepted, and its lineage.
 
-    def __init__(self) -> None:
+    Numbers only ever increase.  The follower also remembers which views (by
+    number and leader) it accepted, so that a view from a *fork* -- published
+    by another leader while a partition kept the two apart -- is recognised as
+    a rival rather than mistaken for an old view of this sequence.
+
+    Args:
+        memory: how many accepted views to remember.
+    """
+
+    def __init__(self, memory: int = 256) -> None:
         self.view = View()
+        self._lineage: dict[tuple[int, str], None] = {}
+        self._memory = memory
 
     def offer(self, view: View) -> bool:
         """Accept ``view`` if it is newer than the current one.
@@ -368,7 +402,15 @@ class ViewFollower:
         if view.number <= self.view.number:
             return False
         self.view = view
+        self._lineage[(view.number, view.leader)] = None
+        while len(self._lineage) > self._memory:
+            del self._lineage[next(iter(self._lineage))]
         return True
+
+    def known(self, number: int, leader: str) -> bool:
+        """True when the view ``(number, leader)`` is one this follower accepted
+        (number 0, the empty view, is everybody's)."""
+        return number == 0 or (number, leader) in self._lineage
 
 
 # -- the subscriber's side ----------------------------------------------------------------

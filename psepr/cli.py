@@ -358,6 +358,8 @@ def cmd_bench(args) -> int:
         from benchmarks.idle import main as bench_main
     elif args.which == "pldb":
         from benchmarks.pldb import main as bench_main
+    elif args.which == "failure":
+        from benchmarks.failure import main as bench_main
     else:
         from benchmarks.hop import main as bench_main
     return bench_main(args)
@@ -482,18 +484,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_services_parser(sub, _add_router_arg)
     add_membership_parsers(sub, _add_router_arg)
 
-    b = sub.add_parser("bench", help="benchmarks (hop, overlay, pldb, core, idle)")
-    b.add_argument("which", choices=("hop", "overlay", "pldb", "core", "idle"),
+    b = sub.add_parser("bench", help="benchmarks (hop, overlay, pldb, failure, core, idle)")
+    b.add_argument("which", choices=("hop", "overlay", "pldb", "failure", "core", "idle"),
                    help="hop: sender -> router -> holders, each its own process; "
                         "overlay: across a chain of 3 routers, lease reach on 20 routers, "
                         "memory with 10,000 leases; "
                         "pldb: 1,000 nodes x 20 fields into 3 monitors through 3 routers, "
                         "query latency, monitor memory; "
+                        "failure: 200 simulated nodes, 3 routers, 3 detectors: detection time "
+                        "after SIGKILL, false failures under full CPU load, detector CPU; "
                         "core: the router and client cores alone, in process; "
                         "idle: CPU of an idle client and router")
     b.add_argument("--events", type=int, default=300_000, help="events per throughput run")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--nodes", type=int, help="failure: simulated nodes (default 200; quick 20)")
+    b.add_argument("--victims", type=int,
+                   help="failure: nodes killed with SIGKILL (default 10; quick 2)")
+    b.add_argument("--load-seconds", type=float, metavar="SECONDS",
+                   help="failure: seconds of full CPU load (default 60; quick 3)")
+    b.add_argument("--preset", choices=("local", "lan", "wan"),
+                   help="failure: timings of routers, detectors and agents (default lan)")
+    b.add_argument("--seed", type=int, help="failure: seed of the victims and kill moments "
+                                            "(default 1)")
     b.set_defaults(func=cmd_bench)
     return p
 

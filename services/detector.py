@@ -87,6 +87,7 @@ class Detector:
         self._bad_logged = -1e9
         self._catch_up: asyncio.Task | None = None
         self._rivals: dict[str, View] = {}     # leader -> its last view from a fork
+        self._unknown_since: float | None = None   # a live detector holds a view we lack
         self._tasks: list[asyncio.Task] = []
         self._leases: list = []
 
@@ -259,13 +260,18 @@ class Detector:
             return
         live = self.opinions.live(now, stretch)
         current = self.follower.view
-        if any(not self.follower.known(op.view, op.view_by) for op in live):
-            # Someone holds a view we never accepted (a later one, or a fork from
-            # a partition): fetch the views before publishing the next.
+        rivals = {(v.number, v.leader) for v in self._rivals.values()}
+        if any(not self.follower.known(op.view, op.view_by) and (op.view, op.view_by)
+               not in rivals for op in live):
+            # Someone holds a view we never saw (a later one, or a fork from a
+            # partition): fetch it before publishing the next, for up to t_fail.
             if self._catch_up is None or self._catch_up.done():
                 self._catch_up = asyncio.create_task(self._ask_view())
-            if any(op.view > current.number for op in live):
+            if self._unknown_since is None:
+                self._unknown_since = now
+            if now - self._unknown_since < cfg.t_fail:
                 return
+        self._unknown_since = None
         view = next_view(current, live, self.name, self.wall(), cfg.t_cleanup,
                          self._rivals.values())
         if view is not current:

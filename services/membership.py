@@ -234,13 +234,15 @@ class View:
         members = {}
         for host, entry in _field(payload, "members", dict, what).items():
             if (not isinstance(entry, list) or len(entry) != 3 or entry[0] not in STATES
-                    or not isinstance(entry[1], int) or not isinstance(entry[2], (int, float))):
+                    or not isinstance(entry[1], int) or not isinstance(entry[2], (int, float))
+                    or isinstance(entry[1], bool) or isinstance(entry[2], bool)):
                 raise EventError(f"view: member {host!r} must be [state, incarnation, since], "
                                  f"got {entry!r}")
             members[host] = Member(entry[0], entry[1], float(entry[2]))
         changes = payload.get("changes", [])
         if not isinstance(changes, list) or not all(
-                isinstance(c, list) and len(c) == 2 and c[1] in EVENTS for c in changes):
+                isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and c[1] in EVENTS
+                for c in changes):
             raise EventError(f"view: changes must be [[host, event], ...], got {changes!r}")
         return cls(_count(payload, "view", what), _field(payload, "leader", str, what),
                    members, tuple((c[0], c[1]) for c in changes))
@@ -351,8 +353,10 @@ def next_view(previous: View, opinions: Iterable[Opinion], leader: str, wall: fl
             state = FAILED
         elif suspects:
             state = FAILED if old is not None and old.state == FAILED else SUSPECT
-        elif alive or old is None:
+        elif alive:
             state = ALIVE
+        elif old is None:
+            continue                   # nobody says it is alive: it does not join (or rejoin)
         else:
             state = old.state          # nobody healthy has an opinion: keep what we had
         if old is None and state != ALIVE:
@@ -360,10 +364,11 @@ def next_view(previous: View, opinions: Iterable[Opinion], leader: str, wall: fl
         if (old is not None and old.state in (FAILED, LEFT) and state == old.state
                 and wall - old.since > t_cleanup):
             continue                   # gone for good: dropped from the view
-        event = _event(old, state, inc)
-        for r in rivals:
-            if event is None:
-                event = _event(r.members.get(host), state, inc)
+        # One event per node: against our previous view, or a rival's when only that
+        # differs; "recovered" wins if any of them had it failed.
+        events = [e for e in (_event(o, state, inc) for o in
+                              [old] + [r.members.get(host) for r in rivals]) if e]
+        event = RECOVERED if RECOVERED in events else (events[0] if events else None)
         if event is None:
             members[host] = old
             continue

@@ -63,3 +63,30 @@ def test_bench_pldb_quick_prints_every_scenario():
         assert row in table, table
     # the subtree answer holds every tuple: 1,000 nodes x 20 fields, and the run's sentinel
     assert "20,001" in table and "lost 0)" in table, table
+
+
+@pytest.mark.slow
+def test_bench_failure_quick_detects_every_victim(tmp_path):
+    out_json = tmp_path / "failure.json"
+    out = subprocess.run([sys.executable, "-m", "psepr.cli", "bench", "failure", "--quick",
+                          "--nodes", "20", "--victims", "2", "--load-seconds", "3",
+                          "--preset", "local", "--json", str(out_json)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout
+    for row in ("detection, SIGKILL -> failed, p50", "one-hop event latency p50 / p99, steady",
+                "false failures, whole run", "detector CPU d1/d2/d3 %, steady",
+                "detector CPU d1/d2/d3 %, under load"):
+        assert row in table, table
+    import json
+    res = json.loads(out_json.read_text())
+    d = res["detection"]
+    assert len(res["victims"]) == 2 and d["undetected"] == [], (d, out.stderr[-2000:])
+    # local preset: t_fail 1 s; a failure shows well inside 10 s, never before the kill
+    assert all(0 < t < 10 for t in d["times_s"].values()), d
+    assert 0 < d["p50_s"] <= d["p99_s"] <= d["max_s"] < 10
+    assert res["probe"]["steady"]["n"] > 0 and res["probe"]["steady"]["p50_ms"] > 0
+    assert set(res["cpu_steady"]) == {"d1", "d2", "d3", "r0", "r1", "r2"}
+    assert all(c["seconds"] >= 0 for c in res["cpu_steady"].values())
+    assert res["load"]["busy_loops"] >= 1 and res["load"]["seconds"] >= 3
+    assert isinstance(res["false_failures_total"], int)

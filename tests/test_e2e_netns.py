@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -88,34 +89,54 @@ def _wait_line(p: subprocess.Popen, needle: str, timeout: float = 20.0,
     raise AssertionError(f"no {needle!r} within {timeout} s")
 
 
+def _start_routers(procs: list) -> None:
+    """One router per namespace (a-b-c chain); returns once router a sees c."""
+    peers = {"a": [], "b": [f"tcp://{HOSTS['a']}:7601"], "c": [f"tcp://{B2}:7601"]}
+    listen_peer = {"a": [HOSTS["a"]], "b": [HOSTS["b"], B2], "c": [HOSTS["c"]]}
+    for h in "abc":
+        args = ["router", "--name", f"r{h}", "--preset", "local", "--insecure",
+                "--listen", f"tcp://{HOSTS[h]}:7600"]
+        for addr in listen_peer[h]:
+            args += ["--peer-listen", f"tcp://{addr}:7601"]
+        for url in peers[h]:
+            args += ["--peer", url]
+        p = _in(h, *args)
+        procs.append(p)
+        _wait_line(p, " ready ")
+    deadline = time.monotonic() + 20
+    while True:
+        st = _run_in("a", "status", "--json")
+        if st.returncode == 0:
+            view = {r["router"]: r["reachable"] for r in json.loads(st.stdout)["routers"]}
+            if view == {"ra": True, "rb": True, "rc": True}:
+                return
+        assert time.monotonic() < deadline, f"overlay did not converge: {st.stdout}"
+        time.sleep(0.2)
+
+
+def _run_in(h: str, *cmd: str) -> subprocess.CompletedProcess:
+    """Run ``psepr CMD --router <h's router>`` inside namespace ``h``."""
+    return subprocess.run(["ip", "netns", "exec", _ns(h), sys.executable, "-m", "psepr.cli",
+                           *cmd, "--router", f"tcp://{HOSTS[h]}:7600"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _stop_all(procs: list) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def test_three_hosts_in_network_namespaces(namespaces):
     procs: list[subprocess.Popen] = []
     try:
-        peers = {"a": [], "b": [f"tcp://{HOSTS['a']}:7601"], "c": [f"tcp://{B2}:7601"]}
-        listen_peer = {"a": [HOSTS["a"]], "b": [HOSTS["b"], B2], "c": [HOSTS["c"]]}
-        for h in "abc":
-            args = ["router", "--name", f"r{h}", "--preset", "local", "--insecure",
-                    "--listen", f"tcp://{HOSTS[h]}:7600"]
-            for addr in listen_peer[h]:
-                args += ["--peer-listen", f"tcp://{addr}:7601"]
-            for url in peers[h]:
-                args += ["--peer", url]
-            p = _in(h, *args)
-            procs.append(p)
-            _wait_line(p, " ready ")
-        # Wait until router a sees c (through b).
-        deadline = time.monotonic() + 20
-        while True:
-            st = subprocess.run(["ip", "netns", "exec", _ns("a"), sys.executable, "-m",
-                                 "psepr.cli", "status", "--json", "--router",
-                                 f"tcp://{HOSTS['a']}:7600"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=30)
-            if st.returncode == 0:
-                view = {r["router"]: r["reachable"] for r in json.loads(st.stdout)["routers"]}
-                if view == {"ra": True, "rb": True, "rc": True}:
-                    break
-            assert time.monotonic() < deadline, f"overlay did not converge: {st.stdout}"
-            time.sleep(0.2)
+        _start_routers(procs)
         per_host = 20
         holders = {}
         for h in "abc":
@@ -127,11 +148,8 @@ def test_three_hosts_in_network_namespaces(namespaces):
             # Printed once every router of the overlay has the lease's interest.
             _wait_line(p, "# leased", stream="stderr")
         for h in "abc":
-            out = subprocess.run(["ip", "netns", "exec", _ns(h), sys.executable, "-m",
-                                  "psepr.cli", "send", f"/t.org/hosts/{h}/", "--json",
-                                  json.dumps({"from": h}), "--count", str(per_host), "-q",
-                                  "--router", f"tcp://{HOSTS[h]}:7600"], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=30)
+            out = _run_in(h, "send", f"/t.org/hosts/{h}/", "--json", json.dumps({"from": h}),
+                          "--count", str(per_host), "-q")
             assert out.returncode == 0, out.stderr
         for h, p in holders.items():
             stdout, stderr = p.communicate(timeout=60)
@@ -143,11 +161,88 @@ def test_three_hosts_in_network_namespaces(namespaces):
                 by[e["payload"]["from"]] = by.get(e["payload"]["from"], 0) + 1
             assert by == {"a": per_host, "b": per_host, "c": per_host}, (h, by)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        _stop_all(procs)
+
+
+def _collect(p: subprocess.Popen, into: list) -> None:
+    """Read a `psepr lease --output payload` process's lines into ``into`` (with times)."""
+    def run():
+        for line in p.stdout:
+            if line.startswith("{"):
+                into.append((time.monotonic(), json.loads(line)))
+    threading.Thread(target=run, daemon=True).start()
+
+
+def _first(seen: list, host: str, state: str, after: float) -> float | None:
+    return next((t for t, e in seen if t >= after and e["host"] == host and e["state"] == state),
+                None)
+
+
+def _wait(what: str, predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not within {timeout} s")
+
+
+def _view_in(h: str) -> dict:
+    out = _run_in(h, "members", "--json", "--timeout", "3")
+    assert out.returncode == 0, out.stderr
+    return {n: m[0] for n, m in json.loads(out.stdout)["view"]["members"].items()}
+
+
+def test_membership_partition_is_reported_honestly_on_each_side_and_heals(namespaces):
+    """Cut the b-c link: side {a, b} says c's node failed, side {c} says a's and b's
+    nodes failed (each side has a quorum of the detectors it can hear); restore
+    the link: both sides report every node alive again."""
+    procs: list[subprocess.Popen] = []
+    seen = {"a": [], "c": []}
+    try:
+        _start_routers(procs)
+        for h in "abc":
+            for cmd in (["detector", "--name", f"d{h}"], ["agent", "--host", f"n{h}",
+                                                         "--no-sensors"]):
+                p = _in(h, *cmd, "--preset", "local", "--router", f"tcp://{HOSTS[h]}:7600")
+                procs.append(p)
+                _wait_line(p, "(ready)")
+        for h in seen:
+            p = _in(h, "lease", "/example.com/farm/membership/", "--type", "membership",
+                    "--output", "payload", "--router", f"tcp://{HOSTS[h]}:7600")
+            procs.append(p)
+            _collect(p, seen[h])
+        alive = {"na": "alive", "nb": "alive", "nc": "alive"}
+        _wait("every node alive seen from a", lambda: _view_in("a") == alive, 20)
+
+        cut = time.monotonic()
+        _ip("-n", _ns("b"), "link", "set", f"{TAG}bc", "down")
+        _wait("a's side: nc failed", lambda: _first(seen["a"], "nc", "failed", cut), 15)
+        _wait("c's side: na and nb failed", lambda: _first(seen["c"], "na", "failed", cut)
+              and _first(seen["c"], "nb", "failed", cut), 15)
+        print(f"\npartition: a's side declared nc failed after "
+              f"{_first(seen['a'], 'nc', 'failed', cut) - cut:.2f} s; c's side declared na "
+              f"failed after {_first(seen['c'], 'na', 'failed', cut) - cut:.2f} s")
+        assert _view_in("a") == {"na": "alive", "nb": "alive", "nc": "failed"}
+        assert _view_in("c") == {"na": "failed", "nb": "failed", "nc": "alive"}
+        assert not _first(seen["a"], "na", "failed", cut) and \
+            not _first(seen["c"], "nc", "failed", cut)
+
+        healed = time.monotonic()
+        _ip("-n", _ns("b"), "link", "set", f"{TAG}bc", "up")
+        _wait("a's side: nc back", lambda: _first(seen["a"], "nc", "recovered", healed), 30)
+        try:
+            _wait("c's side: na and nb back", lambda: _first(seen["c"], "na", "recovered", healed)
+                  and _first(seen["c"], "nb", "recovered", healed), 30)
+        except AssertionError:
+            print("DEBUG c", [(round(t - cut, 2), e) for t, e in seen["c"]])
+            print("DEBUG a", [(round(t - cut, 2), e) for t, e in seen["a"]])
+            print("DEBUG view c", _run_in("c", "members", "--json").stdout)
+            raise
+        print(f"healed: both sides saw every node recovered after "
+              f"{time.monotonic() - healed:.2f} s")
+        _wait("one view, all alive, on both sides",
+              lambda: _view_in("a") == alive and _view_in("c") == alive, 15)
+    finally:
+        _stop_all(procs)

@@ -15,7 +15,9 @@ A subscriber in this process leases ``/example.com/farm/membership/`` (type
 change event the leader publishes.  Once the view holds every node ``alive``:
 
 * ``steady``     a quiet window: the CPU each detector (and each router) uses
-                 while 200 nodes beat, and the baseline below.
+                 while 200 nodes beat, the traffic (TCP bytes, from the
+                 kernel's per-socket counters) each node sends and each
+                 detector receives and sends, and the baseline below.
 * ``detection``  the victims are SIGKILLed one at a time at random moments
                  (0.1-0.6 s apart); for each, the time from the kill to the
                  first ``failed`` event for it at the subscriber: p50/p99/max,
@@ -47,6 +49,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import statistics
 import subprocess
@@ -127,6 +130,35 @@ def _await_ready(p: subprocess.Popen, log: Path, what: str, deadline: float) -> 
 
 def _cpu(procs: dict[str, subprocess.Popen]) -> dict[str, float]:
     return {name: hop.cpu_seconds(p.pid) for name, p in procs.items()}
+
+
+def _io(procs: dict[str, subprocess.Popen]) -> dict[str, tuple[int, int]]:
+    """Per process: TCP payload bytes (received, sent) so far over its open sockets.
+
+    Read from the kernel's per-socket counters (``ss -tinp``: bytes_received,
+    bytes_sent), so it is what really crossed the loopback, ZMTP framing included.
+    """
+    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=30).stdout
+    by_pid: dict[int, list[int]] = {}
+    pid = None
+    for line in out.splitlines():
+        m = re.search(r"pid=(\d+),", line)
+        if m:
+            pid = int(m.group(1))
+            continue
+        if pid is not None:
+            got = by_pid.setdefault(pid, [0, 0])
+            for i, key in enumerate(("bytes_received", "bytes_sent")):
+                m = re.search(key + r":(\d+)", line)
+                got[i] += int(m.group(1)) if m else 0
+            pid = None
+    return {name: tuple(by_pid.get(p.pid, (0, 0))) for name, p in procs.items()}
+
+
+def _traffic(before: dict, after: dict, seconds: float) -> dict:
+    """Per process: bytes per second in and out between two :func:`_io` readings."""
+    return {name: {"in": (after[name][0] - before[name][0]) / seconds,
+                   "out": (after[name][1] - before[name][1]) / seconds} for name in before}
 
 
 def _cpu_use(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
@@ -337,13 +369,19 @@ def run(nodes: int = 200, victims: int = 10, load_seconds: float = 60.0, preset:
             watched = {**dets, **{f"r{i}": p for i, p in enumerate(routers)}}
             live_agents = {k: p for k, p in agents.items() if k not in victim_proc}
             prober.phase = "steady"
+            io0 = _io({**dets, **live_agents})
             cpu0, a0, t0 = _cpu(watched), _cpu(live_agents), time.monotonic()
             time.sleep(steady_seconds)
             cpu1, a1, t1 = _cpu(watched), _cpu(live_agents), time.monotonic()
+            io1 = _io({**dets, **live_agents})
             prober.phase = None
             res["cpu_steady"] = _cpu_use(cpu0, cpu1, t1 - t0)
             res["agent_cpu_steady_pct"] = 100.0 * (sum(a1.values()) - sum(a0.values())) / (t1 - t0)
             res["window_s"] = t1 - t0
+            traffic = _traffic(io0, io1, t1 - t0)
+            res["traffic_detectors"] = {n: traffic[n] for n in dets}
+            res["traffic_per_node_out"] = sum(traffic[n]["out"] for n in live_agents) / (
+                nodes - victims)
 
             # -- detection: SIGKILL the victims one at a time ------------------------------
             say(f"SIGKILL of {victims} victims at random moments ...")
@@ -490,6 +528,12 @@ def report(res: dict) -> None:
         print(f"{'detector CPU d1/d2/d3 %, ' + title:<{w}} {' / '.join(dets):>22}   "
               f"({secs} s); routers {' / '.join(routers)} %")
     print(f"{'all agent processes CPU %, steady':<{w}} {res['agent_cpu_steady_pct']:>22.1f}")
+    td = res["traffic_detectors"]
+    ins = " / ".join(f"{td[n]['in'] / 1e3:.0f}" for n in sorted(td))
+    outs = " / ".join(f"{td[n]['out'] / 1e3:.1f}" for n in sorted(td))
+    print(f"{'traffic per node out, bytes/s, steady':<{w}} "
+          f"{res['traffic_per_node_out']:>22.0f}   (heartbeats, TCP bytes sent)")
+    print(f"{'traffic per detector in, kB/s, steady':<{w}} {ins:>22}   out {outs} kB/s")
     print(f"\n(CPU % is of one core.  Leader at the start: {res['leader']}; all {res['nodes']} "
           f"nodes alive in the view {res['all_alive_s']:.1f} s after the agents were ready.)")
 

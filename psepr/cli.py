@@ -270,7 +270,8 @@ def cmd_router(args) -> int:
 
 def cmd_run(args) -> int:
     """The embedded local farm: ``--routers`` routers in one process, linked in a full mesh,
-    with a PLDB supervisor per router and this host's sensors as their clients."""
+    with a PLDB supervisor and a failure detector per router, and this host's sensors and
+    heartbeat agent, as their clients."""
     import signal
     import threading
     from routers.config import RouterConfig
@@ -315,6 +316,7 @@ def cmd_run(args) -> int:
   PLDB     one supervisor per router (simulated hosts local-1..{len(urls)}), {farm.replicas} monitors of {farm.channel}
            (databases in {data_dir})
   sensors  this host's facts on {farm.channel}{farm.host}/
+  members  one failure detector per router (d1..d{len(urls)}); this host's heartbeat on /{farm.authority}/farm/heartbeat/{farm.host}/
 
 Try, in another terminal (after `. .venv/bin/activate`):
   psepr lease /example.com/ --count 1                     # on r1 ({urls[0]})
@@ -322,6 +324,7 @@ Try, in another terminal (after `. .venv/bin/activate`):
         --router {urls[-1]}                   # sent at r{len(urls)}, delivered through the overlay
   psepr pldb get {farm.channel}{farm.host}/                # what PLDB remembers of this host
   psepr pldb monitors                                     # who keeps what
+  psepr members                                           # which nodes are alive
   psepr status                                            # routers, links, round-trip times
   export PSEPR_ROUTERS={",".join(urls)}   # clients fail over between them
 Stop with Ctrl-C.""", flush=True)

@@ -87,6 +87,7 @@ class Detector:
         self._bad_logged = -1e9
         self._catch_up: asyncio.Task | None = None
         self._rivals: dict[str, View] = {}     # leader -> its last view from a fork
+        self._led: View | None = None          # the last view this detector published
         self._unknown_since: float | None = None   # a live detector holds a view we lack
         self._tasks: list[asyncio.Task] = []
         self._leases: list = []
@@ -174,14 +175,16 @@ class Detector:
             asyncio.get_running_loop().create_task(self.con.reply(ev, self.status()))
 
     def status(self) -> dict:
-        """What a ``members`` query gets: this detector's view and its standing."""
+        """What a ``members`` query gets: this detector's view and its standing (and the
+        last view it published itself, which differs after a partition)."""
         now = self.clock()
         stretch = self.core.health.stretch
         return {"detector": self.name, "healthy": self.core.health.healthy,
                 "health": self.core.health.score,
                 "leader": self.opinions.leader(now, stretch),
                 "detectors": [op.detector for op in self.opinions.live(now, stretch)],
-                "view": self.follower.view.payload()}
+                "view": self.follower.view.payload(),
+                "led": self._led.payload() if self._led is not None else None}
 
     async def _ask_view(self) -> None:
         """Ask the other detectors for the current view (at start, or when behind)."""
@@ -193,12 +196,16 @@ class Detector:
             log.warning("detector %s: asking for the current view failed: %s", self.name, exc)
             return
         for r in replies:
-            try:
-                view = View.parse(r.payload.get("view") if isinstance(r.payload, dict) else None)
-            except EventError:
-                self.counters["bad"] += 1
-                continue
-            self._adopt(view)
+            payload = r.payload if isinstance(r.payload, dict) else {}
+            for key in ("view", "led"):
+                if key == "led" and payload.get(key) is None:
+                    continue
+                try:
+                    view = View.parse(payload.get(key))
+                except EventError:
+                    self.counters["bad"] += 1
+                    continue
+                self._adopt(view)
 
     def _adopt(self, view: View) -> None:
         """Follow ``view`` if it is newer; keep it (or ours) as a rival if they forked."""
@@ -208,7 +215,7 @@ class Detector:
                 # Another leader went on while we led (a partition): our subscribers
                 # hold `mine`; the next view must tell them where it differs.
                 self._rivals[mine.leader] = mine
-        elif not self.follower.known(view.number, view.leader):
+        elif view.leader != self.name and not self.follower.known(view.number, view.leader):
             self._rivals[view.leader] = view
 
     # -- ticking ---------------------------------------------------------------------------
@@ -243,7 +250,8 @@ class Detector:
         health = self.core.health
         view = self.follower.view
         op = Opinion(self.name, self.epoch, self.seq, health.healthy, health.score,
-                     view.number, self.core.opinion(), view.leader)
+                     view.number, self.core.opinion(), view.leader,
+                     self._led.number if self._led is not None else 0)
         self.opinions.add(op, now)
         self._changed = False
         self._opinion_at = now
@@ -260,11 +268,13 @@ class Detector:
             return
         live = self.opinions.live(now, stretch)
         current = self.follower.view
+        # Views some live detector holds, or published itself during a partition,
+        # that we never saw: fetch them (up to t_fail) so the next view reconciles.
         rivals = {(v.number, v.leader) for v in self._rivals.values()}
-        if any(not self.follower.known(op.view, op.view_by) and (op.view, op.view_by)
-               not in rivals for op in live):
-            # Someone holds a view we never saw (a later one, or a fork from a
-            # partition): fetch it before publishing the next, for up to t_fail.
+        known = self.follower.known
+        if any(((op.view, op.view_by) not in rivals and not known(op.view, op.view_by))
+               or (op.detector != self.name and (op.led, op.detector) not in rivals
+                   and not known(op.led, op.detector)) for op in live):
             if self._catch_up is None or self._catch_up.done():
                 self._catch_up = asyncio.create_task(self._ask_view())
             if self._unknown_since is None:
@@ -275,6 +285,8 @@ class Detector:
         view = next_view(current, live, self.name, self.wall(), cfg.t_cleanup,
                          self._rivals.values())
         if view is not current:
+            for rival in self._rivals.values():
+                self.follower.remember(rival)     # reconciled: do not fetch it again
             self._rivals.clear()
             self.follower.offer(view)
             self.counters["views"] += 1
@@ -285,6 +297,7 @@ class Detector:
             self._view_at = now
 
     async def _publish_view(self, view: View, changes: bool) -> None:
+        self._led = view
         con = self.con
         await con.send(self.view_channel, view.payload(), type=VIEW)
         if changes:

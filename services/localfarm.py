@@ -5,10 +5,12 @@ Theory of operation
 ``psepr run`` starts routers in one process; this module adds what a farm runs
 on its hosts, as clients of those routers in the same process: one PLDB
 supervisor per router (each router stands for a host, ``local-1`` ...), keeping
-``k`` monitors of ``/<authority>/node/``, and this machine's node sensors on
-``/<authority>/node/<hostname>/``.  They use the SDK like any other client (the
-supervisors an asyncio loop in one thread, the sensors a thread of their own),
-so the farm a new user meets is the real one, only in one process.
+``k`` monitors of ``/<authority>/node/``, one failure detector per router
+(``d1`` ...), this machine's node sensors on ``/<authority>/node/<hostname>/``
+and its heartbeat agent.  They use the SDK like any other client (supervisors
+and detectors an asyncio loop in one thread, the sensors and the agent a
+thread each), so the farm a new user meets is the real one, only in one
+process.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import threading
 from pathlib import Path
 
 import psepr
+import psepr.aio
 from pldb.config import PLDBConfig
 from pldb.supervisor import Supervisor
 
+from .agent import Agent
+from .detection import DetectionConfig
+from .detector import Detector
 from .sensors import SensorConfig, Sensors
 
 log = logging.getLogger("psepr.localfarm")
@@ -59,8 +65,9 @@ class LocalFarmClients:
         Raises:
             PseprError: they could not start (the message says why).
         """
-        self._threads = [threading.Thread(target=self._run_pldb, name="pldb", daemon=True),
-                         threading.Thread(target=self._run_sensors, name="sensors", daemon=True)]
+        self._threads = [threading.Thread(target=self._run_async, name="pldb", daemon=True),
+                         threading.Thread(target=self._run_sensors, name="sensors", daemon=True),
+                         threading.Thread(target=self._run_agent, name="agent", daemon=True)]
         for t in self._threads:
             t.start()
         if not (self._ready.wait(timeout) and self._sensing.wait(timeout)) \
@@ -69,19 +76,31 @@ class LocalFarmClients:
             raise psepr.PseprError(f"the local farm's PLDB did not start: "
                                    f"{self._error or 'no answer in time'}")
 
-    def _run_pldb(self) -> None:
+    def _run_async(self) -> None:
+        """The PLDB supervisors and the failure detectors, in one event loop."""
         async def main() -> None:
             sups = [Supervisor(url, [self.channel], self.replicas, host=f"local-{i + 1}",
                                data_dir=self.data_dir / f"local-{i + 1}", preset="local",
                                config=PLDBConfig.preset("local"))
                     for i, url in enumerate(self.urls)]
+            cons, dets = [], []
             try:
                 for s in sups:
                     await s.start()
+                for i, url in enumerate(self.urls):
+                    con = await psepr.aio.connect(url, preset="local", service="detector")
+                    cons.append(con)
+                    dets.append(Detector(con, self.authority, f"d{i + 1}",
+                                         DetectionConfig.preset("local")))
+                    await dets[-1].start()
                 self._ready.set()
                 while not self._stop.is_set():
                     await asyncio.sleep(0.2)
             finally:
+                for d in dets:
+                    await d.stop()
+                for c in cons:
+                    await c.close()
                 for s in sups:
                     await s.stop()
         try:
@@ -109,8 +128,17 @@ class LocalFarmClients:
         finally:
             self._sensing.set()
 
+    def _run_agent(self) -> None:
+        try:
+            with psepr.connect(self.urls, preset="local", service="agent") as con:
+                Agent(con, self.authority, [self.host], DetectionConfig.preset("local")).run(
+                    self._stop)
+        except psepr.PseprError as exc:
+            log.error("local farm agent stopped: %s", exc)
+
     def stop(self) -> None:
-        """Stop the sensors and the supervisors (their monitors say goodbye)."""
+        """Stop the agent (it says left), the sensors, the detectors and the
+        supervisors (their monitors say goodbye)."""
         self._stop.set()
         for t in self._threads:
             t.join(15)

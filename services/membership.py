@@ -157,11 +157,12 @@ class Opinion:
     view: int                          # the last view number it saw
     nodes: Mapping[str, tuple[int, str]]
     view_by: str = ""                  # ... and the leader that published it
+    led: int = 0                       # the last view it published itself as leader
 
     def payload(self) -> dict:
         return {"detector": self.detector, "epoch": self.epoch, "seq": self.seq,
                 "healthy": self.healthy, "health": self.health, "view": self.view,
-                "view_by": self.view_by,
+                "view_by": self.view_by, "led": self.led,
                 "nodes": {h: [inc, st] for h, (inc, st) in self.nodes.items()}}
 
     @classmethod
@@ -184,10 +185,13 @@ class Opinion:
         view_by = payload.get("view_by", "")
         if not isinstance(view_by, str):
             raise EventError(f"{what}: view_by must be a detector name, got {view_by!r}")
+        led = payload.get("led", 0)
+        if not isinstance(led, int) or isinstance(led, bool) or led < 0:
+            raise EventError(f"{what}: led must be a view number, got {led!r}")
         return cls(_field(payload, "detector", str, what), float(epoch),
                    _count(payload, "seq", what), bool(_field(payload, "healthy", bool, what)),
                    _count(payload, "health", what), _count(payload, "view", what), parsed,
-                   view_by)
+                   view_by, led)
 
 
 @dataclass(frozen=True)
@@ -407,10 +411,14 @@ class ViewFollower:
         if view.number <= self.view.number:
             return False
         self.view = view
+        self.remember(view)
+        return True
+
+    def remember(self, view: View) -> None:
+        """Count ``view`` as known without following it (a rival already reconciled)."""
         self._lineage[(view.number, view.leader)] = None
         while len(self._lineage) > self._memory:
             del self._lineage[next(iter(self._lineage))]
-        return True
 
     def known(self, number: int, leader: str) -> bool:
         """True when the view ``(number, leader)`` is one this follower accepted

@@ -1,8 +1,9 @@
-"""`psepr run` (what `make run` starts): three routers in a full mesh, PLDB and sensors.
+"""`psepr run` (what `make run` starts): three routers in a full mesh, PLDB, sensors,
+failure detectors and this host's agent.
 
 Starts it on free loopback ports, leases at the first router, sends at the
 third, and checks the event crossed the overlay; asks PLDB what this host's
-sensors published; then stops it with SIGTERM, by its own pid, and checks it
+sensors published and the detectors whether this host is alive; then stops it with SIGTERM, by its own pid, and checks it
 said so.
 """
 
@@ -71,7 +72,8 @@ def test_psepr_run_starts_a_three_router_mesh_with_pldb_and_sensors(tmp_path):
                     break
                 assert time.monotonic() < deadline, view
                 time.sleep(0.1)
-            lease = holder.lease("/example.com/", propagated=True)
+            # (not /example.com/ itself: the farm's own events flow below it)
+            lease = holder.lease("/example.com/heartbeat/", propagated=True)
             sender.send("/example.com/heartbeat/x.example.com/", {"load": 0.4}, type="heartbeat")
             ev = lease.receive(timeout=5)
             assert ev.payload == {"load": 0.4} and ev.type == "heartbeat"
@@ -89,6 +91,20 @@ def test_psepr_run_starts_a_three_router_mesh_with_pldb_and_sensors(tmp_path):
                     pass
                 assert time.monotonic() < deadline, "PLDB of the local farm never answered"
                 time.sleep(0.2)
+            # The detectors know this host is alive (its agent beats).
+            from services.membership import members
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    view, answer = members(holder, "example.com", timeout=1.0)
+                    me = view.members.get(socket.gethostname())
+                    if me is not None and me.state == "alive":
+                        break
+                except psepr.NoRoute:
+                    pass
+                assert time.monotonic() < deadline, "the local farm's detectors never saw us"
+                time.sleep(0.2)
+            assert answer["detectors"] == ["d1", "d2", "d3"]
     finally:
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=20)

@@ -1,3 +1,3 @@
 """The package version: its one home (pyproject.toml reads it from here)."""
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"

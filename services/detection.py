@@ -116,6 +116,9 @@ class DetectionConfig:
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+        if not (self.phi_threshold > 0 and math.isfinite(self.phi_threshold)):
+            raise ConfigError(f"phi_threshold must be a positive number, "
+                              f"got {self.phi_threshold!r}")
         if self.t_fail < 2 * self.t_gossip:
             raise ConfigError(f"t_fail ({self.t_fail:g} s) must be at least two heartbeat "
                               f"periods (t_gossip {self.t_gossip:g} s)")

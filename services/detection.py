@@ -68,6 +68,10 @@ class DetectionConfig:
             accepts a false suspicion probability of ``10 ** -phi_threshold`` per
             check when beats follow the measured distribution.
         phi_window: inter-arrival samples kept per node.
+        phi_pause: an acceptable pause (seconds) added to the mean interval before
+            the distribution is consulted (as Akka's detector does): a stall of a
+            few hundred milliseconds (a GC, a busy machine) is normal, and a
+            distribution fitted to very regular beats would call it fatal.
         phi_min_std: floor of the distribution's standard deviation (seconds):
             perfectly regular beats would otherwise make any jitter look fatal.
         tick: seconds between a detector's decisions (and health measurements).
@@ -87,7 +91,8 @@ class DetectionConfig:
     method: str = "gossip"
     phi_threshold: float = 8.0
     phi_window: int = 100
-    phi_min_std: float = 0.05
+    phi_pause: float = 0.3
+    phi_min_std: float = 0.1
     tick: float = 0.1
     lag_limit: float = 0.25
     probe_limit: float = 0.5
@@ -99,12 +104,14 @@ class DetectionConfig:
     PRESETS = {
         # One machine (tests, `psepr run`): loopback never loses a beat.
         "local": dict(t_gossip=0.2, t_fail=1.0, t_cleanup=10.0, tick=0.05, lag_limit=0.2,
+                      phi_pause=0.15, phi_min_std=0.05,
                       probe_limit=0.3, detector_ttl=1.0, recover_after=0.5, view_refresh=2.0),
         # A machine room: four beats in a row lost or late before a suspicion;
         # detection within t_fail + a tick + two overlay hops (about 2.3 s).
         "lan": dict(),
         # Wide area: beats every 2 s, five may go missing; detection within ~11 s.
         "wan": dict(t_gossip=2.0, t_fail=10.0, t_cleanup=120.0, tick=0.25, lag_limit=1.0,
+                    phi_pause=1.5, phi_min_std=0.5,
                     probe_limit=2.5, detector_ttl=10.0, recover_after=5.0, view_refresh=15.0),
     }
 
@@ -125,6 +132,8 @@ class DetectionConfig:
         if self.t_cleanup < self.t_fail:
             raise ConfigError(f"t_cleanup ({self.t_cleanup:g} s) must not be shorter than "
                               f"t_fail ({self.t_fail:g} s)")
+        if not (self.phi_pause >= 0 and math.isfinite(self.phi_pause)):
+            raise ConfigError(f"phi_pause must be a number of seconds >= 0, got {self.phi_pause!r}")
         if self.phi_window < 2 or self.max_health < 0:
             raise ConfigError("phi_window must be at least 2 and max_health at least 0")
 
@@ -161,8 +170,9 @@ class NodeRecord:
         self.since = now          # when the state last changed
         self.intervals: deque[float] = deque(maxlen=window)
 
-    def phi(self, now: float, min_std: float) -> float:
-        """The accrual suspicion level after ``now - heard`` seconds of silence."""
+    def phi(self, now: float, min_std: float, pause: float = 0.0) -> float:
+        """The accrual suspicion level after ``now - heard`` seconds of silence
+        (``pause`` seconds of it are forgiven)."""
         if len(self.intervals) < 2:
             return 0.0
         n = len(self.intervals)
@@ -170,7 +180,7 @@ class NodeRecord:
         var = sum((x - mean) ** 2 for x in self.intervals) / n
         std = max(math.sqrt(var), min_std)
         # P(next beat later than t) under N(mean, std): 0.5 * erfc((t - mean) / (std*sqrt2)).
-        p_later = 0.5 * math.erfc((now - self.heard - mean) / (std * math.sqrt(2.0)))
+        p_later = 0.5 * math.erfc((now - self.heard - pause - mean) / (std * math.sqrt(2.0)))
         return math.inf if p_later <= 0.0 else -math.log10(p_later)
 
 
@@ -297,7 +307,8 @@ class DetectorCore:
             if rec.state == ALIVE:
                 silent = now - rec.heard
                 if silent > t_fail or (cfg.method == "phi" and rec.phi(
-                        rec.heard + silent / stretch, cfg.phi_min_std) > cfg.phi_threshold):
+                        rec.heard + silent / stretch, cfg.phi_min_std, cfg.phi_pause)
+                        > cfg.phi_threshold):
                     rec.state, rec.since = SUSPECT, now
                     changed = True
             elif now - rec.since > cfg.t_cleanup:

@@ -11,6 +11,10 @@ Proves that
   longer it is failed, and once continued it refutes (higher incarnation)
   and is ``recovered``;
 * a graceful stop is ``left``;
+* a detector starved for longer than t_fail (SIGSTOP) doubts itself: it says it
+  is unhealthy and accuses nobody (without the health guard it accuses every
+  node: checked by hand);
+* the phi accrual detector finds a SIGKILL within the lan bound too;
 * losing a detector, even the leader that publishes the views, does not stop
   membership: the next detector continues the same numbered sequence, and
   two subscribers on different routers see the same sequence of views;
@@ -248,6 +252,55 @@ def test_members_cli_errors_are_one_clear_line(router_proc):
                           "--router", router_proc.url], cwd=ROOT, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 2 and "a b" in out.stderr, out.stderr
+
+
+
+def test_a_starved_detector_doubts_itself_instead_of_accusing(farm):
+    """SIGSTOP a detector for longer than t_fail: when it runs again its beats are
+    all old, but its late tick marks it unhealthy and stretches its timeouts, so
+    it accuses nobody (without the guard every node would be suspected)."""
+    dets = _detectors(farm)
+    w = farm.watcher(0)
+    hosts = ["h1", "h2", "h3", "h4"]
+    farm.agent(hosts, 1)
+    farm.wait_alive(hosts)
+    with psepr.connect(farm.urls[2], preset="local") as con:
+        lease = con.lease(f"/{A}/farm/detectors/d3/", type="detector", propagated=True)
+        stopped = time.monotonic()
+        dets[2].proc.send_signal(signal.SIGSTOP)
+        time.sleep(3.0)                       # lan: t_fail 2 s
+        dets[2].proc.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        opinions = []
+        while time.monotonic() - resumed < 2.0:
+            try:
+                opinions.append(lease.receive(timeout=0.5).payload)
+            except psepr.TimeoutError:
+                pass
+    suspected = {h for op in opinions for h, (inc, st) in op["nodes"].items()
+                 if st == "suspect"}
+    assert not suspected, f"the starved detector accused {suspected}"
+    assert any(not op["healthy"] for op in opinions), "it never said it was unhealthy"
+    time.sleep(1.0)
+    for h in hosts:
+        assert not [t for t, p in w.changes if t >= stopped and p["host"] == h
+                    and p["state"] in ("suspect", "failed")], w.changes
+
+
+def test_phi_accrual_detectors_find_a_sigkill_within_the_bound(farm):
+    for i in range(3):
+        farm.detector(f"d{i + 1}", i, "lan", "--method", "phi")
+    w = farm.watcher(1)
+    victim = farm.agent(["phi-victim"], 2)
+    farm.agent(["phi-steady"], 0)
+    farm.wait_alive(["phi-victim", "phi-steady"])
+    time.sleep(2.0)                            # a few samples for the distribution
+    killed = time.monotonic()
+    victim.stop(signal.SIGKILL)
+    t = wait_for("phi-victim failed", lambda: w.first("phi-victim", "failed", killed), 10.0)
+    print(f"\nphi: SIGKILL -> failed in {t - killed:.2f} s")
+    assert t - killed <= 3.0
+    assert "failed" not in w.states("phi-steady")
 
 
 @pytest.mark.slow

@@ -344,7 +344,7 @@ def next_view(previous: View, opinions: Iterable[Opinion], leader: str, wall: fl
     for host in sorted(hosts):
         old = previous.members.get(host)
         seen = [op.nodes[host] for op in ops if host in op.nodes]
-        inc = max([i for i, _ in seen] + ([old.incarnation] if old else []))
+        inc = max([i for i, _ in seen] + ([old.incarnation] if old else []), default=0)
         # Votes count only for the newest incarnation: a refutation voids older suspicions.
         left = any(st == LEFT and i >= inc for i, st in seen)
         suspects = sum(1 for op in voters

@@ -331,6 +331,7 @@ class Connection(ConnectionBase):
         self._leases.pop(lease.id, None)
         req = self._session.unlease(lease.id)
         if req is not None:
+            self._schedule_flush()      # the release leaves now, not at the next timer tick
             await self._wait_req(req, timeout, f"release of lease {lease.id}")
 
     async def receive(self, timeout: float | None = None) -> Event:

@@ -523,3 +523,13 @@ def test_aio_connections_keep_connecting_after_their_routers_stop():
             assert asyncio.run(one_round(router.url, r)) == r, f"round {r}"
         finally:
             router.stop()
+
+
+async def test_aio_release_is_sent_at_once_not_at_the_next_timer_tick(router_proc):
+    """Regression: the asyncio release queued its request without flushing, so each
+    release waited for the connection's timer (up to 1 s) before it left."""
+    async with psepr.aio.connect(router_proc.url) as con:
+        leases = [await con.lease(f"/aio-release/{i}/") for i in range(5)]
+        for lease in leases:
+            await lease.release(timeout=0.3)     # far less than the timer's 1 s
+        assert (await con.stats())["leases"] == 0

@@ -61,7 +61,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from benchmarks import hop
-from benchmarks.overlay import wait_converged
+from benchmarks.overlay import start_overlay
 from benchmarks.pldb import _pct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,31 +74,6 @@ TARGET_FALSE = 0
 
 
 # -- processes -----------------------------------------------------------------------------------
-
-def _start_routers(preset: str) -> tuple[list[subprocess.Popen], list[str]]:
-    """Three routers in a full mesh, running ``preset``; waits until converged.
-
-    (:func:`benchmarks.overlay.start_overlay` runs its routers with the
-    ``local`` preset, whose 0.75 s peer timeout is not what a ``lan`` farm
-    would run under load; this uses its building blocks with the chosen one.)
-    """
-    procs: list[subprocess.Popen] = []
-    urls: list[str] = []
-    peers: list[str] = []
-    try:
-        for i in range(3):
-            dial = [a for peer in peers for a in ("--peer", peer)]
-            p, url, peer = hop.start_router(f"r{i}", "--preset", preset, "--peer-listen",
-                                            "tcp://127.0.0.1:0", *dial, quiet=True)
-            procs.append(p)
-            urls.append(url)
-            peers.append(peer)
-        wait_converged(urls)
-    except BaseException:
-        hop._stop(*procs)
-        raise
-    return procs, urls
-
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     """``python -m psepr.cli ARGS`` with stdout piped (for "(ready)") and stderr to ``log``."""
@@ -327,7 +302,9 @@ def run(nodes: int = 200, victims: int = 10, load_seconds: float = 60.0, preset:
         logs = Path(tmp)
         try:
             say(f"3 routers in a mesh ({preset}) ...")
-            routers, urls = _start_routers(preset)
+            # The routers run the chosen preset too: the local preset's 0.75 s peer
+            # timeout is not what a lan farm runs under load.
+            routers, urls = start_overlay(3, [(0, 1), (0, 2), (1, 2)], preset)
             procs += routers
             common = ["--authority", AUTH, "--preset", preset]
             dets = {}

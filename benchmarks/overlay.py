@@ -36,8 +36,10 @@ from benchmarks import hop
 
 
 
-def start_overlay(n: int, edges) -> tuple[list[subprocess.Popen], list[str]]:
-    """Routers 0..n-1 linked by ``edges`` (router i dials j < i); waits until converged."""
+def start_overlay(n: int, edges,
+                  preset: str = "local") -> tuple[list[subprocess.Popen], list[str]]:
+    """Routers 0..n-1 linked by ``edges`` (router i dials j < i), running ``preset``;
+    waits until converged."""
     dials: dict[int, set] = {i: set() for i in range(n)}
     for a, b in edges:
         dials[max(a, b)].add(min(a, b))
@@ -45,7 +47,7 @@ def start_overlay(n: int, edges) -> tuple[list[subprocess.Popen], list[str]]:
     try:
         for i in range(n):
             extra = [a for j in sorted(dials[i]) for a in ("--peer", peers[j])]
-            p, url, peer = hop.start_router(f"r{i}", "--preset", "local", "--peer-listen",
+            p, url, peer = hop.start_router(f"r{i}", "--preset", preset, "--peer-listen",
                                             "tcp://127.0.0.1:0", *extra, quiet=True)
             procs.append(p)
             urls.append(url)

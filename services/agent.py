@@ -90,7 +90,7 @@ class Agent:
         con: a synchronous :class:`psepr.Connection`.
         authority: the naming authority.
         hosts: the node names (several simulate several hosts).
-        config: the timings (``t_gossip``).
+        period: seconds between beats (the preset's ``t_gossip``).
         clock: monotonic clock; wall: wall clock (incarnations).
 
     Raises:
@@ -98,15 +98,15 @@ class Agent:
     """
 
     def __init__(self, con, authority: str, hosts: Iterable[str],
-                 config: DetectionConfig | None = None,
+                 period: float = DetectionConfig.t_gossip,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.con = con
-        self.config = config or DetectionConfig()
+        self.period = period
         self.clock = clock
         now = clock()
         start = int(wall() * 1000)
-        self.beaters = {h: Heartbeater(h, self.config.t_gossip, start, now) for h in hosts}
+        self.beaters = {h: Heartbeater(h, period, start, now) for h in hosts}
         self.channels = {h: heartbeat_channel(authority, h) for h in self.beaters}
         self.watch = {h: membership_channel(authority, h) for h in self.beaters}
         self.sent = 0
@@ -196,11 +196,7 @@ def main(args) -> int:
     import psepr
     from .sensors import SensorConfig, Sensors
 
-    overrides = {} if args.period is None else {"t_gossip": args.period}
-    if args.period is not None and args.period * 2 > DetectionConfig.preset(args.preset).t_fail:
-        overrides["t_fail"] = 4 * args.period
-        overrides["t_cleanup"] = max(30.0, 60 * args.period)
-    config = DetectionConfig.preset(args.preset, **overrides)
+    period = args.period or DetectionConfig.preset(args.preset).t_gossip
     hosts = args.host or [__import__("socket").gethostname()]
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
@@ -209,7 +205,7 @@ def main(args) -> int:
     try:
         with psepr.connect(args.router, preset=args.preset, service=args.service or "agent",
                            keyfile=args.key, server_key=args.server_key) as con:
-            agent = Agent(con, args.authority, hosts, config)
+            agent = Agent(con, args.authority, hosts, period)
             if not args.no_sensors:
                 for h in hosts:
                     sensors = Sensors(con, args.authority, h, SensorConfig.preset(args.preset))
@@ -222,7 +218,7 @@ def main(args) -> int:
                 what = "" if args.no_sensors else " and sensors"
                 names = hosts[0] if len(hosts) == 1 else f"{len(hosts)} hosts"
                 print(f"agent of {names}: heartbeats{what} on "
-                      f"/{args.authority}/farm/heartbeat/ every {config.t_gossip:g} s (ready)",
+                      f"/{args.authority}/farm/heartbeat/ every {period:g} s (ready)",
                       flush=True)
             agent.run(stop, on_ready=ready)
             for t in threads:

@@ -131,8 +131,8 @@ class LocalFarmClients:
     def _run_agent(self) -> None:
         try:
             with psepr.connect(self.urls, preset="local", service="agent") as con:
-                Agent(con, self.authority, [self.host], DetectionConfig.preset("local")).run(
-                    self._stop)
+                period = DetectionConfig.preset("local").t_gossip
+                Agent(con, self.authority, [self.host], period).run(self._stop)
         except psepr.PseprError as exc:
             log.error("local farm agent stopped: %s", exc)
 

@@ -244,8 +244,11 @@ def start_cli():
     yield from _processes(CLIProcess)
 
 
-def wait_for(what: str, predicate, timeout: float = 10.0):
+def wait_for(what: str, predicate, timeout: float = 10.0, detail=None):
     """Poll ``predicate`` (bounded in time) until it returns something true; return that.
+
+    Args:
+        detail: called for more text for the failure message (what was seen).
 
     Raises:
         AssertionError: naming ``what``, when it did not happen within ``timeout``.
@@ -256,7 +259,7 @@ def wait_for(what: str, predicate, timeout: float = 10.0):
         if result:
             return result
         time.sleep(0.05)
-    raise AssertionError(f"{what} not within {timeout} s")
+    raise AssertionError(f"{what} not within {timeout} s" + (f": {detail()}" if detail else ""))
 
 
 def start_monitor(start_cli, router: RouterProcess, data_dir, channel: str, host: str = "h1"):

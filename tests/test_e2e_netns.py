@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -178,16 +178,6 @@ def _first(seen: list, host: str, state: str, after: float) -> float | None:
                 None)
 
 
-def _wait(what: str, predicate, timeout: float, detail=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not within {timeout} s {detail()}")
-
-
 def _view_in(h: str) -> dict:
     out = _run_in(h, "members", "--json", "--timeout", "3")
     assert out.returncode == 0, out.stderr
@@ -214,12 +204,12 @@ def test_membership_partition_is_reported_honestly_on_each_side_and_heals(namesp
             procs.append(p)
             _collect(p, seen[h])
         alive = {"na": "alive", "nb": "alive", "nc": "alive"}
-        _wait("every node alive seen from a", lambda: _view_in("a") == alive, 20)
+        wait_for("every node alive seen from a", lambda: _view_in("a") == alive, 20)
 
         cut = time.monotonic()
         _ip("-n", _ns("b"), "link", "set", f"{TAG}bc", "down")
-        _wait("a's side: nc failed", lambda: _first(seen["a"], "nc", "failed", cut), 15)
-        _wait("c's side: na and nb failed", lambda: _first(seen["c"], "na", "failed", cut)
+        wait_for("a's side: nc failed", lambda: _first(seen["a"], "nc", "failed", cut), 15)
+        wait_for("c's side: na and nb failed", lambda: _first(seen["c"], "na", "failed", cut)
               and _first(seen["c"], "nb", "failed", cut), 15)
         print(f"\npartition: a's side declared nc failed after "
               f"{_first(seen['a'], 'nc', 'failed', cut) - cut:.2f} s; c's side declared na "
@@ -231,13 +221,13 @@ def test_membership_partition_is_reported_honestly_on_each_side_and_heals(namesp
 
         healed = time.monotonic()
         _ip("-n", _ns("b"), "link", "set", f"{TAG}bc", "up")
-        _wait("a's side: nc back", lambda: _first(seen["a"], "nc", "recovered", healed), 30)
-        _wait("c's side: na and nb back", lambda: _first(seen["c"], "na", "recovered", healed)
+        wait_for("a's side: nc back", lambda: _first(seen["a"], "nc", "recovered", healed), 30)
+        wait_for("c's side: na and nb back", lambda: _first(seen["c"], "na", "recovered", healed)
               and _first(seen["c"], "nb", "recovered", healed), 30,
               lambda: f"c saw {[(round(t - cut, 2), e) for t, e in seen['c']]}")
         print(f"healed: both sides saw every node recovered after "
               f"{time.monotonic() - healed:.2f} s")
-        _wait("one view, all alive, on both sides",
+        wait_for("one view, all alive, on both sides",
               lambda: _view_in("a") == alive and _view_in("c") == alive, 15)
     finally:
         _stop_all(procs)

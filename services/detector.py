@@ -135,7 +135,7 @@ class Detector:
         while True:
             ev = await con.receive()
             try:
-                self._take(ev)
+                await self._take(ev)
             except EventError as exc:
                 self.counters["bad"] += 1
                 now = self.clock()
@@ -148,7 +148,7 @@ class Detector:
                 self.counters["bad"] += 1
                 log.exception("detector %s failed on a %s event", self.name, ev.type)
 
-    def _take(self, ev) -> None:
+    async def _take(self, ev) -> None:
         now = self.clock()
         kind = ev.type
         if kind == HEARTBEAT:
@@ -172,7 +172,7 @@ class Detector:
                 self._adopt(view)
         elif kind == QUERY and ev.reply_to is not None:
             self.counters["queries"] += 1
-            asyncio.get_running_loop().create_task(self.con.reply(ev, self.status()))
+            await self.con.reply(ev, self.status())
 
     def status(self) -> dict:
         """What a ``members`` query gets: this detector's view and its standing (and the

@@ -332,3 +332,53 @@ def test_both_cores_busy_for_60_s_is_no_false_failure(farm):
           f"{sum(p['state'] == 'failed' for p in during)} failed)")
     assert not [p for p in during if p["state"] == "failed"], during
     assert all(m.state == "alive" for h, m in farm.view().members.items() if h in hosts)
+
+
+def test_membership_under_curve_with_the_grants_docs_membership_md_lists(start_router,
+                                                                          start_cli, tmp_path):
+    """A CURVE router with an ACL: agents, detectors and a `psepr members` viewer work
+    with exactly the grants docs/membership.md gives them."""
+    keys = tmp_path / "keys"
+    for name in ("router", "agent", "detector", "viewer"):
+        out = subprocess.run([sys.executable, "-m", "psepr.cli", "keygen", name, "--dir",
+                              str(keys)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+    acl = tmp_path / "acl.toml"
+    acl.write_text(f"""
+[principals.agent]
+key_file = "keys/agent.key"
+send = ["/{A}/farm/heartbeat/", "/{A}/node/"]
+lease = ["/{A}/farm/membership/"]
+
+[principals.detector]
+key_file = "keys/detector.key"
+send = ["/{A}/farm/"]
+lease = ["/{A}/farm/"]
+
+[principals.viewer]
+key_file = "keys/viewer.key"
+send = ["/{A}/farm/membership/"]
+lease = ["/{A}/farm/membership/"]
+""")
+    router = start_router("--curve", "--key", str(keys / "router.key_secret"), "--acl", str(acl),
+                          name="sec")
+
+    def keyed(who: str) -> list[str]:
+        return ["--key", str(keys / f"{who}.key_secret"), "--server-key", str(keys / "router.key")]
+
+    start_cli("detector", "--authority", A, "--name", "d1", "--preset", "local",
+              *keyed("detector"), router=router.url, ready="(ready)")
+    node = start_cli("agent", "--authority", A, "--host", "secure1", "--preset", "local",
+                     *keyed("agent"), router=router.url, ready="(ready)")
+
+    def members_json():
+        out = subprocess.run([sys.executable, "-m", "psepr.cli", "members", "--json",
+                              "--router", router.url, *keyed("viewer")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["view"]["members"]
+
+    wait_for("secure1 alive", lambda: members_json().get("secure1", [None])[0] == "alive", 15)
+    node.stop(signal.SIGKILL)
+    wait_for("secure1 failed", lambda: members_json()["secure1"][0] == "failed", 15)
+    assert not [line for line in node.output if "AccessDenied" in line or "denied" in line]

@@ -96,13 +96,19 @@ def membership_channel(authority: str, host: str | None = None) -> Channel:
 
 # -- payloads ---------------------------------------------------------------------------
 
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               dict: "an object", list: "an array"}
+
+
 def _field(payload: Any, name: str, kind, what: str):
+    """``payload[name]`` if it is of ``kind`` (a type or a tuple of types; JSON booleans
+    are not numbers), else an EventError naming the field and what it should be."""
     if not isinstance(payload, dict):
         raise EventError(f"{what} payload must be a JSON object, got {type(payload).__name__}")
     value = payload.get(name)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise EventError(f"{what} payload needs {name!r} as {getattr(kind, '__name__', kind)}, "
-                         f"got {value!r}")
+        expected = "a number" if kind == (int, float) else _JSON_NAMES.get(kind, str(kind))
+        raise EventError(f"{what} payload needs {name!r} as {expected}, got {value!r}")
     return value
 
 

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
-from psepr.errors import ConnectionLost, EventError, PseprError
+from psepr.errors import ConnectionLost, PseprError
 from psepr.errors import TimeoutError as PseprTimeout
 
 from .detection import DetectionConfig
@@ -102,7 +102,6 @@ class Agent:
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.con = con
-        self.period = period
         self.clock = clock
         now = clock()
         start = int(wall() * 1000)
@@ -134,21 +133,16 @@ class Agent:
 
     def hear(self, payload, now: float) -> None:
         """Take one membership event about one of our hosts; refute if accused."""
-        try:
-            if not isinstance(payload, dict):
-                raise EventError("membership payload must be a JSON object")
-            b = self.beaters.get(payload.get("host"))
-            state, inc = payload.get("state"), payload.get("incarnation")
-            if b is None or not isinstance(inc, int):
-                raise EventError(f"membership event for no host of ours or without "
-                                 f"incarnation: {payload!r}"[:200])
-        except EventError as exc:
+        b = self.beaters.get(payload.get("host")) if isinstance(payload, dict) else None
+        inc = payload.get("incarnation") if b is not None else None
+        if b is None or not isinstance(inc, int) or isinstance(inc, bool):
             self.bad += 1
-            log.warning("ignored a membership event: %s", exc)
+            log.warning("ignored a membership event for no host of ours, or without an "
+                        "incarnation: %.200r", payload)
             return
-        if b.accused(state, inc, now):
+        if b.accused(payload.get("state"), inc, now):
             log.warning("%s was called %s at incarnation %d; refuting with incarnation %d",
-                        b.host, state, inc, b.incarnation)
+                        b.host, payload.get("state"), inc, b.incarnation)
 
     def run(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         """Beat and listen until ``stop`` is set; then say ``left`` for every host.

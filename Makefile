@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml $(wildcard */__init__.py)
 run: $(STAMP)
 	$(BIN)/psepr run
 
-# The multi-host tests build network namespaces with iproute2 (Debian package).
+# The multi-host tests build network namespaces with iproute2 (Debian package), whose
+# `ss` also gives `psepr bench failure` its per-socket traffic counters.
 system-deps:
-	@command -v ip >/dev/null 2>&1 || { echo "installing iproute2 (network namespaces for the multi-host tests)"; \
+	@{ command -v ip && command -v ss; } >/dev/null 2>&1 || { echo "installing iproute2 (network namespaces for the multi-host tests)"; \
 		apt-get update -qq >/dev/null && apt-get install -y -qq iproute2 >/dev/null; }
 
 test: $(STAMP) system-deps

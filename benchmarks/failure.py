@@ -112,6 +112,9 @@ def _io(procs: dict[str, subprocess.Popen]) -> dict[str, tuple[int, int]]:
 
     Read from the kernel's per-socket counters (``ss -tinp``: bytes_received,
     bytes_sent), so it is what really crossed the loopback, ZMTP framing included.
+
+    Raises:
+        FileNotFoundError: ``ss`` (iproute2) is not installed.
     """
     out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=30).stdout
     by_pid: dict[int, list[int]] = {}
@@ -275,7 +278,16 @@ def _wait_all_alive(con, hosts: list[str], timeout: float) -> dict:
 
 def run(nodes: int = 200, victims: int = 10, load_seconds: float = 60.0, preset: str = "lan",
         seed: int = 1, steady_seconds: float = 10.0) -> dict:
-    """Set up, measure the three phases, tear down.  Returns the figures (see the module doc)."""
+    """Set up, measure the three phases, tear down.  Returns the figures (see the module doc).
+
+    Raises:
+        PseprError: ``ss`` (iproute2), which reads the traffic counters, is missing.
+    """
+    import shutil
+    if shutil.which("ss") is None:
+        from psepr.errors import PseprError
+        raise PseprError("psepr bench failure reads TCP counters with `ss`: install iproute2 "
+                         "(apt-get install -y iproute2; `make test` does)")
     import psepr
     from services.detection import DetectionConfig
     cfg = DetectionConfig.preset(preset)

@@ -307,22 +307,14 @@ class Detector:
                                view.change_payload(host, event), type=CHANGE)
 
 
-def connect(routers, preset: str = "lan", **kwargs):
-    """An asyncio connection for a detector (the ``preset``'s client settings).
-
-    Returns:
-        The (awaitable) connection.
-    """
-    import psepr.aio
-    return psepr.aio.connect(routers, preset=preset, **kwargs)
-
-
 async def serve(args) -> int:
     """Run one detector until cancelled (SIGTERM/SIGINT in :func:`main`)."""
     config = DetectionConfig.preset(args.preset, **({"method": args.method}
                                                      if args.method else {}))
-    async with connect(args.router, preset=args.preset, service=args.service or "detector",
-                       keyfile=args.key, server_key=args.server_key) as con:
+    import psepr.aio
+    async with psepr.aio.connect(args.router, preset=args.preset,
+                                 service=args.service or "detector",
+                                 keyfile=args.key, server_key=args.server_key) as con:
         det = Detector(con, args.authority, args.name, config)
         await det.start()
         print(f"detector {args.name} on /{args.authority}/farm/ ({config.method}, "

@@ -338,11 +338,10 @@ def test_membership_under_curve_with_the_grants_docs_membership_md_lists(start_r
                                                                           start_cli, tmp_path):
     """A CURVE router with an ACL: agents, detectors and a `psepr members` viewer work
     with exactly the grants docs/membership.md gives them."""
+    from tests.test_security import _keygen
     keys = tmp_path / "keys"
     for name in ("router", "agent", "detector", "viewer"):
-        out = subprocess.run([sys.executable, "-m", "psepr.cli", "keygen", name, "--dir",
-                              str(keys)], cwd=ROOT, capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0, out.stderr
+        _keygen(name, keys)
     acl = tmp_path / "acl.toml"
     acl.write_text(f"""
 [principals.agent]

@@ -538,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output left (`psepr lease ... | head -1`): stop quietly, as
+        # Unix tools killed by SIGPIPE do (status 128 + 13).  stdout now points at
+        # /dev/null so that the interpreter's last flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         print(f"psepr {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -159,6 +159,19 @@ def test_lease_count_two_with_payload_output(router_proc, lease_procs):
     assert payloads[0]["field"] == "load_avg" and payloads[0]["value"] == 0.5
 
 
+def test_lease_stops_quietly_when_its_reader_leaves(router_proc, lease_procs):
+    # `psepr lease CH | head -1`: once head exits, the next event finds the pipe closed.
+    lp = lease_procs(router_proc.url, CH)
+    assert psepr_cmd("send", CH, "--json", "1", router=router_proc.url).returncode == 0
+    assert psepr.from_json(lp.proc.stdout.readline()).payload == 1
+    lp.proc.stdout.close()
+    deadline = time.monotonic() + 10
+    while lp.proc.poll() is None and time.monotonic() < deadline:
+        psepr_cmd("send", CH, "--json", "2", router=router_proc.url)
+    assert lp.proc.wait(5) == 141
+    assert lp.proc.stderr.read() == ""       # no traceback, no error line
+
+
 def test_lease_timeout_is_a_one_line_error(router_proc):
     r = psepr_cmd("lease", CH, "--timeout", "0.3", "--quiet", router=router_proc.url)
     assert r.returncode == 1

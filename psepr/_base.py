@@ -124,6 +124,7 @@ class ConnectionBase:
         touched = self._touched
         limit = self.config.lease_queue
         for lids, events in batches:
+            n = len(events)
             for lid in lids:
                 lease = leases.get(lid)
                 if lease is None:
@@ -134,13 +135,22 @@ class ConnectionBase:
                     continue
                 q = lease._q
                 room = limit - len(q)
-                if room <= len(events):
+                if room > n:
+                    if n == 1:      # one event per group (many leases): no list to build
+                        q.append(events[0])
+                        arrivals.append(lease)
+                    else:
+                        q.extend(events)
+                        arrivals.extend([lease] * n)
+                else:
+                    # Full: keep what fits for this lease (the batch's other leases
+                    # still get every event), count the rest.
                     self.full_ids.add(lid)
-                    if room < len(events):
-                        self._dropped_here(lease, len(events) - max(room, 0))
-                        events = events[:max(room, 0)]
-                q.extend(events)
-                arrivals.extend([lease] * len(events))
+                    kept = events[:max(room, 0)]
+                    if len(kept) < n:
+                        self._dropped_here(lease, n - len(kept))
+                    q.extend(kept)
+                    arrivals.extend([lease] * len(kept))
                 touched[lease] = True
         if len(arrivals) > self._arrivals_limit:
             self._compact()

@@ -29,6 +29,7 @@ import pytest
 import psepr
 import psepr.aio
 from psepr import ClientConfig
+from tests.conftest import wait_for
 
 CH = "/e2e.example.com/sdk/"
 FAST = ClientConfig.preset("local")          # ping 0.5 s, dead after 1.5 s, connect 1 s
@@ -392,6 +393,27 @@ def test_full_leases_drop_without_decoding_and_count_it(router_proc):
         tx.send("/full/", "again")
         tx.flush()
         assert lease.receive(timeout=5).payload == "again"
+
+
+@pytest.mark.parametrize("full_one", ["/ovl/", "/ovl/x/"])
+def test_a_full_lease_does_not_cut_an_overlapping_one_short(router_proc, full_one):
+    """Two leases get the same events; one is full, the other still gets every event."""
+    cfg = psepr.ClientConfig(lease_queue=50)
+    with psepr.connect(router_proc.url, config=cfg) as rx, psepr.connect(router_proc.url) as tx:
+        leases = {ch: rx.lease(ch) for ch in ("/ovl/", "/ovl/x/")}
+        full = leases[full_one]
+        other = leases["/ovl/" if full_one == "/ovl/x/" else "/ovl/x/"]
+        for i in range(50):
+            tx.send("/ovl/x/", i)
+        tx.flush()
+        assert [other.receive(timeout=5).payload for _ in range(50)] == list(range(50))
+        wait_for("the full lease to hold 50 events", lambda: full.pending() == 50)
+        for i in range(50, 60):                # one message for both leases, one of them full
+            tx.send("/ovl/x/", i)
+        tx.flush()
+        assert [other.receive(timeout=5).payload for _ in range(10)] == list(range(50, 60))
+        wait_for("the full lease to count its drops", lambda: full.dropped == 10)
+        assert full.pending() == 50 and other.dropped == 0
 
 
 async def test_aio_many_rounds_of_send_flush_and_receive(router_proc):

@@ -363,6 +363,8 @@ def cmd_bench(args) -> int:
         from benchmarks.pldb import main as bench_main
     elif args.which == "failure":
         from benchmarks.failure import main as bench_main
+    elif args.which == "stages":
+        from benchmarks.stages import main as bench_main
     else:
         from benchmarks.hop import main as bench_main
     return bench_main(args)
@@ -487,8 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_services_parser(sub, _add_router_arg)
     add_membership_parsers(sub, _add_router_arg)
 
-    b = sub.add_parser("bench", help="benchmarks (hop, overlay, pldb, failure, core, idle)")
-    b.add_argument("which", choices=("hop", "overlay", "pldb", "failure", "core", "idle"),
+    b = sub.add_parser("bench", help="benchmarks (hop, overlay, pldb, failure, core, idle, "
+                                     "stages)")
+    b.add_argument("which", choices=("hop", "overlay", "pldb", "failure", "core", "idle",
+                                     "stages"),
                    help="hop: sender -> router -> holders, each its own process; "
                         "overlay: across a chain of 3 routers, lease reach on 20 routers, "
                         "memory with 10,000 leases; "
@@ -497,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "failure: 200 simulated nodes, 3 routers, 3 detectors: detection time "
                         "after SIGKILL, false failures under full CPU load, detector CPU; "
                         "core: the router and client cores alone, in process; "
-                        "idle: CPU of an idle client and router")
+                        "idle: CPU of an idle client and router; "
+                        "stages: one event's latency split into its stages (sender, "
+                        "transit, router, receiver) beside a minimal receiver and raw "
+                        "pyzmq, at 5,000 events/s")
     b.add_argument("--events", type=int, default=300_000, help="events per throughput run")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -510,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="failure: timings of routers, detectors and agents (default lan)")
     b.add_argument("--seed", type=int, help="failure: seed of the victims and kill moments "
                                             "(default 1)")
+    b.add_argument("--chain", action="store_true",
+                   help="stages: also across a chain of 3 routers (and 3 raw forwarders)")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -6,6 +6,7 @@ printed), never a speed: speed targets live in the benchmarks, not in tests.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -90,3 +91,24 @@ def test_bench_failure_quick_detects_every_victim(tmp_path):
     assert all(c["seconds"] >= 0 for c in res["cpu_steady"].values())
     assert res["load"]["busy_loops"] >= 1 and res["load"]["seconds"] >= 3
     assert isinstance(res["false_failures_total"], int)
+
+
+@pytest.mark.slow
+def test_bench_stages_matches_every_event_at_every_boundary(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "psepr.cli", "bench", "stages", "--quick",
+                          "--chain", "--json", str(tmp_path / "s.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert set(res) == {"one hop", "chain of 3"}
+    assert set(res["one hop"]) == {"psepr", "psepr, min receiver", "raw pyzmq"}
+    for title, paths in res.items():
+        for name, stages in paths.items():
+            # Every event crossed every boundary in order (no event lost, no note missing).
+            assert stages["total"]["n"] == 2000, (title, name)
+            hops = ["r0", "r1", "r2"] if title == "chain of 3" else ["router"]
+            assert [k for k in stages if k not in ("total", "cpu_us")] == [
+                "send call", *[s for h in hops for s in (f"to {h}", h)], "to receiver",
+                "receiver"]
+            assert all(stages[k]["n"] == 2000 for k in stages if k != "cpu_us")
+            assert set(stages["cpu_us"]) == {"sender", *hops, "receiver"}

@@ -255,19 +255,23 @@ class Connection(ConnectionBase):
                 self._backlog = out[i:]     # in order; the I/O thread retries
                 self._kick()
                 break
-        self._recheck()
+        self._recheck(mon=False)    # a send touches the DEALER's commands only
         return True
 
-    def _recheck(self) -> None:
+    def _recheck(self, mon: bool = True) -> None:
         """Wake the sleeping I/O thread if a message waits (``_sock_lock`` held).
 
         ZeroMQ's file descriptor is edge-triggered: a socket operation in another
         thread may consume the edge the sleeping I/O thread waits for.
+
+        Args:
+            mon: check the monitor socket too (a reader's poll touched it; a send
+                did not).
         """
         if not self._io_sleeping:
             return
-        for sk in (self._sock, self._mon):
-            if sk is not None and sk.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        for sk in (self._sock, self._mon) if mon else (self._sock,):
+            if sk is not None and sk.getsockopt(_EVENTS) & _POLLIN:
                 self._kick()
                 return
 
@@ -791,7 +795,7 @@ class Connection(ConnectionBase):
         if s.switch_to is not None or (self._outq and s.queued < self.config.send_queue):
             return None
         for sk in (self._sock, self._mon):
-            if sk is not None and sk.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if sk is not None and sk.getsockopt(_EVENTS) & _POLLIN:
                 return None
         now = time.monotonic()
         timeout = max(0.0, s.next_deadline(now) - now)
@@ -917,6 +921,9 @@ class Connection(ConnectionBase):
             backlog.pop(0)
 
 
+# Plain ints: pyzmq's enum flags cost a Python-level operator call per use.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 #: A send at least this long after the last one sent from a caller's thread goes
 #: out at once from its own thread; closer sends queue and leave as one batch.
 _DIRECT_GAP = 50e-6

@@ -11,7 +11,10 @@ Each loop turn polls (with a timeout up to the core's next deadline), then
 messages, handing each to the core; then it flushes the core's grouped output
 (one DELIVER per connection) and runs the core's periodic ``tick`` when due.
 Draining before flushing is what makes batching happen under load while a
-lone event still goes out at once.
+lone event still goes out at once.  After the first message of a turn the
+loop asks ZeroMQ whether another waits (``ZMQ_EVENTS``, 1.5 us) rather than
+trying a receive that fails (pyzmq raises ``Again``: 3.5 us), so a lone
+message pays neither; a busy turn drains until ``Again``.
 
 Sends use ``ROUTER_MANDATORY`` and ``NOBLOCK``: a full per-connection queue
 raises ``Again`` (counted as a drop, reported to the client) and a vanished
@@ -51,6 +54,9 @@ from .core import Conn, RouterCore
 
 log = logging.getLogger("psepr.router")
 FORWARD_KIND = KIND_BYTES[Kind.FORWARD]
+# Plain ints: pyzmq's enum flags cost a Python-level operator call per use.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
@@ -266,6 +272,7 @@ class Router:
         def drain_peer(s: zmq.Socket) -> None:
             url = dialer_url.get(s)
             budget = max_bytes
+            first = True
             for _ in range(max_turn):
                 try:
                     if s is peer_sock:
@@ -280,8 +287,9 @@ class Router:
                     return
                 overlay.on_message(lid, frames, time.monotonic(), principal)
                 budget -= len(frames[-1]) if frames else 0
-                if budget <= 0:
+                if budget <= 0 or (first and not s.getsockopt(_EVENTS) & _POLLIN):
                     return
+                first = False
 
         try:
             while not self._stop.is_set():
@@ -293,6 +301,7 @@ class Router:
                         drain_peer(s)
                         continue
                     budget = max_bytes
+                    first = True
                     for _ in range(max_turn):
                         try:
                             if curve:
@@ -307,8 +316,9 @@ class Router:
                             sock_of[ident] = s
                         core.handle(ident, frames[1:], time.monotonic(), principal)
                         budget -= len(frames[-1])
-                        if budget <= 0:
+                        if budget <= 0 or (first and not s.getsockopt(_EVENTS) & _POLLIN):
                             break
+                        first = False
                 core.flush(send)
                 if overlay is not None:
                     send_peers()

@@ -245,8 +245,7 @@ class Connection(ConnectionBase):
                 or self._closed:
             return False
         with self._lock:
-            s.add_events([item])
-            out = s.take_out(now)
+            out = s.take_out_with(item, now)
         self._last_direct = now
         for i, frames in enumerate(out):
             try:

@@ -299,6 +299,14 @@ class Session:
         """Queue encoded events (:func:`make_entry` items) for sending, in order."""
         self._pend.extend(items)
 
+    def take_out_with(self, item: tuple, now: float) -> list[list[bytes]]:
+        """:meth:`add_events` of one item, then :meth:`take_out`; with nothing else
+        waiting (the common lone send) the item's SEND message is built directly."""
+        if self.state == READY and not self._pend and not self._control:
+            return [wire.encode_send([item])]
+        self._pend.append(item)
+        return self.take_out(now)
+
     @property
     def queued(self) -> int:
         """Events waiting to be handed to the socket."""

@@ -292,9 +292,11 @@ class Router:
                 first = False
 
         try:
+            now = time.monotonic()
+            due = core.next_deadline(now)
             while not self._stop.is_set():
-                now = time.monotonic()
-                timeout = max(0.0, min(core.next_deadline(now) - now, 0.25))
+                # `due` was computed at the end of the last turn, after its flush.
+                timeout = max(0.0, min(due - now, 0.25))
                 ready = poller.poll(timeout * 1000.0)
                 for s, _ in ready:
                     if overlay is not None and (s is peer_sock or s in dialer_url):
@@ -323,11 +325,13 @@ class Router:
                 if overlay is not None:
                     send_peers()
                 now = time.monotonic()
-                if now >= core.next_deadline(now):
+                due = core.next_deadline(now)
+                if now >= due:
                     core.tick(now)
                     core.flush(send)
                     if overlay is not None:
                         send_peers()
+                    due = core.next_deadline(now)
                 if len(sock_of) > 2 * len(core.conns) + 1000:
                     for ident in [i for i in sock_of if i not in core.conns]:
                         del sock_of[ident]

@@ -56,6 +56,20 @@ def _save(path: str, notes: dict) -> None:
     Path(path).write_text(json.dumps(notes))
 
 
+def _paced(count: int, send_one) -> float:
+    """Call ``send_one(payload)`` ``count`` times at RATE per second (sleeping, never
+    spinning); each payload carries the time it was made.  Returns the CPU used."""
+    mono = time.monotonic
+    cpu0 = time.process_time()
+    t0 = mono()
+    for i in range(count):
+        delay = t0 + i / RATE - mono()
+        if delay > 0:
+            time.sleep(delay)
+        send_one({"i": i, "t": mono(), "p": "x" * 56})
+    return time.process_time() - cpu0
+
+
 def role_router(a) -> None:
     """A PsEPR router with notes at client input, peer input and both outputs."""
     from psepr.config import tune_gc
@@ -117,15 +131,8 @@ def role_psepr_send(a) -> None:
     con = psepr.connect(a.url, preset="local")
     del sent[:]                                  # the handshake is not an event
     send = con.send
-    cpu0 = time.process_time()
-    t0 = mono()
-    for i in range(a.count):
-        delay = t0 + i / RATE - mono()
-        if delay > 0:
-            time.sleep(delay)
-        send(CHANNEL, {"i": i, "t": mono(), "p": "x" * 56})
+    cpu = _paced(a.count, lambda payload: send(CHANNEL, payload))
     con.flush(timeout=30)
-    cpu = time.process_time() - cpu0
     con.close()
     _save(a.out, {"sent": sent, "cpu": cpu})
     print(json.dumps({"done": True}), flush=True)
@@ -260,16 +267,13 @@ def role_raw_send(a) -> None:
     mono = time.monotonic
     sent: list = []
     topic = CHANNEL.encode()
-    cpu0 = time.process_time()
-    t0 = mono()
-    for i in range(a.count):
-        delay = t0 + i / RATE - mono()
-        if delay > 0:
-            time.sleep(delay)
-        frames = [topic, orjson.dumps({"i": i, "t": mono(), "p": "x" * 56})]
+
+    def send_one(payload) -> None:
+        frames = [topic, orjson.dumps(payload)]
         sent.append(mono())
         sock.send_multipart(frames)
-    cpu = time.process_time() - cpu0
+
+    cpu = _paced(a.count, send_one)
     time.sleep(0.3)
     _save(a.out, {"sent": sent, "cpu": cpu})
     print(json.dumps({"done": True}), flush=True)

@@ -145,22 +145,33 @@ def role_psepr_send(a) -> None:
           flush=True)
 
 
-def role_raw_fwd(a) -> None:
+def raw_fwd_sockets(upstream: int | None, cproxy: bool = False) -> tuple:
+    """The raw forwarder's sockets, bound (or chained after ``upstream``); prints its ports.
+
+    Returns:
+        ``(sub, pub)``: SUB/PUB, or XSUB/XPUB for libzmq's proxy.
+    """
     import zmq
     ctx = zmq.Context()
-    xsub = ctx.socket(zmq.XSUB if a.cproxy else zmq.SUB)
-    xpub = ctx.socket(zmq.XPUB if a.cproxy else zmq.PUB)
+    xsub = ctx.socket(zmq.XSUB if cproxy else zmq.SUB)
+    xpub = ctx.socket(zmq.XPUB if cproxy else zmq.PUB)
     for s in (xsub, xpub):
         s.setsockopt(zmq.SNDHWM, 200_000)
         s.setsockopt(zmq.RCVHWM, 200_000)
-    if a.upstream:
-        # Chained after another forwarder (psepr bench overlay's raw chain).
-        xsub.connect(f"tcp://127.0.0.1:{a.upstream}")
+    if upstream:
+        # Chained after another forwarder (the raw chains of bench overlay and stages).
+        xsub.connect(f"tcp://127.0.0.1:{upstream}")
         pin = None
     else:
         pin = xsub.bind_to_random_port("tcp://127.0.0.1")
     pout = xpub.bind_to_random_port("tcp://127.0.0.1")
     print(json.dumps({"in": pin, "out": pout}), flush=True)
+    return xsub, xpub
+
+
+def role_raw_fwd(a) -> None:
+    import zmq
+    xsub, xpub = raw_fwd_sockets(a.upstream, a.cproxy)
     if a.cproxy:
         zmq.proxy(xsub, xpub)
         return

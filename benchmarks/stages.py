@@ -232,16 +232,8 @@ def role_raw_fwd(a) -> None:
     import zmq
     from psepr.config import tune_gc
     tune_gc()
-    ctx = zmq.Context()
-    sub, pub = ctx.socket(zmq.SUB), ctx.socket(zmq.PUB)
-    if a.upstream:
-        sub.connect(f"tcp://127.0.0.1:{a.upstream}")
-        pin = None
-    else:
-        pin = sub.bind_to_random_port("tcp://127.0.0.1")
-    pout = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub, pub = hop.raw_fwd_sockets(a.upstream)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    print(json.dumps({"in": pin, "out": pout}), flush=True)
     mono = time.monotonic
     notes: dict = {"in": [], "out": []}
     stop = []

@@ -58,7 +58,7 @@ from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, Time
                      UsageError)
 from .event import Event, _check_name
 from .session import READY, Session, make_entry
-from .zmqio import recv_frames, send_frames
+from .zmqio import readable, recv_frames, send_frames
 
 log = logging.getLogger("psepr.client")
 
@@ -270,7 +270,7 @@ class Connection(ConnectionBase):
         if not self._io_sleeping:
             return
         for sk in (self._sock, self._mon) if mon else (self._sock,):
-            if sk is not None and sk.getsockopt(_EVENTS) & _POLLIN:
+            if sk is not None and readable(sk):
                 self._kick()
                 return
 
@@ -794,7 +794,7 @@ class Connection(ConnectionBase):
         if s.switch_to is not None or (self._outq and s.queued < self.config.send_queue):
             return None
         for sk in (self._sock, self._mon):
-            if sk is not None and sk.getsockopt(_EVENTS) & _POLLIN:
+            if sk is not None and readable(sk):
                 return None
         now = time.monotonic()
         timeout = max(0.0, s.next_deadline(now) - now)
@@ -920,9 +920,6 @@ class Connection(ConnectionBase):
             backlog.pop(0)
 
 
-# Plain ints: pyzmq's enum flags cost a Python-level operator call per use.
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 #: A send at least this long after the last one sent from a caller's thread goes
 #: out at once from its own thread; closer sends queue and leave as one batch.
 _DIRECT_GAP = 50e-6

@@ -20,6 +20,18 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """True if a message waits on ``sock`` (``ZMQ_EVENTS``; plain ints, no enum arithmetic).
+
+    About 1.5 us, against 3.5 us for a receive that fails (pyzmq raises ``Again``).
+    Asking also processes the socket's pending commands, which consumes the edge
+    of its edge-triggered ``ZMQ_FD``.
+    """
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
 
 
 def send_frames(sock: zmq.Socket, frames: list, first: bytes | None = None) -> None:

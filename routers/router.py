@@ -47,16 +47,13 @@ from zmq.auth.thread import ThreadAuthenticator
 from psepr.config import tune_gc
 from psepr.errors import ConfigError
 from psepr.wire import KIND_BYTES, Kind
-from psepr.zmqio import recv_frames, recv_frames_user, send_frames
+from psepr.zmqio import readable, recv_frames, recv_frames_user, send_frames
 from registry.acl import ACL, load_acl
 from .config import RouterConfig
 from .core import Conn, RouterCore
 
 log = logging.getLogger("psepr.router")
 FORWARD_KIND = KIND_BYTES[Kind.FORWARD]
-# Plain ints: pyzmq's enum flags cost a Python-level operator call per use.
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
@@ -287,7 +284,7 @@ class Router:
                     return
                 overlay.on_message(lid, frames, time.monotonic(), principal)
                 budget -= len(frames[-1]) if frames else 0
-                if budget <= 0 or (first and not s.getsockopt(_EVENTS) & _POLLIN):
+                if budget <= 0 or (first and not readable(s)):
                     return
                 first = False
 
@@ -318,7 +315,7 @@ class Router:
                             sock_of[ident] = s
                         core.handle(ident, frames[1:], time.monotonic(), principal)
                         budget -= len(frames[-1])
-                        if budget <= 0 or (first and not s.getsockopt(_EVENTS) & _POLLIN):
+                        if budget <= 0 or (first and not readable(s)):
                             break
                         first = False
                 core.flush(send)

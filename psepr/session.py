@@ -220,6 +220,7 @@ class Session:
         self.dropped_by_router = 0
         self.reconnects = 0
         self._need_switch = False   # a new socket is wanted once retry_at passes
+        self._hello_index = 0       # the router the current socket (and HELLO) went to
         self.was_ready = False      # True once any router welcomed this session
 
     # -- connection life cycle ------------------------------------------------
@@ -239,6 +240,7 @@ class Session:
         self.welcome = None
         self.hello_at = now
         self.last_rx = now
+        self._hello_index = self.index
         self._control = [m for m in self._control if m[0] != _K[Kind.HELLO]]
         # Numbered: a WELCOME answering an earlier HELLO (one that left just before
         # we gave up on it) is ignored, so leases are registered on the session
@@ -512,6 +514,15 @@ class Session:
         if h.get("req") != self._hello_req:
             log.debug("router %s: ignoring a WELCOME to an earlier HELLO", self.router)
             return
+        if self._need_switch or self.switch_to is not None:
+            # We gave up on this socket (no WELCOME in time) but it stays open
+            # through the back-off, and its router answered after all: stay.
+            # Moving on would close a socket that events are already flowing to.
+            log.info("router %s answered after all; staying with it",
+                     self.routers[self._hello_index])
+            self._need_switch = False
+            self.switch_to = None
+            self.index = self._hello_index
         self.welcome = h
         self.state = READY
         self.was_ready = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 
 from psepr import wire
+from psepr.channel import parse
 from psepr.config import ClientConfig
 from psepr.session import CONNECTING, READY, Session, make_entry
 from psepr.wire import Kind
@@ -51,3 +52,56 @@ def test_a_lone_send_before_welcome_waits():
     s = _session(CONNECTING)
     assert s.take_out_with(make_entry("/a/", 1, id="e1"), 0.0) == []
     assert s.queued == 1
+
+
+def _frames(kind: Kind, header: dict) -> list:
+    return wire.encode(kind, header)
+
+
+def _hello_req(messages) -> int:
+    hello = [m for m in messages if m[0] == wire.KIND_BYTES[Kind.HELLO]]
+    assert len(hello) == 1, messages
+    return orjson.loads(hello[0][1])["req"]
+
+
+def _welcome(req: int) -> list:
+    return _frames(Kind.WELCOME, {"v": wire.PROTOCOL_VERSION, "router": "r", "authority": "a",
+                                  "principal": "p", "instance": "i", "req": req})
+
+
+def test_a_router_that_answers_during_the_back_off_is_kept():
+    # A socket given up on ("no WELCOME within connect_timeout") stays open through
+    # the back-off.  If its router comes up then and welcomes the HELLO, the session
+    # must stay on it: opening a new socket later would close this one while events
+    # already flow to it, and those in flight would be lost (seen after a restart).
+    s = Session(ClientConfig(connect_timeout=1.0), ["tcp://a:1", "tcp://b:1"], _Sink(), 0.0)
+    assert s.take_switch() == "tcp://a:1"
+    s.start(0.0)
+    s.lease("L1", parse("/x/"), None, 60.0, 0.0)
+    req = _hello_req(s.take_out(0.0))
+    s.tick(1.5)                                   # no WELCOME from a: give up on it
+    assert s.router == "tcp://b:1" and s.state == CONNECTING
+    s.on_message(_welcome(req), 1.6)              # ...but a answers on the old socket
+    assert s.state == READY and s.router == "tcp://a:1"
+    leases = [orjson.loads(m[1]) for m in s.take_out(1.6)
+              if m[0] == wire.KIND_BYTES[Kind.LEASE]]
+    assert [h["id"] for h in leases] == ["L1"]    # re-registered on the socket that stays
+    for t in (1.7, 3.0, 10.0):                    # the back-off ends: no new socket
+        s.tick(t)
+        assert s.take_switch() is None
+
+
+def test_a_welcome_to_a_hello_given_up_on_is_ignored_once_a_new_socket_said_hello():
+    s = Session(ClientConfig(connect_timeout=1.0), ["tcp://a:1", "tcp://b:1"], _Sink(), 0.0)
+    s.take_switch()
+    s.start(0.0)
+    old = _hello_req(s.take_out(0.0))
+    s.tick(1.5)                                   # give up on a; b's turn comes at once
+    s.tick(1.5)
+    assert s.take_switch() == "tcp://b:1"
+    s.start(1.5)
+    new = _hello_req(s.take_out(1.5))
+    s.on_message(_welcome(old), 1.6)              # a late answer on the closed socket
+    assert s.state == CONNECTING and s.router == "tcp://b:1"
+    s.on_message(_welcome(new), 1.7)
+    assert s.state == READY and s.router == "tcp://b:1"

@@ -793,8 +793,12 @@ class RouterCore:
         gone = now - self.config.detach_grace
         for ident in [i for i, c in self.conns.items()
                       if c.last_seen < limit or (c.detached is not None and c.detached < gone)]:
-            log.info("forgetting %s session %r", "silent" if self.conns[ident].detached is None
-                     else "detached", self.conns[ident])
+            conn = self.conns[ident]
+            log.info("forgetting %s session %r", "silent" if conn.detached is None
+                     else "detached", conn)
+            # Events kept for a client that never came back are lost: count them.
+            conn.dropped += conn.out_events
+            self.dropped += conn.out_events
             self.forget(ident)
         if now >= self.next_stats:
             self.next_stats = now + self.config.stats_interval

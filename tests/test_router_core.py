@@ -281,6 +281,19 @@ def test_a_detached_session_is_forgotten_after_the_grace(h):
     assert b"old" not in h.core.conns and len(h.core.leases) == 0
 
 
+def test_events_kept_for_a_session_that_never_comes_back_are_counted_as_dropped(h):
+    h.hello(b"old", instance="inst-1")
+    h.lease(b"old", "l1", "/a/")
+    h.hello(b"s")
+    h.gone.add(b"old")
+    h.now = 10.0
+    h.handle(b"s", send_frames(group("/a/x/", ["e1", "e2"], [b"1", b"2"])))
+    h.flush()                                  # EHOSTUNREACH: kept for a new HELLO
+    assert h.core.dropped == 0
+    h.core.tick(10.0 + CONFIG.detach_grace + 0.5)
+    assert b"old" not in h.core.conns and h.core.dropped == 2
+
+
 def test_another_principal_cannot_take_a_session_over(h):
     h.hello(b"a", service="alice", instance="shared")
     h.lease(b"a", "l1", "/a/")

@@ -153,8 +153,8 @@ def cmd_request(args) -> int:
 def _fmt_stats(st: dict) -> str:
     lines = [f"router {st['router']} (authority {st['authority']}), up {st['uptime']:.0f} s"]
     for key in ("connections", "leases", "channels_leased", "events_in", "events_out",
-                "dropped", "errors", "queued_events"):
-        lines.append(f"  {key:<16} {st[key]}")
+                "dropped", "undelivered", "errors", "queued_events"):
+        lines.append(f"  {key:<16} {st.get(key, 0)}")
     lines.append(f"  {'in_rate':<16} {st['in_rate']:.1f}/s")
     lines.append(f"  {'out_rate':<16} {st['out_rate']:.1f}/s")
     for c in st.get("slow_connections", []):

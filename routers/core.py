@@ -189,6 +189,7 @@ class RouterCore:
         self.dropped = 0
         self.errors = 0
         self.control_dropped = 0
+        self.undelivered = 0          # events kept for detached sessions that were forgotten
         self.messages_in = 0
         self._ltargets: dict = {}     # like _targets, local connections only
         #: The overlay (peer links, remote interest, forwarding); None on a lone router.
@@ -796,9 +797,9 @@ class RouterCore:
             conn = self.conns[ident]
             log.info("forgetting %s session %r", "silent" if conn.detached is None
                      else "detached", conn)
-            # Events kept for a client that never came back are lost: count them.
-            conn.dropped += conn.out_events
-            self.dropped += conn.out_events
+            # Events kept for a client that never came back: not a slow reader's
+            # drops (nobody is told of them), but gone all the same; counted apart.
+            self.undelivered += conn.out_events
             self.forget(ident)
         if now >= self.next_stats:
             self.next_stats = now + self.config.stats_interval
@@ -835,7 +836,7 @@ class RouterCore:
             "channels_leased": len(self.leases.by_channel),
             "messages_in": self.messages_in, "events_in": self.events_in,
             "events_out": self.events_out, "dropped": self.dropped, "errors": self.errors,
-            "control_dropped": self.control_dropped,
+            "control_dropped": self.control_dropped, "undelivered": self.undelivered,
             "in_rate": (self.events_in - in0) / dt, "out_rate": (self.events_out - out0) / dt,
             "queued_events": sum(c.out_events for c in self.conns.values()),
             "slow_connections": [{"principal": c.principal, "instance": c.instance,

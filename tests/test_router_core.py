@@ -281,7 +281,7 @@ def test_a_detached_session_is_forgotten_after_the_grace(h):
     assert b"old" not in h.core.conns and len(h.core.leases) == 0
 
 
-def test_events_kept_for_a_session_that_never_comes_back_are_counted_as_dropped(h):
+def test_events_kept_for_a_session_that_never_comes_back_are_counted(h):
     h.hello(b"old", instance="inst-1")
     h.lease(b"old", "l1", "/a/")
     h.hello(b"s")
@@ -291,7 +291,9 @@ def test_events_kept_for_a_session_that_never_comes_back_are_counted_as_dropped(
     h.flush()                                  # EHOSTUNREACH: kept for a new HELLO
     assert h.core.dropped == 0
     h.core.tick(10.0 + CONFIG.detach_grace + 0.5)
-    assert b"old" not in h.core.conns and h.core.dropped == 2
+    assert b"old" not in h.core.conns
+    st = h.core.stats(20.0)
+    assert st["undelivered"] == 2 and st["dropped"] == 0    # not a slow reader's drops
 
 
 def test_another_principal_cannot_take_a_session_over(h):

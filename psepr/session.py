@@ -221,6 +221,8 @@ class Session:
         self.reconnects = 0
         self._need_switch = False   # a new socket is wanted once retry_at passes
         self._hello_index = 0       # the router the current socket (and HELLO) went to
+        #: (router index, token) of the last session a router welcomed (HELLO "resume")
+        self._session_token: tuple[int, str] | None = None
         self.was_ready = False      # True once any router welcomed this session
 
     # -- connection life cycle ------------------------------------------------
@@ -246,10 +248,15 @@ class Session:
         # we gave up on it) is ignored, so leases are registered on the session
         # that stays, not on one the router is about to replace.
         self._hello_req = next(self._req)
-        self._control.insert(0, wire.encode(Kind.HELLO, {
-            "v": wire.PROTOCOL_VERSION, "service": self.config.service,
-            "instance": self.instance, "client": f"psepr-py/{VERSION}",
-            "req": self._hello_req}))
+        hello = {"v": wire.PROTOCOL_VERSION, "service": self.config.service,
+                 "instance": self.instance, "client": f"psepr-py/{VERSION}",
+                 "req": self._hello_req}
+        if self._session_token is not None and self._session_token[0] == self.index:
+            # Back to the router that welcomed us last: name that session, so that
+            # it moves to this socket with its leases and queued events even if
+            # the router has not noticed the old socket is gone.
+            hello["resume"] = self._session_token[1]
+        self._control.insert(0, wire.encode(Kind.HELLO, hello))
 
     def _next_router(self, now: float, why: str) -> None:
         # Before the first WELCOME the caller hears of failure from connect() itself
@@ -524,6 +531,8 @@ class Session:
             self.switch_to = None
             self.index = self._hello_index
         self.welcome = h
+        token = h.get("session")
+        self._session_token = (self.index, token) if type(token) is str else None
         self.state = READY
         self.was_ready = True
         self.round_failures = 0

@@ -35,6 +35,7 @@ turn with a ``send`` function; periodic work happens in :meth:`RouterCore.tick`.
 from __future__ import annotations
 
 import logging
+import os
 import time as _time
 from typing import Callable
 
@@ -87,6 +88,13 @@ def _clean(raw: bytes) -> bool:
             and 127 not in raw and raw.find(b'""') < 0)
 
 
+def _resumes(hello: dict, prev: "Conn") -> bool:
+    """True if ``hello`` names ``prev``'s session and is newer than its HELLO."""
+    req, was = hello.get("req"), prev.hello_req
+    return (hello.get("resume") == prev.token and type(req) is int and type(was) is int
+            and req > was)
+
+
 def _starts(groups: list, plens: list) -> list:
     """``[(first_event, first_byte), ...]`` per group, plus the end, for slicing."""
     out = []
@@ -122,7 +130,8 @@ class Conn:
 
     __slots__ = ("ident", "principal", "instance", "last_seen", "out_segs",
                  "out_bytes", "out_events", "control", "dirty", "pending_drops", "events_in", "events_out",
-                 "dropped", "errors", "may_send_cache", "created", "detached")
+                 "dropped", "errors", "may_send_cache", "created", "detached", "token",
+                 "hello_req")
 
     def __init__(self, ident: bytes, principal: str, instance: str, now: float) -> None:
         self.ident = ident
@@ -142,6 +151,8 @@ class Conn:
         self.errors = 0
         self.may_send_cache: dict[str, bool] = {}
         self.detached: float | None = None   # when its connection vanished
+        self.token = ""                      # WELCOME's "session": lets the client resume it
+        self.hello_req = None                # "req" of the HELLO that made or took it
 
     def __repr__(self) -> str:
         return f"Conn({self.principal}/{self.instance})"
@@ -159,13 +170,16 @@ class RouterCore:
         epoch: this run's overlay epoch, larger than any earlier run's (default:
             wall-clock nanoseconds).  Used only with peers.
         peer_allowed: ``peer_allowed(name, principal) -> bool`` for peer routers.
+        tokens: makes each session's resume token (default: 8 random bytes, hex).
     """
 
     def __init__(self, config: RouterConfig, acl: ACL | None = None, now: float = 0.0,
                  wall: Callable[[], float] = _time.time, epoch: int | None = None,
-                 peer_allowed: Callable | None = None) -> None:
+                 peer_allowed: Callable | None = None,
+                 tokens: Callable[[], str] | None = None) -> None:
         self.config = config
         self._wall = wall
+        self._tokens = tokens or (lambda: os.urandom(8).hex())
         self.acl = acl
         self.leases = LeaseTable(config.max_lease, config.max_leases_per_conn)
         self.conns: dict[bytes, Conn] = {}
@@ -285,19 +299,24 @@ class RouterCore:
         if principal is None:
             principal = service or "anonymous"
         prev = self._instances.get((principal, instance)) if instance is not None else None
-        if prev is not None and prev.ident != ident and prev.detached is not None:
-            # The same client on a new connection, its old one gone: the session
-            # moves over with its leases and the events kept for it, so nothing is
-            # lost in between.  A session whose connection still works is left
-            # alone: a stale HELLO (a socket the client already gave up) must not
-            # pull a live session away from it.
+        if prev is not None and prev.ident != ident and (
+                prev.detached is not None or _resumes(h, prev)):
+            # The same client on a new connection: the session moves over with its
+            # leases and the events kept for it, so nothing is lost in between.
+            # Either the old connection is known to be gone, or the client names
+            # the session (its token) from a HELLO newer than the one the session
+            # has: a stale HELLO (from a socket the client already gave up) never
+            # pulls a live session away.
             self._takeover(prev, ident, now)
+            prev.hello_req = h.get("req")
             self._welcome(prev, h, resumed=True)
             return
         old = self.conns.pop(ident, None)
         if old is not None:
             self._drop_conn(old)
         conn = Conn(ident, principal, instance or ident.hex(), now)
+        conn.token = self._tokens()
+        conn.hello_req = h.get("req")
         self.conns[ident] = conn
         if instance is not None:
             self._instances[(principal, instance)] = conn
@@ -309,7 +328,7 @@ class RouterCore:
             "v": wire.PROTOCOL_VERSION, "router": c.name, "authority": c.authority,
             "principal": conn.principal, "instance": conn.instance, "max_lease": c.max_lease,
             "max_event": c.max_event_bytes, "max_message": c.max_message_bytes,
-            "resumed": resumed, "req": h.get("req")})
+            "resumed": resumed, "session": conn.token, "req": h.get("req")})
 
     def _takeover(self, conn: Conn, ident: bytes, now: float) -> None:
         log.info("session %r moves to a new connection (%s -> %s)", conn, conn.ident.hex(),

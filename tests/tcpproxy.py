@@ -3,8 +3,10 @@
 ``TcpProxy(target_port)`` listens on an ephemeral 127.0.0.1 port and relays
 each accepted connection to the target.  ``cut()`` closes every relayed
 connection and, until ``heal()``, closes new ones as soon as they are
-accepted: to the two routers the link looks like a peer gone away.  One
-thread, select(); stopped by ``close()``.
+accepted: to the two routers the link looks like a peer gone away.
+``freeze()`` stops relaying on the connections open now but keeps them open
+(a peer that hangs, seen from both ends), while new connections relay as
+usual.  One thread, select(); stopped by ``close()``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class TcpProxy:
         self.url = f"tcp://{host}:{self.port}"
         self._pairs: dict[socket.socket, socket.socket] = {}
         self._cut = False
+        self._frozen: set[socket.socket] = set()
         self._stop = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tcpproxy")
@@ -35,6 +38,11 @@ class TcpProxy:
         with self._lock:
             self._cut = True
             self._drop_all()
+
+    def freeze(self) -> None:
+        """Stop relaying on every connection open now, without closing them."""
+        with self._lock:
+            self._frozen.update(self._pairs)
 
     def heal(self) -> None:
         """Relay again."""
@@ -55,11 +63,12 @@ class TcpProxy:
             except OSError:
                 pass
         self._pairs.clear()
+        self._frozen.clear()
 
     def _run(self) -> None:
         while not self._stop:
             with self._lock:
-                socks = [self.lsock, *self._pairs]
+                socks = [self.lsock, *(s for s in self._pairs if s not in self._frozen)]
             try:
                 ready, _, _ = select.select(socks, [], [], 0.05)
             except (OSError, ValueError):

@@ -30,6 +30,7 @@ import psepr
 import psepr.aio
 from psepr import ClientConfig
 from tests.conftest import wait_for
+from tests.tcpproxy import TcpProxy
 
 CH = "/e2e.example.com/sdk/"
 FAST = ClientConfig.preset("local")          # ping 0.5 s, dead after 1.5 s, connect 1 s
@@ -213,6 +214,33 @@ def test_connection_fails_over_to_next_router_with_its_leases(start_router):
             assert lease.receive(timeout=5).payload == "via r2"
             sub.send(CH, "sent after fail-over")
             assert lease.receive(timeout=5).payload == "sent after fail-over"
+
+
+def test_a_client_back_on_a_new_socket_takes_its_hung_session_over(router_proc):
+    # The path to the router hangs (the TCP connection stays open, nothing moves):
+    # the client gives up on it and comes back on a new socket, naming its session.
+    # The router moves the session, leases included, instead of keeping a second,
+    # ghost session that it would go on feeding until conn_timeout.
+    proxy = TcpProxy(int(router_proc.url.rsplit(":", 1)[1]))
+    try:
+        with psepr.connect(proxy.url, config=FAST) as sub, \
+                psepr.connect(router_proc.url, config=FAST) as pub:
+            lease = sub.lease(CH)
+            pub.send(CH, "before")
+            assert lease.receive(timeout=5).payload == "before"
+            token = sub.welcome["session"]
+            proxy.freeze()
+            wait_for("the client to resume its session on a new socket",
+                     lambda: sub.welcome.get("resumed") is True, timeout=15,
+                     detail=lambda: sub.welcome)
+            assert sub.welcome["session"] == token
+            assert pub.stats()["connections"] == 2      # no ghost of the hung socket
+            pub.send(CH, "after")
+            assert lease.receive(timeout=5).payload == "after"
+            with pytest.raises(psepr.TimeoutError):     # and nothing twice
+                lease.receive(timeout=0.3)
+    finally:
+        proxy.close()
 
 
 # -- router list ------------------------------------------------------------------------------

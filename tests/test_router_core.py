@@ -271,6 +271,39 @@ def test_a_stale_hello_does_not_pull_a_live_session_away(h):
     assert [d.id for d in h.deliveries(b"live")] == ["e1"]
 
 
+def _hello(h, ident: bytes, req: int, resume=None) -> dict:
+    header = {"v": wire.PROTOCOL_VERSION, "service": "svc", "instance": "inst-1", "req": req}
+    if resume is not None:
+        header["resume"] = resume
+    h.handle(ident, wire.encode(Kind.HELLO, header))
+    return h.expect(ident, Kind.WELCOME)
+
+
+def test_a_newer_hello_naming_a_live_session_takes_it_over(h):
+    # The client gave up on a socket the router still thinks works, and came back
+    # on a new one: the session (leases, queued events) moves, with no gap.
+    token = _hello(h, b"old", 1)["session"]
+    h.lease(b"old", "l1", "/a/")
+    w = _hello(h, b"new", 2, resume=token)
+    assert w["resumed"] is True and w["session"] == token
+    assert b"old" not in h.core.conns and len(h.core.leases) == 1
+    h.hello(b"s")
+    h.handle(b"s", send_frames(group("/a/x/", ["e1"], [b"1"])))
+    assert [d.id for d in h.deliveries(b"new")] == ["e1"]
+
+
+def test_a_stale_hello_naming_the_session_or_a_wrong_token_does_not_take_it_over(h):
+    token = _hello(h, b"old", 1)["session"]
+    h.lease(b"old", "l1", "/a/")
+    assert _hello(h, b"new", 3, resume=token)["resumed"] is True
+    # a HELLO the client sent before (req 2), from a socket it already gave up
+    assert _hello(h, b"stale", 2, resume=token)["resumed"] is False
+    assert _hello(h, b"other", 9, resume="0" * 16)["resumed"] is False
+    h.hello(b"s")
+    h.handle(b"s", send_frames(group("/a/x/", ["e1"], [b"1"])))
+    assert [d.id for d in h.deliveries(b"new")] == ["e1"]
+
+
 def test_a_detached_session_is_forgotten_after_the_grace(h):
     h.hello(b"old", instance="inst-1")
     h.lease(b"old", "l1", "/a/")

@@ -64,9 +64,10 @@ def _hello_req(messages) -> int:
     return orjson.loads(hello[0][1])["req"]
 
 
-def _welcome(req: int) -> list:
+def _welcome(req: int, session: str | None = None) -> list:
     return _frames(Kind.WELCOME, {"v": wire.PROTOCOL_VERSION, "router": "r", "authority": "a",
-                                  "principal": "p", "instance": "i", "req": req})
+                                  "principal": "p", "instance": "i", "req": req,
+                                  "session": session})
 
 
 def test_a_router_that_answers_during_the_back_off_is_kept():
@@ -105,3 +106,26 @@ def test_a_welcome_to_a_hello_given_up_on_is_ignored_once_a_new_socket_said_hell
     assert s.state == CONNECTING and s.router == "tcp://b:1"
     s.on_message(_welcome(new), 1.7)
     assert s.state == READY and s.router == "tcp://b:1"
+
+
+def _hello(messages) -> dict:
+    return next(orjson.loads(m[1]) for m in messages if m[0] == wire.KIND_BYTES[Kind.HELLO])
+
+
+def test_a_hello_back_to_the_same_router_names_the_session_it_had():
+    s = Session(ClientConfig(connect_timeout=1.0, dead_after=1.0), ["tcp://a:1", "tcp://b:1"],
+                _Sink(), 0.0)
+    s.take_switch()
+    s.start(0.0)
+    assert "resume" not in _hello(s.take_out(0.0))
+    s.on_message(_welcome(s._hello_req, session="t-a"), 0.1)
+    s.tick(2.0)                                   # silent: give up on a, on to b
+    s.tick(2.0)
+    assert s.take_switch() == "tcp://b:1"
+    s.start(2.0)
+    assert "resume" not in _hello(s.take_out(2.0))   # b never knew our session
+    s.tick(3.5)                                   # no WELCOME from b: back to a
+    s.tick(10.0)
+    assert s.take_switch() == "tcp://a:1"
+    s.start(10.0)
+    assert _hello(s.take_out(10.0))["resume"] == "t-a"

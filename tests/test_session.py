@@ -58,10 +58,15 @@ def _frames(kind: Kind, header: dict) -> list:
     return wire.encode(kind, header)
 
 
-def _hello_req(messages) -> int:
+def _hello(messages) -> dict:
+    """The header of the one HELLO among ``messages``."""
     hello = [m for m in messages if m[0] == wire.KIND_BYTES[Kind.HELLO]]
     assert len(hello) == 1, messages
-    return orjson.loads(hello[0][1])["req"]
+    return orjson.loads(hello[0][1])
+
+
+def _hello_req(messages) -> int:
+    return _hello(messages)["req"]
 
 
 def _welcome(req: int, session: str | None = None) -> list:
@@ -106,10 +111,6 @@ def test_a_welcome_to_a_hello_given_up_on_is_ignored_once_a_new_socket_said_hell
     assert s.state == CONNECTING and s.router == "tcp://b:1"
     s.on_message(_welcome(new), 1.7)
     assert s.state == READY and s.router == "tcp://b:1"
-
-
-def _hello(messages) -> dict:
-    return next(orjson.loads(m[1]) for m in messages if m[0] == wire.KIND_BYTES[Kind.HELLO])
 
 
 def test_a_hello_back_to_the_same_router_names_the_session_it_had():

@@ -243,6 +243,31 @@ def test_a_client_back_on_a_new_socket_takes_its_hung_session_over(router_proc):
         proxy.close()
 
 
+async def test_aio_client_back_on_a_new_socket_takes_its_hung_session_over(router_proc):
+    # As above, through the asyncio shell (same session core, its own socket tasks).
+    proxy = TcpProxy(int(router_proc.url.rsplit(":", 1)[1]))
+    try:
+        async with psepr.aio.connect(proxy.url, config=FAST) as sub, \
+                psepr.aio.connect(router_proc.url, config=FAST) as pub:
+            lease = await sub.lease(CH)
+            await pub.send(CH, "before")
+            assert (await lease.receive(timeout=5)).payload == "before"
+            token = sub.welcome["session"]
+            proxy.freeze()
+            deadline = time.monotonic() + 15
+            while sub.welcome.get("resumed") is not True:
+                assert time.monotonic() < deadline, f"no resumed session: {sub.welcome}"
+                await asyncio.sleep(0.05)
+            assert sub.welcome["session"] == token
+            assert (await pub.stats())["connections"] == 2
+            await pub.send(CH, "after")
+            assert (await lease.receive(timeout=5)).payload == "after"
+            with pytest.raises(psepr.TimeoutError):
+                await lease.receive(timeout=0.3)
+    finally:
+        proxy.close()
+
+
 # -- router list ------------------------------------------------------------------------------
 
 def test_router_list_from_environment(router_proc, monkeypatch):

@@ -1,4 +1,5 @@
-"""The client session core's send packing (pure: no sockets, time passed in)."""
+"""The client session core (pure: no sockets, time passed in): lone-send packing, and
+the handshake across sockets (a late WELCOME, resuming a session by its token)."""
 
 from __future__ import annotations
 
@@ -54,10 +55,6 @@ def test_a_lone_send_before_welcome_waits():
     assert s.queued == 1
 
 
-def _frames(kind: Kind, header: dict) -> list:
-    return wire.encode(kind, header)
-
-
 def _hello(messages) -> dict:
     """The header of the one HELLO among ``messages``."""
     hello = [m for m in messages if m[0] == wire.KIND_BYTES[Kind.HELLO]]
@@ -70,9 +67,9 @@ def _hello_req(messages) -> int:
 
 
 def _welcome(req: int, session: str | None = None) -> list:
-    return _frames(Kind.WELCOME, {"v": wire.PROTOCOL_VERSION, "router": "r", "authority": "a",
-                                  "principal": "p", "instance": "i", "req": req,
-                                  "session": session})
+    return wire.encode(Kind.WELCOME, {"v": wire.PROTOCOL_VERSION, "router": "r",
+                                      "authority": "a", "principal": "p", "instance": "i",
+                                      "req": req, "session": session})
 
 
 def test_a_router_that_answers_during_the_back_off_is_kept():

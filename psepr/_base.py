@@ -43,6 +43,7 @@ class LeaseBase:
         self.dropped = 0
         self._q: collections.deque = collections.deque()
         self._has = has                  # set by the connection when events arrive
+        self._waiting = 0                # readers waiting on _has (the shell wakes only those)
         self._warn_at = 0.0
         self._inbox = id.startswith(INBOX_PREFIX)   # a request inbox: replies, not a queue
         self._error: Exception | None = None
@@ -118,12 +119,37 @@ class ConnectionBase:
 
     # -- filing deliveries -------------------------------------------------------
     def _file(self, batches: list) -> None:
-        """Put delivered ``(lease_ids, events)`` batches into the lease queues."""
+        """Put delivered batches into the lease queues.
+
+        A batch is ``(lease_ids, events)`` (every event for those leases), or
+        ``(None, events)`` (one-event groups for differing leases: each event is
+        filed by its own ``leases``).  Leases someone waits on are noted in
+        ``_touched`` for the shell to wake.
+        """
         leases = self._leases
         arrivals = self._arrivals
         touched = self._touched
         limit = self.config.lease_queue
         for lids, events in batches:
+            if lids is None:
+                # Many leases, one event each (the 10,000-lease shape): no per-group
+                # list to build or walk.
+                for ev in events:
+                    for lid in ev.leases:
+                        lease = leases.get(lid)
+                        if lease is None:
+                            continue  # released meanwhile
+                        q = lease._q
+                        if lease._inbox:
+                            self._answer(ev)
+                        elif len(q) < limit:
+                            q.append(ev)
+                            arrivals.append(lease)
+                            if lease._waiting:
+                                touched[lease] = True
+                        else:
+                            self._full(lease, [ev])
+                continue
             n = len(events)
             for lid in lids:
                 lease = leases.get(lid)
@@ -134,26 +160,28 @@ class ConnectionBase:
                         self._answer(ev)
                     continue
                 q = lease._q
-                room = limit - len(q)
-                if room > n:
-                    if n == 1:      # one event per group (many leases): no list to build
-                        q.append(events[0])
-                        arrivals.append(lease)
-                    else:
-                        q.extend(events)
-                        arrivals.extend([lease] * n)
+                if limit - len(q) > n:
+                    q.extend(events)
+                    arrivals.extend([lease] * n)
+                    if lease._waiting:
+                        touched[lease] = True
                 else:
-                    # Full: keep what fits for this lease (the batch's other leases
-                    # still get every event), count the rest.
-                    self.full_ids.add(lid)
-                    kept = events[:max(room, 0)]
-                    if len(kept) < n:
-                        self._dropped_here(lease, n - len(kept))
-                    q.extend(kept)
-                    arrivals.extend([lease] * len(kept))
-                touched[lease] = True
+                    self._full(lease, events)
         if len(arrivals) > self._arrivals_limit:
             self._compact()
+
+    def _full(self, lease, events: list) -> None:
+        """File what fits of ``events`` for a lease whose queue is (nearly) full;
+        count the rest (the batch's other leases still get every event)."""
+        q = lease._q
+        self.full_ids.add(lease.id)
+        kept = events[:max(self.config.lease_queue - len(q), 0)]
+        if len(kept) < len(events):
+            self._dropped_here(lease, len(events) - len(kept))
+        q.extend(kept)
+        self._arrivals.extend([lease] * len(kept))
+        if kept and lease._waiting:
+            self._touched[lease] = True
 
     def _dropped_here(self, lease, n: int) -> None:
         lease.dropped += n

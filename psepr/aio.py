@@ -56,19 +56,23 @@ class Lease(LeaseBase):
         if q:
             return q.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not q:
-            if self._error is not None:
-                raise self._error
-            if self._closed or self._con._closed:
-                raise ClosedError(f"lease {self.id} is closed")
-            self._has.clear()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"no event on {self.channel.text} within {timeout} s")
-            try:
-                await asyncio.wait_for(self._has.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+        self._waiting += 1      # the connection sets _has only for leases waited on
+        try:
+            while not q:
+                if self._error is not None:
+                    raise self._error
+                if self._closed or self._con._closed:
+                    raise ClosedError(f"lease {self.id} is closed")
+                self._has.clear()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no event on {self.channel.text} within {timeout} s")
+                try:
+                    await asyncio.wait_for(self._has.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._waiting -= 1
         return q.popleft()
 
     def __aiter__(self):

@@ -138,6 +138,7 @@ class Connection(ConnectionBase):
         self._leases: dict[str, Lease] = {}
         self._init_arrivals()
         self._any = threading.Event()    # set by the I/O thread when events arrive
+        self._filed = False              # events filed since readers were last woken
         self._outq: collections.deque = collections.deque()
         self._space = threading.Event()
         self._woken = False
@@ -587,23 +588,27 @@ class Connection(ConnectionBase):
         q = lease._q
         has = lease._has
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not q:
-            if lease._error is not None:
-                raise lease._error
-            if lease._closed or self._closed:
-                raise ClosedError(f"lease {lease.id} is closed")
-            has.clear()
-            if q:
-                break
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
-            drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
-            if not self._drive(lambda: q or lease._error is not None or lease._closed,
-                               time.monotonic() + drive):
-                # Another thread drives: wait, boundedly (a wake-up cleared by another
-                # reader then costs at most 50 ms).
-                has.wait(0.05 if remaining is None else min(remaining, 0.05))
+        lease._waiting += 1     # before the check of q below: a filer then wakes us
+        try:
+            while not q:
+                if lease._error is not None:
+                    raise lease._error
+                if lease._closed or self._closed:
+                    raise ClosedError(f"lease {lease.id} is closed")
+                has.clear()
+                if q:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
+                drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
+                if not self._drive(lambda: q or lease._error is not None or lease._closed,
+                                   time.monotonic() + drive):
+                    # Another thread drives: wait, boundedly (a wake-up cleared by
+                    # another reader then costs at most 50 ms).
+                    has.wait(0.05 if remaining is None else min(remaining, 0.05))
+        finally:
+            lease._waiting -= 1
         return q.popleft()
 
     def _control(self, op, timeout: float, what: str):
@@ -635,6 +640,7 @@ class Connection(ConnectionBase):
     # -- Sink: called by the Session, in the I/O thread, with the lock held ------------
     def deliver(self, batches: list) -> None:
         self._file(batches)
+        self._filed = True
 
     def _answer(self, event: Event) -> None:
         w = self._requests.get(event.re)
@@ -651,12 +657,15 @@ class Connection(ConnectionBase):
 
     def _wake_readers(self) -> None:
         """Called by the I/O thread without the lock held: wake readers of fresh events."""
+        if not self._filed:
+            return
+        self._filed = False
         touched, self._touched = self._touched, {}
         # Event.set takes a lock and notifies even when the flag is up already.
         for lease in touched:
             if not lease._has.is_set():
                 lease._has.set()
-        if touched and not self._any.is_set():
+        if not self._any.is_set():
             self._any.set()
 
     def ready(self, welcome: dict) -> None:

@@ -140,7 +140,9 @@ def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str 
 class Sink(Protocol):
     """What a shell implements to hear from the core."""
 
-    def deliver(self, batches: list[tuple[tuple, list[Event]]]) -> None: ...
+    def deliver(self, batches: list[tuple[tuple | None, list[Event]]]) -> None:
+        """Delivered events, in arrival order: ``(lease ids, events)`` batches, where
+        ``None`` for the ids means each event goes to its own ``event.leases``."""
     def overflow(self, lids: tuple, n: int) -> None: ...
     def ready(self, welcome: dict) -> None: ...
     def lease_granted(self, lease_id: str, granted: float) -> None: ...
@@ -589,7 +591,8 @@ class Session:
         rcache = self._routes if self._index is not None else {}
         sink = self.sink
         full = getattr(sink, "full_ids", None)
-        last_lids = events = None
+        last_lids = events = add = None
+        mixed = False
         ts = ti = rt = re = None
         for k, (fsvc, finst) in enumerate(senders):
             h = orjson.loads(rest[2 * k])
@@ -619,11 +622,15 @@ class Session:
                     ts = ti = rt = re = None
                 if lids is not last_lids:
                     # Consecutive groups for the same leases share one batch (a
-                    # subtree lease receiving many channels files them together).
-                    events = []
-                    batches.append((lids, events))
+                    # subtree lease receiving many channels files them together);
+                    # consecutive one-event groups for differing leases share one
+                    # mixed batch, filed event by event by their own `leases`.
                     last_lids = lids
-                add = events.append
+                    if cnt > 1 or not mixed:
+                        events = []
+                        add = events.append
+                        mixed = cnt == 1
+                        batches.append((None if mixed else lids, events))
                 # Inlined Event construction: this loop is the receiving client's
                 # per-event cost, so it avoids even a function call.
                 for i in range(j, j + cnt):

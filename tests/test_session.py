@@ -1,11 +1,15 @@
-"""The client session core (pure: no sockets, time passed in): lone-send packing, and
-the handshake across sockets (a late WELCOME, resuming a session by its token)."""
+"""The client session core (pure: no sockets, time passed in): lone-send packing, the
+handshake across sockets (a late WELCOME, resuming a session by its token), and how
+delivered events are filed into lease queues (the shells' shared filing)."""
 
 from __future__ import annotations
+
+import threading
 
 import orjson
 
 from psepr import wire
+from psepr._base import ConnectionBase, LeaseBase
 from psepr.channel import parse
 from psepr.config import ClientConfig
 from psepr.session import CONNECTING, READY, Session, make_entry
@@ -127,3 +131,78 @@ def test_a_hello_back_to_the_same_router_names_the_session_it_had():
     assert s.take_switch() == "tcp://a:1"
     s.start(10.0)
     assert _hello(s.take_out(10.0))["resume"] == "t-a"
+
+
+# -- filing delivered events into lease queues ----------------------------------------------
+
+class _Filer(ConnectionBase):
+    """The shells' shared filing (ConnectionBase._file) over plain lease handles."""
+
+    def __init__(self, config: ClientConfig, lease_ids: list) -> None:
+        self.config = config
+        self._init_arrivals()
+        self._leases = {lid: LeaseBase(self, lid, parse("/t/"), None, threading.Event())
+                        for lid in lease_ids}
+
+    def deliver(self, batches) -> None:
+        self._file(batches)
+
+    def overflow(self, lids, n) -> None:
+        pass
+
+    def walk(self) -> list:
+        """What con.receive() would return, in order: (payload, lease id) pairs."""
+        out = []
+        while self._arrivals:
+            lease = self._arrivals.popleft()
+            if lease._q:
+                out.append((lease._q.popleft().payload, lease.id))
+        return out
+
+
+def _deliver_to(leases: dict, sends: list, config: ClientConfig | None = None) -> _Filer:
+    """Feed one DELIVER holding ``sends`` ((channel, payload), in order) to a session
+    holding ``leases`` (id -> channel), filed by the shells' filing code."""
+    config = config or ClientConfig()
+    filer = _Filer(config, list(leases))
+    s = Session(config, ["inproc://none"], filer, 0.0)
+    s.state = READY
+    for lid, ch in leases.items():
+        s.lease(lid, parse(ch), None, 60.0, 0.0)
+    _kind, header, body = wire.encode_send([make_entry(ch, p) for ch, p in sends])
+    s.on_message([wire.KIND_BYTES[Kind.DELIVER], orjson.dumps({"s": [["svc", "i-1"]]}),
+                  header, body], 0.0)
+    return filer
+
+
+LEASES = {"La": "/t/a/", "Lb": "/t/b/", "Lc": "/t/c/", "Lall": "/t/"}
+
+
+def test_one_event_groups_for_differing_leases_are_filed_in_order():
+    # Groups a, b, c x3, a, d, b x2, a: one-event groups for differing leases share
+    # a mixed batch; the three c's are one batch for (Lc, Lall).
+    sends = [("/t/a/", 1), ("/t/b/", 2), ("/t/c/", 3), ("/t/c/", 4), ("/t/c/", 5),
+             ("/t/a/", 6), ("/t/d/", 7), ("/t/b/", 8), ("/t/b/", 9), ("/t/a/", 10)]
+    filer = _deliver_to(LEASES, sends)
+    queues = {lid: [e.payload for e in lease._q] for lid, lease in filer._leases.items()}
+    assert queues == {"La": [1, 6, 10], "Lb": [2, 8, 9], "Lc": [3, 4, 5],
+                      "Lall": list(range(1, 11))}
+    got = filer.walk()
+    assert sorted(got) == sorted((p, lid) for lid, ps in queues.items() for p in ps)
+    # Arrival order: every event comes before any later one, except inside a
+    # multi-event batch, where one lease's events come before the next lease's.
+    assert [p for p, _ in got] == [1, 1, 2, 2, 3, 4, 5, 3, 4, 5, 6, 6, 7,
+                                   8, 9, 8, 9, 10, 10]
+
+
+def test_one_event_groups_to_a_full_lease_keep_what_fits_and_count_the_rest():
+    sends = [("/t/a/", 1), ("/t/b/", 2), ("/t/a/", 3), ("/t/b/", 4), ("/t/a/", 5),
+             ("/t/a/", 6)]
+    filer = _deliver_to(LEASES, sends, ClientConfig(lease_queue=3))
+    leases = filer._leases
+    assert [e.payload for e in leases["La"]._q] == [1, 3, 5]
+    assert [e.payload for e in leases["Lall"]._q] == [1, 2, 3]
+    assert [e.payload for e in leases["Lb"]._q] == [2, 4]
+    assert (leases["La"].dropped, leases["Lall"].dropped, leases["Lb"].dropped) == (1, 3, 0)
+    assert filer.full_ids == {"La", "Lall"}
+    assert len(filer.walk()) == 8

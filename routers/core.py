@@ -189,8 +189,10 @@ class RouterCore:
         self._dirty: list[Conn] = []
         self._channels: dict[str, tuple[str, ...]] = {}   # validated channel -> prefixes
         self._types: set[str] = set()                      # validated type names
-        # (channel, type) -> connections matching, valid for one lease-table generation
+        # (channel, type) -> connections matching, valid for one lease-table generation;
+        # equal tuples are one object (_canon), so that `is` tells groups apart
         self._targets: dict = {}
+        self._canon: dict = {}
         self._targets_gen = -1
         self.started = now
         self.next_stats = now + config.stats_interval
@@ -525,12 +527,15 @@ class RouterCore:
             if not remote:
                 overlay = None
         if self._targets_gen != gen or len(self._targets) > _MAX_CACHE \
-                or len(self._ltargets) > _MAX_CACHE:
+                or len(self._ltargets) > _MAX_CACHE or len(self._canon) > _MAX_CACHE:
             self._targets = {}
             self._ltargets = {}
+            self._canon = {}
             self._targets_gen = gen
         tcache = self._targets if remote else self._ltargets
-        wanted: dict = {}      # conn -> indices of the groups it gets
+        ng = len(groups)
+        per_group = [()] * ng  # the targets of each group (none for a refused one)
+        same = None            # the targets of every group so far, if all share them
         refused = 0
         total = 0
         last_ch = last_typ = None
@@ -599,24 +604,35 @@ class RouterCore:
                 targets = self._match(prefs, by_channel, typ, to_svc, to_inst)
                 if overlay is not None:
                     targets += overlay.remote_targets(prefs, typ)
+                targets = self._canon.setdefault(targets, targets)
                 if opts is None:
                     last_ch, last_typ = ch, typ
                     tcache[(ch, typ)] = targets
-            for c in targets:
-                lst = wanted.get(c)
-                if lst is None:
-                    wanted[c] = [gi]
-                else:
-                    lst.append(gi)
+            per_group[gi] = targets
+            if targets is not same:
+                same = targets if gi == 0 else False
         if total != n:
             self._bad(sender, f"the groups count {total} events but the columns hold {n}", None,
                       code=wire.E_PROTOCOL)
             return
         # -- commit: nothing was queued before the whole message was checked --
+        if same is not False and refused == 0:
+            # Every group goes to the same connections (one receiver of many
+            # channels, say): no per-connection group lists to build.
+            all_groups = list(range(ng))
+            wanted = {c: all_groups for c in same or ()}
+        else:
+            wanted = {}    # conn -> indices of the groups it gets
+            for gi, targets in enumerate(per_group):
+                for c in targets:
+                    lst = wanted.get(c)
+                    if lst is None:
+                        wanted[c] = [gi]
+                    else:
+                        lst.append(gi)
         n_in = n - refused
         n_out = 0
         dirty = self._dirty
-        ng = len(groups)
         starts = None
         for c, gis in wanted.items():
             if len(gis) == ng and refused == 0:

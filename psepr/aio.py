@@ -340,7 +340,7 @@ class Connection(ConnectionBase):
 
     async def receive(self, timeout: float | None = None) -> Event:
         """The next event from any lease; see :meth:`psepr.client.Connection.receive`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None     # read the clock only when there is nothing to return
         while True:
             arrivals = self._arrivals      # re-read: _compact() may replace it
             while arrivals:
@@ -350,9 +350,14 @@ class Connection(ConnectionBase):
             if self._closed:
                 raise ClosedError("connection is closed")
             self._any.clear()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"no event within {timeout} s")
+            remaining = None
+            if timeout is not None:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + timeout
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise TimeoutError(f"no event within {timeout} s")
             try:
                 await asyncio.wait_for(self._any.wait(), remaining)
             except asyncio.TimeoutError:

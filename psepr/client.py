@@ -395,7 +395,7 @@ class Connection(ConnectionBase):
             TimeoutError: nothing arrived in time.
             ClosedError: the connection is closed.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None     # read the clock only when there is nothing to return
         while True:
             arrivals = self._arrivals      # re-read: _compact() may replace it
             try:
@@ -406,9 +406,14 @@ class Connection(ConnectionBase):
                 self._any.clear()
                 if arrivals:
                     continue
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no event within {timeout} s") from None
+                remaining = None
+                if timeout is not None:
+                    now = time.monotonic()
+                    if deadline is None:
+                        deadline = now + timeout
+                    remaining = deadline - now
+                    if remaining <= 0:
+                        raise TimeoutError(f"no event within {timeout} s") from None
                 # Drive the socket ourselves (no hand-off); if another thread has it,
                 # wait - boundedly: a wake-up cleared by another reader costs <= 50 ms.
                 drive = _DRIVE if remaining is None else min(remaining, _DRIVE)

@@ -213,7 +213,8 @@ class Session:
         self._waiting: dict[int, str] = {}   # req -> kind, for control requests
         self._renewals: list = []            # heap of (renew_at, lease_id), lazily invalidated
         self._index: dict | None = None      # channel text -> leases on it (None: rebuild)
-        self._routes: dict = {}              # (channel, type) -> (lease ids, Channel)
+        # channel (untyped events) or (channel, type) -> (lease ids, Channel)
+        self._routes: dict = {}
         self.last_rx = now
         self.next_ping = now
         self.hello_at = now
@@ -354,7 +355,7 @@ class Session:
 
     def _route(self, channel: str, typ: str | None) -> tuple:
         """``(lease_ids, Channel)`` for a delivered group, cached until leases change."""
-        key = (channel, typ)
+        key = channel if typ is None else (channel, typ)
         if self._index is None:
             index: dict = {}
             for ls in self.leases.values():
@@ -601,7 +602,9 @@ class Session:
             off = 0
             j = 0
             for ch, typ, opts, cnt in h["g"]:
-                r = rcache.get((ch, typ))
+                # Untyped groups, the common case, are keyed by the channel alone:
+                # no key tuple to build, and one object fewer to compare.
+                r = rcache.get(ch) if typ is None else rcache.get((ch, typ))
                 if r is None:
                     r = route(ch, typ)
                     rcache = self._routes

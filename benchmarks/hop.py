@@ -19,6 +19,11 @@ topics stand in for channels) and for libzmq's C proxy (``zmq.proxy``,
 XSUB/XPUB).  Receivers decode every payload, so all columns pay for the same
 work.  Every run is bounded in events and seconds.
 
+The machine is shared and noisy (a run's rate can move 10-15 % from one run to
+the next), so every scenario runs ``--rounds`` times (default 3), the rounds
+taking turns, and the table shows each scenario's median run; every round's
+figure is printed under the table (and kept in ``--json`` as ``"rounds"``).
+
 Beside each figure: the CPU every process on the path (sender, router or
 forwarder, receivers; all their threads) used per delivered event over the
 run, so that throughput and latency can be read against what they cost.
@@ -405,11 +410,29 @@ def run_raw(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: i
         _stop(fwd)
 
 
+def _median_run(runs: list[dict], latency: bool) -> dict:
+    """The middle run of a scenario's rounds (by p99 for latency, else by rate), with
+    every round's figure beside it (``"rounds"``)."""
+    key = (lambda r: r.get("p99_us", 0.0)) if latency else (lambda r: r["rate"])
+    mid = dict(sorted(runs, key=key)[(len(runs) - 1) // 2])
+    mid["rounds"] = [key(r) for r in runs]
+    return mid
+
+
 def main(args) -> int:
-    """Run every scenario for PsEPR, the raw Python forwarder and libzmq's proxy; print a table."""
+    """Run every scenario for PsEPR, the raw Python forwarder and libzmq's proxy; print a table.
+
+    Every scenario runs ``--rounds`` times (default 3, quick 1); the rounds take turns
+    scenario by scenario, so that the machine's drift reaches every column alike,
+    and the table shows each scenario's median run.
+    """
     n = 30_000 if args.quick else args.events
     lat_n = 2_000 if args.quick else 15_000
     k10 = 1_000 if args.quick else 10_000
+    rounds = args.rounds or (1 if args.quick else 3)
+    if rounds < 1:
+        print("psepr bench hop: --rounds must be at least 1", file=sys.stderr)
+        return 2
     scen = [
         ("1->1 events/s", dict(count=n)),
         ("latency @5k/s", dict(count=lat_n, rate=5000)),
@@ -418,13 +441,18 @@ def main(args) -> int:
     ]
     systems = [("psepr", run_psepr), ("raw-pyzmq", run_raw),
                ("libzmq-proxy", lambda **kw: run_raw(cproxy=True, **kw))]
-    results: dict = {}
-    for title, kw in scen:
-        for sysname, fn in systems:
-            print(f"  running {title:<28} {sysname} ...", file=sys.stderr, flush=True)
-            results.setdefault(title, {})[sysname] = fn(**kw)
+    runs: dict = {}
+    for rnd in range(rounds):
+        for title, kw in scen:
+            for sysname, fn in systems:
+                print(f"  round {rnd + 1}/{rounds}: running {title:<28} {sysname} ...",
+                      file=sys.stderr, flush=True)
+                runs.setdefault(title, {}).setdefault(sysname, []).append(fn(**kw))
+    results = {title: {s: _median_run(rs, "rate" in kw) for s, rs in runs[title].items()}
+               for title, kw in scen}
     print(f"\npsepr bench hop  ({os.cpu_count()} cores, 100-byte JSON payloads, loopback, "
-          f"every process with psepr.tune_gc())\n")
+          f"every process with psepr.tune_gc(); median of {rounds} "
+          f"round{'s' if rounds > 1 else ''})\n")
     print(f"{'scenario':<28} " + " ".join(f"{s:>22}" for s, _ in systems))
     for title, _ in scen:
         row = results[title]
@@ -441,12 +469,19 @@ def main(args) -> int:
             f"{row[s]['cpu_us']:>22.1f}" for s, _ in systems))
     single = results[scen[0][0]]["psepr"]["rate"]
     many = results[scen[3][0]]["psepr"]["rate"]
-    print(f"\n{k10} leases / single lease rate: {many / single if single else 0:.2f}x")
-    for title, _ in scen:
+    per_round = [m["rate"] / o["rate"] if o["rate"] else 0.0
+                 for o, m in zip(runs[scen[0][0]]["psepr"], runs[scen[3][0]]["psepr"])]
+    print(f"\n{k10} leases / single lease rate: {many / single if single else 0:.2f}x"
+          + (f" (round by round: {', '.join(f'{x:.2f}' for x in per_round)})"
+             if rounds > 1 else ""))
+    for title, kw in scen:
         r = results[title]["psepr"]
         roles = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_us_by_role"].items())
+        unit = "p99 us" if "rate" in kw else "events/s"
+        every = " / ".join(f"{x:,.0f}" for x in r["rounds"])
         print(f"  psepr {title}: received {r['received']} in {r['seconds']:.2f} s, "
-              f"dropped {r['dropped']}; CPU us per event by role: {roles}")
+              f"dropped {r['dropped']}; CPU us per event by role: {roles}"
+              + (f"; rounds ({unit}): {every}" if rounds > 1 else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -517,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="failure: timings of routers, detectors and agents (default lan)")
     b.add_argument("--seed", type=int, help="failure: seed of the victims and kill moments "
                                             "(default 1)")
+    b.add_argument("--rounds", type=int, metavar="N",
+                   help="hop: run every scenario N times, interleaved, and report the median "
+                        "run (default 3; quick 1)")
     b.add_argument("--chain", action="store_true",
                    help="stages: also across a chain of 3 routers (and 3 raw forwarders)")
     b.set_defaults(func=cmd_bench)

@@ -189,7 +189,8 @@ class RouterCore:
         self._dirty: list[Conn] = []
         self._channels: dict[str, tuple[str, ...]] = {}   # validated channel -> prefixes
         self._types: set[str] = set()                      # validated type names
-        # (channel, type) -> connections matching, valid for one lease-table generation;
+        # channel (untyped events: no key tuple to build) or (channel, type) ->
+        # connections matching, valid for one lease-table generation;
         # equal tuples are one object (_canon), so that `is` tells groups apart
         self._targets: dict = {}
         self._canon: dict = {}
@@ -557,7 +558,7 @@ class RouterCore:
             if opts is None and ch == last_ch and typ == last_typ and type(ch) is str:
                 pass  # same destination as the previous group: reuse `targets`
             elif (opts is None and type(ch) is str and (typ is None or type(typ) is str)
-                  and (targets := tcache.get((ch, typ))) is not None
+                  and (targets := tcache.get(ch if typ is None else (ch, typ))) is not None
                   and (acl is None or sender is None or sender.may_send_cache.get(ch))):
                 last_ch, last_typ = ch, typ   # a destination validated and matched before
             else:
@@ -607,7 +608,7 @@ class RouterCore:
                 targets = self._canon.setdefault(targets, targets)
                 if opts is None:
                     last_ch, last_typ = ch, typ
-                    tcache[(ch, typ)] = targets
+                    tcache[ch if typ is None else (ch, typ)] = targets
             per_group[gi] = targets
             if targets is not same:
                 same = targets if gi == 0 else False

@@ -23,6 +23,20 @@ log = logging.getLogger("psepr.client")
 INBOX_PREFIX = "inbox:"
 
 
+def time_left(timeout: float | None, deadline: float | None) -> tuple:
+    """``(deadline, seconds left)`` for a wait of ``timeout`` seconds (None: forever).
+
+    The deadline is fixed at the first call (pass back what it returned): a
+    ``receive`` that finds an event waiting never reads the clock.
+    """
+    if timeout is None:
+        return None, None
+    now = time.monotonic()
+    if deadline is None:
+        deadline = now + timeout
+    return deadline, deadline - now
+
+
 class LeaseBase:
     """What a lease handle holds in either shell.
 

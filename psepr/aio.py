@@ -31,7 +31,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
-from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
+from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase, time_left
 from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel,
                       monitor_socket)
 from .channel import Channel, parse
@@ -350,14 +350,9 @@ class Connection(ConnectionBase):
             if self._closed:
                 raise ClosedError("connection is closed")
             self._any.clear()
-            remaining = None
-            if timeout is not None:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + timeout
-                remaining = deadline - now
-                if remaining <= 0:
-                    raise TimeoutError(f"no event within {timeout} s")
+            deadline, remaining = time_left(timeout, deadline)
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"no event within {timeout} s")
             try:
                 await asyncio.wait_for(self._any.wait(), remaining)
             except asyncio.TimeoutError:

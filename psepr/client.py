@@ -50,7 +50,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
-from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase
+from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase, time_left
 from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel,
                       monitor_socket)
 from .channel import Channel, parse
@@ -406,14 +406,9 @@ class Connection(ConnectionBase):
                 self._any.clear()
                 if arrivals:
                     continue
-                remaining = None
-                if timeout is not None:
-                    now = time.monotonic()
-                    if deadline is None:
-                        deadline = now + timeout
-                    remaining = deadline - now
-                    if remaining <= 0:
-                        raise TimeoutError(f"no event within {timeout} s") from None
+                deadline, remaining = time_left(timeout, deadline)
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no event within {timeout} s") from None
                 # Drive the socket ourselves (no hand-off); if another thread has it,
                 # wait - boundedly: a wake-up cleared by another reader costs <= 50 ms.
                 drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
@@ -593,7 +588,10 @@ class Connection(ConnectionBase):
         q = lease._q
         has = lease._has
         deadline = None if timeout is None else time.monotonic() + timeout
-        lease._waiting += 1     # before the check of q below: a filer then wakes us
+        # Counted before the queue is looked at below, under the lock the filing
+        # holds: a driver filing after that look wakes us.
+        with self._lock:
+            lease._waiting += 1
         try:
             while not q:
                 if lease._error is not None:
@@ -613,7 +611,8 @@ class Connection(ConnectionBase):
                     # another reader then costs at most 50 ms).
                     has.wait(0.05 if remaining is None else min(remaining, 0.05))
         finally:
-            lease._waiting -= 1
+            with self._lock:
+                lease._waiting -= 1
         return q.popleft()
 
     def _control(self, op, timeout: float, what: str):

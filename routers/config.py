@@ -69,7 +69,7 @@ class RouterConfig:
         barrier_timeout: longest wait for every reachable router to confirm a
             lease's interest (``propagated=True``).
         seen_cache: forwarded segments remembered per router to refuse duplicates
-            while the overlay converges.
+            while the overlay converges (at most this many; always the last half).
         peer_queue: ZeroMQ high-water mark per peer link, in messages.
     """
 

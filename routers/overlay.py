@@ -69,6 +69,45 @@ _K = wire.KIND_BYTES
 _MAX_PAIRS = 4000
 
 
+class SeenCache:
+    """The keys of recently seen segments, bounded, at O(1) per key.
+
+    Two generations of sets: a key is new if neither holds it; when the current
+    generation reaches half the limit it becomes the old one (the older is
+    forgotten), so the cache remembers at least the last ``limit // 2`` keys and
+    never holds more than ``limit``.  (A dict used as a FIFO, deleting its first
+    key, costs CPython a scan over every key deleted before it: 32 us per key at
+    100,000 keys.)
+
+    Args:
+        limit: the most keys held (at least 2).
+    """
+
+    __slots__ = ("_cur", "_old", "_half")
+
+    def __init__(self, limit: int) -> None:
+        self._cur: set = set()
+        self._old: set = set()
+        self._half = max(1, limit // 2)
+
+    def add(self, key) -> bool:
+        """Note ``key``.
+
+        Returns:
+            True if it was not seen before (within the bound).
+        """
+        cur = self._cur
+        if key in cur or key in self._old:
+            return False
+        cur.add(key)
+        if len(cur) >= self._half:
+            self._old, self._cur = cur, set()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._cur) + len(self._old)
+
+
 class Link:
     """One transport connection to a peer router.
 
@@ -176,7 +215,7 @@ class OverlayCore:
         self._pend_del: dict = {}
         self._barriers: list[_Barrier] = []
         self._ack_owed: dict[str, int] = {}   # origin -> flagged seq we must acknowledge
-        self._seen: dict = {}
+        self._seen = SeenCache(config.seen_cache)
         self._seg_seq = 0
         self._outs: dict = {}
         self._outs_gen = -1
@@ -460,13 +499,9 @@ class OverlayCore:
         if me in d:
             seen = self._seen
             for k in range(nseg):
-                key = (o, e, q[k])
-                if key in seen:
+                if not seen.add((o, e, q[k])):
                     self.duplicates += 1
                     continue
-                seen[key] = None
-                if len(seen) > self.config.seen_cache:
-                    del seen[next(iter(seen))]
                 raw = rest[2 * k]
                 try:
                     header = orjson.loads(raw)

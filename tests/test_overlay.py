@@ -32,6 +32,7 @@ from registry.interest import APPLIED, GAP, OLD, InterestTable, LocalInterest, c
 from registry.linkstate import Advert, LinkState
 from routers.config import RouterConfig
 from routers.core import RouterCore
+from routers.overlay import SeenCache
 from tests.test_router_core import group, send_frames, unpack_deliver
 
 
@@ -84,6 +85,18 @@ def test_local_interest_matches_brute_force_under_random_churn():
         assert all(p in adv or any(covers(a, p) for a in adv) for p in held)
         assert all(not any(covers(b, a) for b in adv if b != a) for a in adv)
         assert adv <= set(held)
+
+
+def test_seen_cache_refuses_repeats_remembers_the_last_half_and_stays_bounded():
+    seen = SeenCache(10)
+    assert seen.add(("r1", 1, 0)) and not seen.add(("r1", 1, 0))
+    for q in range(1, 1000):
+        assert seen.add(("r1", 1, q))
+        assert len(seen) <= 10
+        # the last five (half the limit) are always remembered
+        assert not any(seen.add(("r1", 1, k)) for k in range(max(0, q - 4), q + 1))
+    assert seen.add(("r1", 1, 0)), "long forgotten: new again"
+    assert seen.add(("r1", 2, 999)), "another epoch is another key"
 
 
 def test_interest_table_sequences_gaps_and_drop():

@@ -517,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="failure: timings of routers, detectors and agents (default lan)")
     b.add_argument("--seed", type=int, help="failure: seed of the victims and kill moments "
                                             "(default 1)")
+    b.add_argument("--aged", type=int, metavar="EVENTS", default=0,
+                   help="overlay: also measure the chain's latency run after run until EVENTS "
+                        "events (one segment each) have crossed the same routers, e.g. 200000 "
+                        "(state that grows with traffic shows as later runs slower)")
     b.add_argument("--rounds", type=int, metavar="N",
                    help="hop: run every scenario N times, interleaved, and report the median "
                         "run (default 3; quick 1)")

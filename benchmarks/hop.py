@@ -429,7 +429,7 @@ def main(args) -> int:
     n = 30_000 if args.quick else args.events
     lat_n = 2_000 if args.quick else 15_000
     k10 = 1_000 if args.quick else 10_000
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         print("psepr bench hop: --rounds must be at least 1", file=sys.stderr)
         return 2

@@ -215,6 +215,10 @@ def _idle_memory(leases: int) -> dict:
 
 def main(args) -> int:
     """Run the overlay scenarios; print a table (and JSON with --json)."""
+    if args.aged < 0:
+        print("psepr bench overlay: --aged must be a number of events (0: skip)",
+              file=sys.stderr)
+        return 2
     quick = args.quick
     count = 30_000 if quick else 200_000
     lat_n = 2_000 if quick else 15_000

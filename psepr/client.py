@@ -164,6 +164,7 @@ class Connection(ConnectionBase):
         self._io_wake = threading.Event()       # wakes the I/O thread (sends, control)
         self._io_sleeping = False               # I/O thread blocked in select without the socket
         self._last_direct = 0.0                 # when send() last sent from the caller's thread
+        self._direct_run = 0                    # direct sends less than _DIRECT_GAP apart
         self._ospoll = select.poll()            # wake pipe + the sockets' ZMQ_FDs
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
@@ -214,11 +215,13 @@ class Connection(ConnectionBase):
         self._unflushed = True
         if not q and not self._backlog:
             # A lone send goes out from this thread when nobody drives the socket:
-            # no thread hand-off.  Sends in quick succession queue for the I/O
-            # thread instead, which packs them into one batch.
+            # no thread hand-off.  So do the first few of a quick succession (a
+            # paced sender catching up after a late wake-up sends two or three);
+            # a longer burst queues for the I/O thread, which packs it into one batch.
             now = time.monotonic()
-            if now - self._last_direct >= _DIRECT_GAP \
-                    and self._sock_lock.acquire(blocking=False):
+            if now - self._last_direct >= _DIRECT_GAP:
+                self._direct_run = 0
+            if self._direct_run < _DIRECT_RUN and self._sock_lock.acquire(blocking=False):
                 try:
                     if self._send_direct(item, now):
                         return item[0]
@@ -249,6 +252,7 @@ class Connection(ConnectionBase):
         with self._lock:
             out = s.take_out_with(item, now)
         self._last_direct = now
+        self._direct_run += 1
         for i, frames in enumerate(out):
             try:
                 send_frames(sock, frames)
@@ -935,8 +939,10 @@ class Connection(ConnectionBase):
 
 
 #: A send at least this long after the last one sent from a caller's thread goes
-#: out at once from its own thread; closer sends queue and leave as one batch.
+#: out at once from its own thread; closer sends queue and leave as one batch,
+#: after the first _DIRECT_RUN of them.
 _DIRECT_GAP = 50e-6
+_DIRECT_RUN = 4
 #: How long the I/O thread leaves the socket to readers after the last one left.
 #: Long enough for a reader to work through one large batch (2,000 events with
 #: 10,000 leases take it 5-10 ms): an I/O thread that starts reading meanwhile

@@ -7,10 +7,11 @@ socket at a time: whoever holds ``_sock_lock`` runs :meth:`Connection._io_step`
 (send what waits, poll, decode, tick the pure :class:`~psepr.session.Session`).
 
 * ``send`` encodes the event in the caller's thread.  A lone send (nothing
-  queued, none sent from a caller's thread in the last ``_DIRECT_GAP``, nobody
-  driving the socket) is packed and handed to ZeroMQ right there.  Otherwise it
-  is appended to a deque and the driving thread is woken through a pipe only
-  when it is not already awake, so a burst of sends becomes one SEND batch.
+  queued, nobody driving the socket, and not past the first ``_DIRECT_RUN`` of
+  sends less than ``_DIRECT_GAP`` apart) is packed and handed to ZeroMQ right
+  there.  Otherwise it is appended to a deque and the driving thread is woken
+  through a pipe only when it is not already awake, so a burst of sends becomes
+  one SEND batch.
   When more than ``send_queue`` events wait, ``send`` blocks (back-pressure)
   instead of growing memory.
 * While nobody drives the socket the I/O thread sleeps in ``select.poll`` on

@@ -55,7 +55,7 @@ class Lease(LeaseBase):
         q = self._q
         if q:
             return q.popleft()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None
         self._waiting += 1      # the connection sets _has only for leases waited on
         try:
             while not q:
@@ -64,7 +64,7 @@ class Lease(LeaseBase):
                 if self._closed or self._con._closed:
                     raise ClosedError(f"lease {self.id} is closed")
                 self._has.clear()
-                remaining = None if deadline is None else deadline - time.monotonic()
+                deadline, remaining = time_left(timeout, deadline)
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no event on {self.channel.text} within {timeout} s")
                 try:

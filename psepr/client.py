@@ -592,7 +592,7 @@ class Connection(ConnectionBase):
         # connection lock: the woken reader needs no lock, only the GIL.
         q = lease._q
         has = lease._has
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None
         # Counted before the queue is looked at below, under the lock the filing
         # holds: a driver filing after that look wakes us.
         with self._lock:
@@ -606,7 +606,7 @@ class Connection(ConnectionBase):
                 has.clear()
                 if q:
                     break
-                remaining = None if deadline is None else deadline - time.monotonic()
+                deadline, remaining = time_left(timeout, deadline)
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
                 drive = _DRIVE if remaining is None else min(remaining, _DRIVE)

@@ -86,7 +86,6 @@ class Detector:
         self._changed = True
         self._bad_logged = -1e9
         self._catch_up: asyncio.Task | None = None
-        self._rivals: dict[str, View] = {}     # leader -> its last view from a fork
         self._led: View | None = None          # the last view this detector published
         self._unknown_since: float | None = None   # a live detector holds a view we lack
         self._tasks: list[asyncio.Task] = []
@@ -169,14 +168,15 @@ class Detector:
         elif kind == VIEW:
             view = View.parse(ev.payload)
             if view.leader != self.name:
-                self._adopt(view)
+                self.follower.offer(view)
         elif kind == QUERY and ev.reply_to is not None:
             self.counters["queries"] += 1
             await self.con.reply(ev, self.status())
 
     def status(self) -> dict:
-        """What a ``members`` query gets: this detector's view and its standing (and the
-        last view it published itself, which differs after a partition)."""
+        """What a ``members`` query gets: this detector's view and its standing, the
+        last view it published itself, and the rival views it holds (after a partition
+        these differ from ``view``)."""
         now = self.clock()
         stretch = self.core.health.stretch
         return {"detector": self.name, "healthy": self.core.health.healthy,
@@ -184,10 +184,16 @@ class Detector:
                 "leader": self.opinions.leader(now, stretch),
                 "detectors": [op.detector for op in self.opinions.live(now, stretch)],
                 "view": self.follower.view.payload(),
-                "led": self._led.payload() if self._led is not None else None}
+                "led": self._led.payload() if self._led is not None else None,
+                "rivals": [v.payload() for v in self.follower.rivals.values()]}
 
     async def _ask_view(self) -> None:
-        """Ask the other detectors for the current view (at start, or when behind)."""
+        """Ask the other detectors for the current view (at start, or when behind).
+
+        Each answer's view is followed if newer, and its rivals become ours.  Its
+        ``led`` is then known either way: a fork's last view is the answerer's view
+        or one of its rivals; any other led view is an old view of this sequence.
+        """
         try:
             replies = await self.con.request_all(self.view_channel, {"detector": self.name},
                                                  type=QUERY, timeout=self.config.t_fail,
@@ -197,26 +203,18 @@ class Detector:
             return
         for r in replies:
             payload = r.payload if isinstance(r.payload, dict) else {}
-            for key in ("view", "led"):
-                if key == "led" and payload.get(key) is None:
-                    continue
-                try:
-                    view = View.parse(payload.get(key))
-                except EventError:
-                    self.counters["bad"] += 1
-                    continue
-                self._adopt(view)
-
-    def _adopt(self, view: View) -> None:
-        """Follow ``view`` if it is newer; keep it (or ours) as a rival if they forked."""
-        mine = self.follower.view
-        if self.follower.offer(view):
-            if mine.leader == self.name:
-                # Another leader went on while we led (a partition): our subscribers
-                # hold `mine`; the next view must tell them where it differs.
-                self._rivals[mine.leader] = mine
-        elif view.leader != self.name and not self.follower.known(view.number, view.leader):
-            self._rivals[view.leader] = view
+            rivals = payload.get("rivals")
+            try:
+                views = [View.parse(payload.get("view"))]
+                views += [View.parse(v) for v in (rivals if isinstance(rivals, list) else [])]
+                led = View.parse(payload["led"]) if payload.get("led") is not None else None
+            except EventError:
+                self.counters["bad"] += 1
+                continue
+            for view in views:
+                self.follower.offer(view)
+            if led is not None and led.id not in {v.id for v in views}:
+                self.follower.settled(led.id)
 
     # -- ticking ---------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -264,13 +262,12 @@ class Detector:
         stretch = self.core.health.stretch
         if (now - self._started < cfg.t_fail
                 or self.opinions.leader(now, stretch) != self.name):
-            self._rivals.clear()          # only a leader reconciles forks
             return
         live = self.opinions.live(now, stretch)
         current = self.follower.view
         # Views some live detector holds, or published itself during a partition,
         # that we never saw: fetch them (up to t_fail) so the next view reconciles.
-        rivals = {(v.number, v.leader) for v in self._rivals.values()}
+        rivals = {v.id for v in self.follower.rivals.values()}
         known = self.follower.known
         if any(((op.view, op.view_by) not in rivals and not known(op.view, op.view_by))
                or (op.detector != self.name and (op.led, op.detector) not in rivals
@@ -283,12 +280,9 @@ class Detector:
                 return
         self._unknown_since = None
         view = next_view(current, live, self.name, self.wall(), cfg.t_cleanup,
-                         self._rivals.values())
+                         self.follower.rivals.values())
         if view is not current:
-            for rival in self._rivals.values():
-                self.follower.remember(rival)     # reconciled: do not fetch it again
-            self._rivals.clear()
-            self.follower.offer(view)
+            self.follower.offer(view)      # it merged every rival: they are settled
             self.counters["views"] += 1
             await self._publish_view(view, changes=True)
             self._view_at = now

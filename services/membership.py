@@ -43,7 +43,11 @@ least as high as its own from another detector adopts it (two leaders only
 overlap while one of them is partitioned or starved; the healthy rule keeps a
 detector that was just starved from leading until it has caught up).  Every
 subscriber therefore sees one sequence of views; one that joins late asks
-with a ``members`` query and continues from the answer.
+with a ``members`` query and continues from the answer.  After a partition,
+each view names the view it follows (``prev``), so every detector recognises
+the other side's views as a fork and keeps them as *rivals*; whoever leads
+next reports every node whose state differs from a rival's and names the
+rivals it reconciled (``merged``).
 """
 
 from __future__ import annotations
@@ -212,6 +216,14 @@ class Member:
         return [self.state, self.incarnation, self.since]
 
 
+def _view_id(entry: Any, what: str) -> tuple[int, str]:
+    """``[number, leader]`` from a view payload, validated."""
+    if (not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], int)
+            or isinstance(entry[0], bool) or entry[0] < 0 or not isinstance(entry[1], str)):
+        raise EventError(f"view: {what} must be [number, leader], got {entry!r}")
+    return entry[0], entry[1]
+
+
 @dataclass(frozen=True)
 class View:
     """A numbered membership view.
@@ -221,21 +233,33 @@ class View:
         leader: the detector that published it.
         members: host -> :class:`Member`.
         changes: ``(host, event)`` pairs that made it (event in :data:`EVENTS`).
+        prev: ``(number, leader)`` of the view this one follows -- how a follower
+            tells a continuation of what it holds from a fork.
+        merged: the ``(number, leader)`` of the rival views this one reconciles
+            (after a healed partition); followers stop counting them as rivals.
     """
 
     number: int = 0
     leader: str = ""
     members: Mapping[str, Member] = field(default_factory=dict)
     changes: tuple[tuple[str, str], ...] = ()
+    prev: tuple[int, str] = (0, "")
+    merged: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def id(self) -> tuple[int, str]:
+        """``(number, leader)``: what names a view across forks."""
+        return self.number, self.leader
 
     def payload(self) -> dict:
         return {"view": self.number, "leader": self.leader,
                 "members": {h: m.as_list() for h, m in sorted(self.members.items())},
-                "changes": [list(c) for c in self.changes]}
+                "changes": [list(c) for c in self.changes],
+                "prev": list(self.prev), "merged": [list(m) for m in self.merged]}
 
     @classmethod
     def parse(cls, payload: Any) -> "View":
-        """Validate a view payload.
+        """Validate a view payload (``prev`` and ``merged`` may be absent).
 
         Raises:
             EventError: a field is missing or malformed.
@@ -254,8 +278,13 @@ class View:
                 isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and c[1] in EVENTS
                 for c in changes):
             raise EventError(f"view: changes must be [[host, event], ...], got {changes!r}")
+        prev = _view_id(payload.get("prev", [0, ""]), "prev")
+        merged = payload.get("merged", [])
+        if not isinstance(merged, list):
+            raise EventError(f"view: merged must be [[number, leader], ...], got {merged!r}")
         return cls(_count(payload, "view", what), _field(payload, "leader", str, what),
-                   members, tuple((c[0], c[1]) for c in changes))
+                   members, tuple((c[0], c[1]) for c in changes), prev,
+                   tuple(_view_id(m, "each merged entry") for m in merged))
 
     def change_payload(self, host: str, event: str) -> dict:
         """The payload of the ``membership`` event for one change of this view."""
@@ -388,47 +417,76 @@ def next_view(previous: View, opinions: Iterable[Opinion], leader: str, wall: fl
     if not changes and not rivals and members.keys() == previous.members.keys():
         return previous
     number = max([previous.number] + [r.number for r in rivals]) + 1
-    return View(number, leader, members, tuple(changes))
+    return View(number, leader, members, tuple(changes), previous.id,
+                tuple(sorted(r.id for r in rivals)))
 
 
 class ViewFollower:
-    """The latest view a detector or subscriber has accepted, and its lineage.
+    """The latest view a detector has accepted, its lineage, and the rival views.
 
-    Numbers only ever increase.  The follower also remembers which views (by
-    number and leader) it accepted, so that a view from a *fork* -- published
-    by another leader while a partition kept the two apart -- is recognised as
-    a rival rather than mistaken for an old view of this sequence.
+    Numbers only ever increase.  The follower remembers which views (by number
+    and leader) it accepted, so that a view from a *fork* -- published by
+    another leader while a partition kept the two apart -- is recognised as a
+    rival rather than mistaken for an old view of this sequence.  Every
+    follower keeps the rivals it sees, not only the leader that published one:
+    whichever detector leads after the partition heals must tell both sides'
+    subscribers where their views differ from the next one.
 
     Args:
         memory: how many accepted views to remember.
+
+    Attributes:
+        view: the view followed.
+        rivals: leader -> the last view of that leader's fork, not yet reconciled.
     """
 
     def __init__(self, memory: int = 256) -> None:
         self.view = View()
+        self.rivals: dict[str, View] = {}
         self._lineage: dict[tuple[int, str], None] = {}
         self._memory = memory
 
     def offer(self, view: View) -> bool:
-        """Accept ``view`` if it is newer than the current one.
+        """Take a view heard from a detector (or published by this one).
+
+        A view newer than the one held is followed; if it does not continue a
+        view this follower knows (its ``prev`` is unknown) and does not merge the
+        held one, the two forked and the held view becomes a rival (subscribers
+        hold it).  A view not newer and never accepted is a rival itself.  The
+        rivals a view ``merged`` are settled.
 
         Returns:
-            True when accepted.
+            True when the view is followed.
         """
-        if view.number <= self.view.number:
-            return False
-        self.view = view
-        self.remember(view)
-        return True
+        for vid in view.merged:
+            self.settled(vid)
+        mine = self.view
+        if view.number > mine.number:
+            if mine.number and not self.known(*view.prev) and mine.id not in view.merged:
+                self.rivals[mine.leader] = mine
+            self.view = view
+            self._remember(view.id)
+            return True
+        if not self.known(*view.id):
+            self.rivals[view.leader] = view
+        return False
 
-    def remember(self, view: View) -> None:
-        """Count ``view`` as known without following it (a rival already reconciled)."""
-        self._lineage[(view.number, view.leader)] = None
+    def settled(self, vid: tuple[int, str]) -> None:
+        """Count the view ``vid`` as known and no longer a rival (a later view
+        reconciled it, or it is an old view of this sequence)."""
+        rival = self.rivals.get(vid[1])
+        if rival is not None and rival.id == vid:
+            del self.rivals[vid[1]]
+        self._remember(vid)
+
+    def _remember(self, vid: tuple[int, str]) -> None:
+        self._lineage[vid] = None
         while len(self._lineage) > self._memory:
             del self._lineage[next(iter(self._lineage))]
 
     def known(self, number: int, leader: str) -> bool:
-        """True when the view ``(number, leader)`` is one this follower accepted
-        (number 0, the empty view, is everybody's)."""
+        """True when the view ``(number, leader)`` is one this follower accepted or
+        saw reconciled (number 0, the empty view, is everybody's)."""
         return number == 0 or (number, leader) in self._lineage
 
 

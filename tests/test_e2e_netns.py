@@ -94,7 +94,7 @@ def _start_routers(procs: list) -> None:
     peers = {"a": [], "b": [f"tcp://{HOSTS['a']}:7601"], "c": [f"tcp://{B2}:7601"]}
     listen_peer = {"a": [HOSTS["a"]], "b": [HOSTS["b"], B2], "c": [HOSTS["c"]]}
     for h in "abc":
-        args = ["router", "--name", f"r{h}", "--preset", "local", "--insecure",
+        args = ["-v", "router", "--name", f"r{h}", "--preset", "local", "--insecure",
                 "--listen", f"tcp://{HOSTS[h]}:7600"]
         for addr in listen_peer[h]:
             args += ["--peer-listen", f"tcp://{addr}:7601"]
@@ -184,6 +184,28 @@ def _view_in(h: str) -> dict:
     return {n: m[0] for n, m in json.loads(out.stdout)["view"]["members"].items()}
 
 
+def _diagnose(seen: dict, since: float, procs: list) -> str:
+    """What a failed wait in the partition test saw: the change events on each side,
+    each side's answer to `members`, each router's links, and every process's log."""
+    out = [f"{h} saw {[(round(t - since, 2), e) for t, e in evs]}" for h, evs in seen.items()]
+    for h in "abc":
+        for cmd in (("members", "--json", "--timeout", "3"), ("status", "--json")):
+            r = _run_in(h, *cmd)
+            out.append(f"{h}: psepr {cmd[0]} -> {r.returncode}: {r.stdout.strip()} "
+                       f"{r.stderr.strip()}")
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        out.append(f"--- {' '.join(p.args[6:10])} (exit {p.returncode}):\n{err[-4000:]}")
+    return "\n".join(out)
+
+
 def test_membership_partition_is_reported_honestly_on_each_side_and_heals(namespaces):
     """Cut the b-c link: side {a, b} says c's node failed, side {c} says a's and b's
     nodes failed (each side has a quorum of the detectors it can hear); restore
@@ -193,7 +215,7 @@ def test_membership_partition_is_reported_honestly_on_each_side_and_heals(namesp
     try:
         _start_routers(procs)
         for h in "abc":
-            for cmd in (["detector", "--name", f"d{h}"], ["agent", "--host", f"n{h}",
+            for cmd in (["-v", "detector", "--name", f"d{h}"], ["agent", "--host", f"n{h}",
                                                          "--no-sensors"]):
                 p = _in(h, *cmd, "--preset", "local", "--router", f"tcp://{HOSTS[h]}:7600")
                 procs.append(p)
@@ -221,10 +243,11 @@ def test_membership_partition_is_reported_honestly_on_each_side_and_heals(namesp
 
         healed = time.monotonic()
         _ip("-n", _ns("b"), "link", "set", f"{TAG}bc", "up")
-        wait_for("a's side: nc back", lambda: _first(seen["a"], "nc", "recovered", healed), 30)
+        why = lambda: _diagnose(seen, cut, procs)     # noqa: E731
+        wait_for("a's side: nc back", lambda: _first(seen["a"], "nc", "recovered", healed), 30,
+                 why)
         wait_for("c's side: na and nb back", lambda: _first(seen["c"], "na", "recovered", healed)
-              and _first(seen["c"], "nb", "recovered", healed), 30,
-              lambda: f"c saw {[(round(t - cut, 2), e) for t, e in seen['c']]}")
+              and _first(seen["c"], "nb", "recovered", healed), 30, why)
         print(f"healed: both sides saw every node recovered after "
               f"{time.monotonic() - healed:.2f} s")
         wait_for("one view, all alive, on both sides",

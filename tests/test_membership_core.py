@@ -222,10 +222,16 @@ def test_view_round_trip_and_change_payloads():
     assert list(p["members"]) == ["a", "b"]                 # sorted on the wire
     assert p == {"view": 7, "leader": "d2",
                  "members": {"a": [ALIVE, 0, 12.0], "b": [FAILED, 3, 1700000000.5]},
-                 "changes": [["b", FAILED], ["a", RECOVERED]]}
+                 "changes": [["b", FAILED], ["a", RECOVERED]], "prev": [0, ""], "merged": []}
     assert View.parse(wire(p)) == v
     assert View.parse(wire(View().payload())) == View()
     assert View.parse({k: x for k, x in p.items() if k != "changes"}).changes == ()
+    # prev and merged are optional on input (views from before they existed).
+    assert View.parse({k: x for k, x in p.items() if k not in ("prev", "merged")}) == v
+    healed = View(9, "d1", {}, (), (6, "d1"), ((5, "d3"), (7, "d4")))
+    assert healed.payload()["prev"] == [6, "d1"]
+    assert healed.payload()["merged"] == [[5, "d3"], [7, "d4"]]
+    assert View.parse(wire(healed.payload())) == healed and healed.id == (9, "d1")
     assert View.parse({**p, "members": {"a": [ALIVE, 0, 12]}}).members["a"].since == 12.0
     assert v.change_payload("b", FAILED) == {"host": "b", "state": FAILED, "incarnation": 3,
                                              "since": 1700000000.5, "view": 7, "leader": "d2"}
@@ -256,6 +262,14 @@ GOOD_VIEW = View(3, "d1", {"h1": Member(ALIVE, 0, 1.0)}, (("h1", ALIVE),)).paylo
     ({**GOOD_VIEW, "changes": [[1, "alive"]]}, "changes"),           # the host is a name
     ({**GOOD_VIEW, "changes": [[None, "failed"]]}, "changes"),
     ({**GOOD_VIEW, "view": -1}, "view"),
+    ({**GOOD_VIEW, "prev": 3}, "prev"),
+    ({**GOOD_VIEW, "prev": [3]}, "prev"),
+    ({**GOOD_VIEW, "prev": [-1, "d1"]}, "prev"),
+    ({**GOOD_VIEW, "prev": [True, "d1"]}, "prev"),
+    ({**GOOD_VIEW, "prev": [2, None]}, "prev"),
+    ({**GOOD_VIEW, "merged": {"d1": 2}}, "merged"),
+    ({**GOOD_VIEW, "merged": [[2, "d1"], [2]]}, "merged"),
+    ({**GOOD_VIEW, "merged": [["2", "d1"]]}, "merged"),
     ({**GOOD_VIEW, "view": "3"}, "view"),
     ({k: v for k, v in GOOD_VIEW.items() if k != "leader"}, "leader"),
     ({**GOOD_VIEW, "leader": None}, "leader"),
@@ -282,7 +296,9 @@ views = st.builds(View, counts, st.text(max_size=12),
                   st.dictionaries(names, st.builds(Member, st.sampled_from(STATES),
                                                    st.integers(-2**63, 2**63 - 1), finite),
                                   max_size=6),
-                  st.lists(st.tuples(names, st.sampled_from(EVENTS)), max_size=6).map(tuple))
+                  st.lists(st.tuples(names, st.sampled_from(EVENTS)), max_size=6).map(tuple),
+                  st.tuples(counts, st.text(max_size=12)),
+                  st.lists(st.tuples(counts, st.text(max_size=12)), max_size=3).map(tuple))
 
 
 @settings(max_examples=200, deadline=None)
@@ -294,7 +310,8 @@ def test_payloads_round_trip_through_the_wire(hb, o, v):
 
 
 KEYS = ("host", "incarnation", "counter", "period", "state", "detector", "epoch", "seq",
-        "healthy", "health", "view", "nodes", "members", "changes", "leader", "view_by", "led")
+        "healthy", "health", "view", "nodes", "members", "changes", "leader", "view_by", "led",
+        "prev", "merged")
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | finite
     | st.text(max_size=8) | st.sampled_from(STATES + EVENTS + KEYS),
@@ -829,6 +846,8 @@ def test_a_follower_only_moves_forward():
     assert f.offer(View(1, "d2")) is False and f.view is v1   # same number: first one wins
     assert f.offer(v3) is True and f.view is v3
     assert f.offer(View(2, "d1")) is False and f.view is v3
+    # What it did not follow and never accepted is a fork's view: a rival.
+    assert f.rivals == {"d2": View(1, "d2"), "d1": View(2, "d1")}
 
 
 def test_a_follower_remembers_its_lineage_to_tell_forks_apart():
@@ -839,12 +858,76 @@ def test_a_follower_remembers_its_lineage_to_tell_forks_apart():
     assert f.known(1, "d1") and not f.known(1, "d2")          # same number, other leader: a fork
     f.offer(View(1, "d2"))                                    # refused, so not remembered
     assert not f.known(1, "d2")
-    f.remember(View(4, "d3"))                                 # a reconciled rival: known...
+    assert f.rivals == {"d2": View(1, "d2")}
+    f.settled((1, "d2"))                                      # reconciled: known, no rival
+    assert f.rivals == {} and f.known(1, "d2")
+    f.settled((4, "d3"))                                      # known...
     assert f.known(4, "d3") and f.view.number == 1            # ...but not followed
     f.offer(View(2, "d1"))
     f.offer(View(3, "d1"))
     assert not f.known(1, "d1")                               # the oldest fell out of memory
     assert f.known(4, "d3") and f.known(2, "d1") and f.known(3, "d1")
+
+
+def test_a_newer_view_that_does_not_continue_ours_makes_ours_a_rival():
+    f = ViewFollower()
+    v1 = View(1, "d1")
+    f.offer(v1)
+    v2 = View(2, "d2", prev=(1, "d1"))                   # a new leader continues our sequence
+    assert f.offer(v2) and f.rivals == {}
+    fork = View(5, "d3", prev=(4, "d3"))                 # the other side of a partition
+    assert f.offer(fork) and f.view is fork
+    assert f.rivals == {"d2": v2}                         # our subscribers were told v2
+    # The view that reconciles both settles the rival, and counts it as known.
+    joined = View(6, "d2", prev=(5, "d3"), merged=((2, "d2"),))
+    assert f.offer(joined) and f.rivals == {} and f.known(2, "d2")
+    # A fork that already merged the view we hold is no fork of it.
+    g = ViewFollower()
+    g.offer(v2)
+    assert g.offer(View(7, "d3", prev=(6, "d3"), merged=((2, "d2"),))) and g.rivals == {}
+
+
+def test_whoever_leads_after_a_partition_tells_each_side_what_changed():
+    """d1, d2 (with h1, h2) and d3 (with h3) are cut apart; each side fails the other's
+    nodes, side d3 in more views.  After the heal d1 is starved, so d2 leads: it never
+    led during the partition, yet its next view must say h3 ``recovered`` to d1's and
+    d2's subscribers and h1, h2 ``recovered`` to d3's (the flake that found this)."""
+    hosts = ("h1", "h2", "h3")
+    base = next_view(View(), everyone(ALIVE, *hosts), "d1", 100.0, T)
+    f = {d: ViewFollower() for d in ("d1", "d2", "d3")}
+    for x in f.values():
+        x.offer(base)
+    # Side {d1, d2}: h3 suspect, then failed.
+    a1 = next_view(base, [op("d1", {"h1": (0, ALIVE), "h2": (0, ALIVE), "h3": (0, SUSPECT)}),
+                          op("d2", {"h1": (0, ALIVE), "h2": (0, ALIVE), "h3": (0, ALIVE)})],
+                   "d1", 110.0, T)
+    a2 = next_view(a1, [op(d, {"h1": (0, ALIVE), "h2": (0, ALIVE), "h3": (0, SUSPECT)})
+                        for d in ("d1", "d2")], "d1", 111.0, T)
+    assert state(a2, "h3") == FAILED
+    # Side {d3}: h1 failed, then h2 failed, then a third view (h3 restarted).
+    c1 = next_view(base, [op("d3", {"h1": (0, SUSPECT), "h2": (0, ALIVE), "h3": (0, ALIVE)})],
+                   "d3", 110.0, T)
+    c2 = next_view(c1, [op("d3", {"h1": (0, SUSPECT), "h2": (0, SUSPECT), "h3": (0, ALIVE)})],
+                   "d3", 111.0, T)
+    c3 = next_view(c2, [op("d3", {"h1": (0, SUSPECT), "h2": (0, SUSPECT), "h3": (1, ALIVE)})],
+                   "d3", 112.0, T)
+    assert c3.number > a2.number
+    for v in (a1, a2):
+        f["d1"].offer(v)
+        f["d2"].offer(v)
+    for v in (c1, c2, c3):
+        f["d3"].offer(v)
+    # The heal: each side hears the other's latest view.
+    for d in ("d1", "d2"):
+        assert f[d].offer(c3) and f[d].rivals == {"d1": a2}
+    assert not f["d3"].offer(a2) and f["d3"].rivals == {"d1": a2}
+    # d2 leads (d1 is starved) and every node is alive again.
+    alive = [op(d, {"h1": (0, ALIVE), "h2": (0, ALIVE), "h3": (1, ALIVE)}) for d in ("d2", "d3")]
+    healed = next_view(f["d2"].view, alive, "d2", 120.0, T, f["d2"].rivals.values())
+    assert dict(healed.changes) == {"h1": RECOVERED, "h2": RECOVERED, "h3": RECOVERED}
+    assert healed.merged == ((a2.number, "d1"),) and healed.prev == c3.id
+    for x in f.values():
+        assert x.offer(healed) and x.rivals == {}
 
 
 def reply(payload):

@@ -88,6 +88,7 @@ class Detector:
         self._catch_up: asyncio.Task | None = None
         self._led: View | None = None          # the last view this detector published
         self._unknown_since: float | None = None   # a live detector holds a view we lack
+        self._fork_at: float | None = None         # when this leader first held rivals
         self._tasks: list[asyncio.Task] = []
         self._leases: list = []
 
@@ -279,6 +280,19 @@ class Detector:
             if now - self._unknown_since < cfg.t_fail:
                 return
         self._unknown_since = None
+        # A fork means a partition just healed: the opinions at hand were formed
+        # while it lasted (a detector still suspects a node whose beats were cut
+        # off).  Reconcile with opinions heard two beats after the fork was seen
+        # (a beat to arrive, one for the opinion; at most t_fail later), or a
+        # node one side had failed would be reported "suspect", not "recovered".
+        if self.follower.rivals:
+            if self._fork_at is None:
+                self._fork_at = now
+            if (now - self._fork_at < cfg.t_fail
+                    and not self.opinions.heard_since(self._fork_at + 2 * cfg.t_gossip, now,
+                                                  stretch)):
+                return
+        self._fork_at = None
         view = next_view(current, live, self.name, self.wall(), cfg.t_cleanup,
                          self.follower.rivals.values())
         if view is not current:

@@ -331,6 +331,11 @@ class Opinions:
                 del self._latest[name]
         return [op for name, (op, at) in sorted(self._latest.items()) if now - at <= ttl]
 
+    def heard_since(self, t: float, now: float, stretch: float = 1.0) -> bool:
+        """True when every live detector's latest opinion arrived at ``t`` or later."""
+        ttl = self.ttl * stretch
+        return all(at >= t for _, at in self._latest.values() if now - at <= ttl)
+
     def leader(self, now: float, stretch: float = 1.0) -> str | None:
         """The live healthy detector with the smallest name, or None."""
         for op in self.live(now, stretch):

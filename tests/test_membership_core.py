@@ -435,6 +435,18 @@ def test_opinions_age_out_after_the_stretched_ttl_by_arrival_time():
     assert [o.detector for o in ops.live(15.5, stretch=2.0)] == []
 
 
+def test_heard_since_asks_for_a_newer_opinion_from_every_live_detector():
+    ops = Opinions(ttl=2.0)
+    ops.add(op("d1", seq=1), now=10.0)
+    ops.add(op("d2", seq=1), now=10.5)
+    assert ops.heard_since(10.0, now=11.0) and not ops.heard_since(10.2, now=11.0)
+    ops.add(op("d1", seq=2), now=11.0)
+    assert ops.heard_since(10.2, now=11.0) and not ops.heard_since(10.7, now=11.0)
+    # A dead detector (past its ttl) is not waited for.
+    assert ops.heard_since(10.7, now=12.6)
+    assert not ops.heard_since(10.7, now=12.6, stretch=2.0)   # ...unless the ttl is stretched
+
+
 def test_opinions_forget_long_dead_detectors():
     ops = Opinions(ttl=2.0)
     ops.add(op("d1", seq=9), now=0.0)

@@ -263,6 +263,7 @@ class Detector:
         stretch = self.core.health.stretch
         if (now - self._started < cfg.t_fail
                 or self.opinions.leader(now, stretch) != self.name):
+            self._fork_at = None          # a leader again later waits afresh
             return
         live = self.opinions.live(now, stretch)
         current = self.follower.view

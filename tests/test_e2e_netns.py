@@ -243,7 +243,9 @@ def test_membership_partition_is_reported_honestly_on_each_side_and_heals(namesp
 
         healed = time.monotonic()
         _ip("-n", _ns("b"), "link", "set", f"{TAG}bc", "up")
-        why = lambda: _diagnose(seen, cut, procs)     # noqa: E731
+
+        def why() -> str:
+            return _diagnose(seen, cut, procs)
         wait_for("a's side: nc back", lambda: _first(seen["a"], "nc", "recovered", healed), 30,
                  why)
         wait_for("c's side: na and nb back", lambda: _first(seen["c"], "na", "recovered", healed)

@@ -98,15 +98,19 @@ def _mesh(n: int, extra: int, seed: int) -> list[tuple[int, int]]:
     return edges
 
 
+def _across(routers: list, urls: list, count: int, rate: int = 0) -> dict:
+    """One sender at the chain's first router, one holder at its last."""
+    return hop._run_roles("psepr-recv", "psepr-send", ["--url", urls[2]], ["--url", urls[0]],
+                          count=count, conns=1, procs=1, leases=1, rate=rate, seconds=30.0,
+                          mids=tuple(routers))
+
+
 def _chain_runs(count: int, lat_n: int) -> dict:
     out = {}
     procs, urls = start_overlay(3, [(1, 0), (2, 1)])
     try:
         for title, kw in (("rate", dict(count=count)), ("latency", dict(count=lat_n, rate=5000))):
-            out[f"chain {title}"] = hop._run_roles(
-                "psepr-recv", "psepr-send", ["--url", urls[2]], ["--url", urls[0]],
-                conns=1, procs=1, leases=1, seconds=30.0, mids=tuple(procs),
-                **{"rate": 0, **kw})
+            out[f"chain {title}"] = _across(procs, urls, **kw)
     finally:
         hop._stop(*procs)
     for title, kw in (("rate", dict(count=count)), ("latency", dict(count=lat_n, rate=5000))):
@@ -131,9 +135,7 @@ def _aged_chain(total: int, lat_n: int) -> list[dict]:
         while len(runs) * lat_n < total:
             print(f"  aged chain: run {len(runs) + 1}, {len(runs) * lat_n:,} events so far ...",
                   file=sys.stderr, flush=True)
-            r = hop._run_roles("psepr-recv", "psepr-send", ["--url", urls[2]], ["--url", urls[0]],
-                               count=lat_n, conns=1, procs=1, leases=1, rate=5000,
-                               seconds=30.0, mids=tuple(procs))
+            r = _across(procs, urls, lat_n, rate=5000)
             runs.append({"before": len(runs) * lat_n, "p50_us": r.get("p50_us", 0.0),
                          "p99_us": r.get("p99_us", 0.0),
                          "routers_cpu_us": r["cpu_us_by_role"]["routers"]})

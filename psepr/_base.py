@@ -15,7 +15,7 @@ import collections
 import logging
 import time
 
-from .errors import LeaseExpired
+from .errors import LeaseExpired, TimeoutError
 
 log = logging.getLogger("psepr.client")
 
@@ -23,17 +23,25 @@ log = logging.getLogger("psepr.client")
 INBOX_PREFIX = "inbox:"
 
 
-def time_left(timeout: float | None, deadline: float | None) -> tuple:
+def time_left(timeout: float | None, deadline: float | None, where: str = "") -> tuple:
     """``(deadline, seconds left)`` for a wait of ``timeout`` seconds (None: forever).
 
     The deadline is fixed at the first call (pass back what it returned): a
     ``receive`` that finds an event waiting never reads the clock.
+
+    Args:
+        where: what the wait is on, for the error (e.g. ``" on /a/b/"``).
+
+    Raises:
+        TimeoutError: the deadline has passed ("no event<where> within <timeout> s").
     """
     if timeout is None:
         return None, None
     now = time.monotonic()
     if deadline is None:
         deadline = now + timeout
+    if deadline <= now:
+        raise TimeoutError(f"no event{where} within {timeout} s") from None
     return deadline, deadline - now
 
 

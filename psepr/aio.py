@@ -64,13 +64,9 @@ class Lease(LeaseBase):
                 if self._closed or self._con._closed:
                     raise ClosedError(f"lease {self.id} is closed")
                 self._has.clear()
-                deadline, remaining = time_left(timeout, deadline)
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no event on {self.channel.text} within {timeout} s")
-                try:
+                deadline, remaining = time_left(timeout, deadline, f" on {self.channel.text}")
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._has.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
         finally:
             self._waiting -= 1
         return q.popleft()
@@ -351,12 +347,8 @@ class Connection(ConnectionBase):
                 raise ClosedError("connection is closed")
             self._any.clear()
             deadline, remaining = time_left(timeout, deadline)
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"no event within {timeout} s")
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._any.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
 
     async def request(self, channel: "str | Channel", payload: Any = None, *,
                       type: str | None = None, format: str | None = None,

@@ -412,8 +412,6 @@ class Connection(ConnectionBase):
                 if arrivals:
                     continue
                 deadline, remaining = time_left(timeout, deadline)
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no event within {timeout} s") from None
                 # Drive the socket ourselves (no hand-off); if another thread has it,
                 # wait - boundedly: a wake-up cleared by another reader costs <= 50 ms.
                 drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
@@ -606,9 +604,7 @@ class Connection(ConnectionBase):
                 has.clear()
                 if q:
                     break
-                deadline, remaining = time_left(timeout, deadline)
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no event on {lease.channel.text} within {timeout} s")
+                deadline, remaining = time_left(timeout, deadline, f" on {lease.channel.text}")
                 drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
                 if not self._drive(lambda: q or lease._error is not None or lease._closed,
                                    time.monotonic() + drive):

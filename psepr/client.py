@@ -139,6 +139,7 @@ class Connection(ConnectionBase):
         self._leases: dict[str, Lease] = {}
         self._init_arrivals()
         self._any = threading.Event()    # set by the I/O thread when events arrive
+        self._waiting = 0                # readers waiting on _any (see _counted)
         self._filed = False              # events filed since readers were last woken
         self._outq: collections.deque = collections.deque()
         self._space = threading.Event()
@@ -408,15 +409,12 @@ class Connection(ConnectionBase):
             except IndexError:
                 if self._closed:
                     raise ClosedError("connection is closed") from None
-                self._any.clear()
-                if arrivals:
-                    continue
                 deadline, remaining = time_left(timeout, deadline)
                 # Drive the socket ourselves (no hand-off); if another thread has it,
-                # wait - boundedly: a wake-up cleared by another reader costs <= 50 ms.
+                # wait for that thread's wake-up.
                 drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
                 if not self._drive(lambda: self._arrivals, time.monotonic() + drive):
-                    self._any.wait(0.05 if remaining is None else min(remaining, 0.05))
+                    self._wait_any(remaining)
                 continue
             q = lease._q
             if q:
@@ -585,35 +583,52 @@ class Connection(ConnectionBase):
                     raise TimeoutError(message)
                 self._cond.wait(remaining)
 
+    def _wait_any(self, remaining: float | None) -> None:
+        """Wait for events filed by the thread that drives the socket (see :meth:`_counted`)."""
+        with self._counted(self):
+            self._any.clear()
+            if not self._arrivals and not self._closed:
+                self._any.wait(0.05 if remaining is None else min(remaining, 0.05))
+
+    @contextlib.contextmanager
+    def _counted(self, who) -> Iterator[None]:
+        """Count a reader that waits on ``who``'s Event (the connection's or a lease's)
+        while another thread drives the socket.
+
+        Only counted readers are woken: a reader driving the socket files its own
+        events and needs no Event set and cleared per event (two lock round trips
+        through Python-level ``threading`` code).  The count is raised under the
+        lock the filing holds, before the reader looks at its queue, so a driver
+        that files after that look sees the count and wakes it.  The wait is
+        bounded (50 ms): a wake-up another reader cleared costs no more.
+        """
+        with self._lock:
+            who._waiting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                who._waiting -= 1
+
     def _wait_for(self, lease: Lease, timeout: float | None) -> Event:
         # Readers wait on an Event the I/O thread sets after it has released the
         # connection lock: the woken reader needs no lock, only the GIL.
         q = lease._q
         has = lease._has
         deadline = None
-        # Counted before the queue is looked at below, under the lock the filing
-        # holds: a driver filing after that look wakes us.
-        with self._lock:
-            lease._waiting += 1
-        try:
-            while not q:
-                if lease._error is not None:
-                    raise lease._error
-                if lease._closed or self._closed:
-                    raise ClosedError(f"lease {lease.id} is closed")
-                has.clear()
-                if q:
-                    break
-                deadline, remaining = time_left(timeout, deadline, f" on {lease.channel.text}")
-                drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
-                if not self._drive(lambda: q or lease._error is not None or lease._closed,
-                                   time.monotonic() + drive):
-                    # Another thread drives: wait, boundedly (a wake-up cleared by
-                    # another reader then costs at most 50 ms).
-                    has.wait(0.05 if remaining is None else min(remaining, 0.05))
-        finally:
-            with self._lock:
-                lease._waiting -= 1
+        while not q:
+            if lease._error is not None:
+                raise lease._error
+            if lease._closed or self._closed:
+                raise ClosedError(f"lease {lease.id} is closed")
+            deadline, remaining = time_left(timeout, deadline, f" on {lease.channel.text}")
+            drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
+            if not self._drive(lambda: q or lease._error is not None or lease._closed,
+                               time.monotonic() + drive):
+                with self._counted(lease):
+                    has.clear()
+                    if not q and lease._error is None and not lease._closed:
+                        has.wait(0.05 if remaining is None else min(remaining, 0.05))
         return q.popleft()
 
     def _control(self, op, timeout: float, what: str):
@@ -665,12 +680,14 @@ class Connection(ConnectionBase):
         if not self._filed:
             return
         self._filed = False
-        touched, self._touched = self._touched, {}
-        # Event.set takes a lock and notifies even when the flag is up already.
-        for lease in touched:
-            if not lease._has.is_set():
-                lease._has.set()
-        if not self._any.is_set():
+        touched = self._touched
+        if touched:
+            self._touched = {}
+            # Event.set takes a lock and notifies even when the flag is up already.
+            for lease in touched:
+                if not lease._has.is_set():
+                    lease._has.set()
+        if self._waiting and not self._any.is_set():
             self._any.set()
 
     def ready(self, welcome: dict) -> None:

@@ -8,6 +8,11 @@ themselves (measured on pyzmq 27: a 4-frame message takes 13.9 us through
 against 8.3 us reading ``Frame.more``).  Routers and clients send and receive
 one message per event batch, so these helpers sit on every hot path.
 
+:func:`send_frames` also calls the backend's ``send`` directly: pyzmq's
+``zmq.Socket.send`` is a Python-level wrapper that only adds the DRAFT
+``routing_id``/``group`` arguments, and skipping it halves the cost of a small
+frame (0.19 against 0.38-0.46 us per frame on pyzmq 27; a DELIVER is 5 frames).
+
 Semantics are those of the pyzmq calls they replace: a send that cannot be
 queued raises ``zmq.Again`` (or the ZeroMQ error) on the *first* frame, before
 anything was queued; once the first frame is accepted ZeroMQ accepts the rest
@@ -22,6 +27,7 @@ NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | NOBLOCK
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_send = zmq.backend.Socket.send     # the C-level send under zmq.Socket's wrapper
 
 
 def readable(sock: zmq.Socket) -> bool:
@@ -46,13 +52,13 @@ def send_frames(sock: zmq.Socket, frames: list, first: bytes | None = None) -> N
         zmq.Again: the socket's queue is full; nothing was sent.
         zmq.ZMQError: other ZeroMQ errors (e.g. EHOSTUNREACH); nothing was sent.
     """
-    send = sock.send
+    send = _send
     if first is not None:
-        send(first, _MORE_NOBLOCK)
+        send(sock, first, _MORE_NOBLOCK)
     last = len(frames) - 1
     for i in range(last):
-        send(frames[i], _MORE_NOBLOCK)
-    send(frames[last], NOBLOCK)
+        send(sock, frames[i], _MORE_NOBLOCK)
+    send(sock, frames[last], NOBLOCK)
 
 
 def recv_frames(sock: zmq.Socket) -> list:

@@ -750,7 +750,8 @@ class RouterCore:
             conn.out_segs = []
             conn.out_bytes = 0
             conn.out_events = 0
-            for chunk in wire.cuts(segs, 3, _MAX_SEGMENTS, cut):
+            # One segment (a lone event's turn) is one DELIVER: no cutting to do.
+            for chunk in (segs,) if len(segs) == 1 else wire.cuts(segs, 3, _MAX_SEGMENTS, cut):
                 if conn.detached is not None:      # it vanished during this flush
                     conn.out_segs.extend(chunk)
                     conn.out_events += sum(seg[4] for seg in chunk)

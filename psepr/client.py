@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import os
 import select
 import threading
@@ -898,7 +899,9 @@ class Connection(ConnectionBase):
                 timeout = min(timeout, max(0.0, deadline - now))
             if backlog:
                 timeout = min(timeout, 0.01)
-        ready = dict(self._poller.poll(timeout * 1000.0))
+        # Rounded up: pyzmq truncates to whole milliseconds (a timer less than
+        # 1 ms away would make this loop spin until it is due).
+        ready = dict(self._poller.poll(math.ceil(timeout * 1000.0)))
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import signal
 import sys
 import threading
@@ -297,7 +298,9 @@ class Router:
             while not self._stop.is_set():
                 # `due` was computed at the end of the last turn, after its flush.
                 timeout = max(0.0, min(due - now, 0.25))
-                ready = poller.poll(timeout * 1000.0)
+                # Rounded up: pyzmq truncates to whole milliseconds, and a deadline
+                # less than 1 ms away would make the loop spin until it passed.
+                ready = poller.poll(math.ceil(timeout * 1000.0))
                 for s, _ in ready:
                     if overlay is not None and (s is peer_sock or s in dialer_url):
                         drain_peer(s)

@@ -847,10 +847,12 @@ class Connection(ConnectionBase):
                 if not self._sock_lock.acquire(timeout=0.05):
                     return False
             try:
-                while not ready() and not self._closed:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        break
-                    self._io_step(deadline, ready)
+                if not ready():
+                    while not self._closed:
+                        if deadline is not None and time.monotonic() >= deadline:
+                            break
+                        if self._io_step(deadline, ready) or ready():
+                            break
                 self._recheck()
             finally:
                 self._sock_lock.release()
@@ -860,7 +862,7 @@ class Connection(ConnectionBase):
                 self._readers -= 1
                 self._reader_left = time.monotonic()
 
-    def _io_step(self, deadline: float | None, enough=None) -> None:
+    def _io_step(self, deadline: float | None, enough=None) -> bool:
         """One turn: switch sockets if asked, poll, receive, tick, send what waits.
 
         Sending comes last so that a turn woken by a send (or a control request,
@@ -875,26 +877,34 @@ class Connection(ConnectionBase):
                 socket for the next poll, which is level-triggered (and
                 :meth:`_recheck` wakes a sleeping I/O thread for it).
 
+        Returns:
+            True if ``enough`` held after a message was received.
+
         Called with ``_sock_lock`` held, by the I/O thread or a reader.
         """
         s = self._session
         outq = self._outq
         limit = self.config.send_queue
         now = time.monotonic()
+        url = None
         with self._lock:
             if self._closed:
-                return
-            url = s.take_switch()
-            if url is not None:
+                return False
+            if s.switch_to is not None:
+                url = s.take_switch()
                 self._backlog = []
                 self._open(url)
                 s.start(now)
+        # One look at the timers per turn: a message received below can only move
+        # them later (or ask for a switch, which the next turn's poll serves at
+        # once), and an early tick() finds nothing to do.
+        due = s.next_deadline(now)
         sock = self._sock
         backlog = self._backlog
         if url is not None or (outq and s.queued < limit):
             timeout = 0.0
         else:
-            timeout = max(0.0, s.next_deadline(now) - now)
+            timeout = max(0.0, due - now)
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - now))
             if backlog:
@@ -923,6 +933,7 @@ class Connection(ConnectionBase):
                         s.connected(time.monotonic())
                     if closed:
                         s.disconnected(time.monotonic())
+        done = False
         if ready.get(sock):
             with self._lock:
                 self._refresh_full()
@@ -933,11 +944,12 @@ class Connection(ConnectionBase):
                         break
                     s.on_message(frames, time.monotonic())
                     if enough is not None and enough():
+                        done = True
                         break
             self._wake_readers()
         now = time.monotonic()
         with self._lock:
-            if now >= s.next_deadline(now):
+            if now >= due:
                 s.tick(now)
             # Move user sends into the session (bounded by the session's queue).
             self._woken = False
@@ -953,6 +965,7 @@ class Connection(ConnectionBase):
             except zmq.Again:
                 break
             backlog.pop(0)
+        return done
 
 
 #: A send at least this long after the last one sent from a caller's thread goes

@@ -723,7 +723,8 @@ class RouterCore:
                 segs = conn.out_segs
                 conn.out_segs = []
                 conn.out_bytes = conn.out_events = 0
-                for chunk in wire.cuts(segs, 3, _MAX_SEGMENTS, cut):   # bounded, like DELIVERs
+                for chunk in (segs,) if len(segs) == 1 else \
+                        wire.cuts(segs, 3, _MAX_SEGMENTS, cut):   # bounded, like DELIVERs
                     overlay.send_segments(conn, chunk)
                 continue
             if conn.detached is not None:

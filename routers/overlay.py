@@ -49,6 +49,7 @@ routers that did not.
 from __future__ import annotations
 
 import logging
+from itertools import chain
 from typing import Callable
 
 import orjson
@@ -67,6 +68,10 @@ INTEREST_TYPE = "http://psepr.org/xs/payload/interest"
 _K = wire.KIND_BYTES
 #: Pairs per INTEREST message; bigger changes are split (each part its own seq).
 _MAX_PAIRS = 4000
+_LIST = {list}
+_PAIR = {2}
+_STR = {str}
+_INT = {int}
 
 
 class SeenCache:
@@ -242,8 +247,11 @@ class OverlayCore:
 
     def take_out(self) -> list:
         """``[(link id, frames), ...]`` to send now (the interest delta included)."""
-        self._flush_interest()
-        out, self._out = self._out, []
+        if self._pend_add or self._pend_del or self._barriers:
+            self._flush_interest()
+        out = self._out
+        if out:
+            self._out = []
         return out
 
     def link_gone(self, link_id: tuple, now: float) -> None:
@@ -489,11 +497,14 @@ class OverlayCore:
                 or type(d) is not list or type(s) is not list or type(q) is not list:
             raise ValueError("forward: o must be a name, e and h integers, d, s and q lists")
         nseg = len(s)
-        if len(q) != nseg or len(rest) != 2 * nseg or not all(
-                type(x) is list and len(x) == 2 and type(x[0]) is str and type(x[1]) is str
-                for x in s) or not all(type(x) is str for x in d):
+        # C-level checks (no generator frames): they run for every FORWARD.
+        if len(q) != nseg or len(rest) != 2 * nseg or not set(map(type, s)) <= _LIST \
+                or not set(map(len, s)) <= _PAIR \
+                or not set(map(type, chain.from_iterable(s))) <= _STR \
+                or not set(map(type, q)) <= _INT or not set(map(type, d)) <= _STR:
             raise ValueError(f"forward from {o}: s and q need one entry per (header, body) "
-                             f"pair ({len(rest) // 2} pairs)")
+                             f"pair ({len(rest) // 2} pairs): s [from_service, from_instance] "
+                             f"names, q integers, d router names")
         self.forwarded_in += 1
         me = self.me
         if me in d:
@@ -511,7 +522,7 @@ class OverlayCore:
                 if type(header) is dict:
                     self.core.route(header, raw, rest[2 * k + 1], s[k][0], s[k][1], None,
                                     remote=False)
-            d = [x for x in d if x != me]
+            d = [x for x in d if x != me] if len(d) > 1 else []
         if d:
             if hops <= 1:
                 self.hop_dropped += 1
@@ -548,7 +559,7 @@ class OverlayCore:
         for _ in segs:
             self._seg_seq += 1
             q.append(self._seg_seq)
-        link = self._link_for(po.next_hop)
+        link = (self._via or self._peers()).get(po.next_hop)    # _link_for, inlined
         if link is None:
             self.no_route += sum(s[4] for s in segs)
             return
@@ -571,8 +582,9 @@ class OverlayCore:
                 self.no_route += 1
                 continue
             by.setdefault(nh, []).append(d)
+        peers = self._via or self._peers()
         for nh, ds in by.items():
-            link = self._link_for(nh)
+            link = peers.get(nh)
             if link is None:
                 self.no_route += 1
                 continue

@@ -382,6 +382,32 @@ def test_bad_peer_messages_are_answered_and_change_nothing():
     assert msgs[0]["code"] == wire.E_NO_SESSION and "other.org" in msgs[1]["message"]
 
 
+@pytest.mark.parametrize("meta", [
+    {"s": ["x"], "q": [1]},                     # a segment's sender is not a pair
+    {"s": [["x"]], "q": [1]},
+    {"s": [["x", 5]], "q": [1]},
+    {"s": [["x", "y"]], "q": [[1]]},            # an unhashable sequence number
+    {"s": [["x", "y"]], "q": [1], "d": [None]},
+    {"s": [["x", "y"]], "q": [1, 2]},           # one q per segment
+])
+def test_malformed_forwards_are_refused_with_an_error(meta, caplog):
+    net = _net_with_clients(["a", "b"], [("b", "a")])
+    net.lease("a", b"c-a", "/x.org/app/")
+    net.take_all()
+    a = net.cores["a"].overlay
+    hdr = orjson.dumps({"g": [["/x.org/app/x/", None, None, 1]], "i": ["e1"], "t": [1.0],
+                        "f": [0], "l": [2]})
+    a.on_message(("l", "b"), [bytes([Kind.FORWARD]),
+                              orjson.dumps({"o": "b", "e": 1, "h": 3, "d": ["a"], **meta}),
+                              hdr, b"{}"], net.now)
+    errors = [wire.decode(f)[1] for _, f in a.take_out() if f[0][0] == Kind.ERROR]
+    assert len(errors) == 1 and "forward from b" in errors[0]["message"]
+    assert a.peer_errors == 1 and a.forwarded_in == 0
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
+    net.cores["a"].flush(net._client_send("a"))
+    assert net.take("a", b"c-a", Kind.DELIVER) == []
+
+
 def test_forwards_are_cut_like_delivers():
     net = _net_with_clients(["a", "b"], [("b", "a")])
     net.lease("b", b"c-b", "/x.org/big/")

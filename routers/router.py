@@ -38,7 +38,6 @@ import logging
 import math
 import signal
 import sys
-import threading
 import time
 from urllib.parse import urlsplit
 
@@ -116,7 +115,7 @@ class Router:
     def __init__(self, config: RouterConfig, context: zmq.Context | None = None) -> None:
         self.config = config
         self.ctx = context or zmq.Context.instance()
-        self._stop = threading.Event()
+        self._stopping = False     # a plain flag: the loop reads it every turn
         self._auth = None
         acl = None
         if config.curve:
@@ -218,8 +217,9 @@ class Router:
         s.setsockopt(zmq.MAXMSGSIZE, max(c.max_bytes_per_turn, c.max_message_bytes) * 2)
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return (thread-safe, signal-safe)."""
-        self._stop.set()
+        """Ask :meth:`run` to return (thread-safe, signal-safe; within one poll timeout,
+        at most 0.25 s)."""
+        self._stopping = True
 
     def run(self) -> None:
         """Serve until :meth:`stop`; then close the sockets."""
@@ -295,7 +295,7 @@ class Router:
         try:
             now = time.monotonic()
             due = core.next_deadline(now)
-            while not self._stop.is_set():
+            while not self._stopping:
                 # `due` was computed at the end of the last turn, after its flush.
                 timeout = max(0.0, min(due - now, 0.25))
                 # Rounded up: pyzmq truncates to whole milliseconds, and a deadline

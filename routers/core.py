@@ -48,7 +48,7 @@ from psepr.wire import Kind
 from registry.acl import ACL, INBOX
 from registry.leases import LeaseTable
 from .config import RouterConfig
-from .overlay import OverlayCore, PeerOut
+from .overlay import SEG_SENDER, OverlayCore, PeerOut
 
 log = logging.getLogger("psepr.router")
 
@@ -240,7 +240,12 @@ class RouterCore:
                     self._error(ident, wire.E_NO_SESSION, "send before hello: say HELLO first")
                     return
                 conn.last_seen = now
-                self._on_send(conn, header, rest, frames[1])
+                if len(rest) > 1:
+                    self._error(ident, wire.E_PROTOCOL,
+                                f"SEND has one body frame after the header, got {len(rest)}")
+                    return
+                self.route(header, frames[1], rest[0] if rest else b"", conn.principal,
+                           conn.instance, conn)
             elif kind == Kind.HELLO:
                 self._on_hello(ident, header, now, principal)
             elif kind in _SESSION_KINDS:
@@ -439,14 +444,6 @@ class RouterCore:
         self._channels[ch] = prefs
         return prefs
 
-    def _on_send(self, conn: Conn, header: dict, rest: list, raw_header: bytes) -> None:
-        if len(rest) > 1:
-            self._error(conn.ident, wire.E_PROTOCOL,
-                        f"SEND has one body frame after the header, got {len(rest)}")
-            return
-        self.route(header, raw_header, rest[0] if rest else b"", conn.principal, conn.instance,
-                   conn)
-
     def route(self, header: dict, raw_header: bytes | None, body: bytes, fsvc: str, finst: str,
               sender: Conn | None, remote: bool = True) -> None:
         """Validate one SEND message and queue it for every connection that wants it.
@@ -621,7 +618,7 @@ class RouterCore:
             # Every group goes to the same connections (one receiver of many
             # channels, say): no per-connection group lists to build.
             all_groups = list(range(ng))
-            wanted = {c: all_groups for c in same or ()}
+            wanted = dict.fromkeys(same or (), all_groups)
         else:
             wanted = {}    # conn -> indices of the groups it gets
             for gi, targets in enumerate(per_group):
@@ -764,7 +761,7 @@ class RouterCore:
                 self._dirty.append(conn)
 
     def _send_deliver(self, conn: Conn, segs: list, send) -> None:
-        meta = {"s": [[s[0], s[1]] for s in segs]}
+        meta = {"s": list(map(SEG_SENDER, segs))}     # tuples: orjson writes arrays
         if conn.pending_drops:
             meta["d"] = conn.pending_drops
         frames = [_K[Kind.DELIVER], orjson.dumps(meta)]

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 from itertools import chain
+from operator import itemgetter
 from typing import Callable
 
 import orjson
@@ -68,6 +69,9 @@ INTEREST_TYPE = "http://psepr.org/xs/payload/interest"
 _K = wire.KIND_BYTES
 #: Pairs per INTEREST message; bigger changes are split (each part its own seq).
 _MAX_PAIRS = 4000
+#: A segment's ``(from_service, from_instance)``; segments are
+#: ``(fsvc, finst, header, body, n)`` tuples (see RouterCore.route).
+SEG_SENDER = itemgetter(0, 1)
 _LIST = {list}
 _PAIR = {2}
 _STR = {str}
@@ -564,7 +568,7 @@ class OverlayCore:
             self.no_route += sum(s[4] for s in segs)
             return
         meta = {"o": self.me, "e": self.epoch, "h": self.config.hop_limit, "d": list(po.dests),
-                "s": [[s[0], s[1]] for s in segs], "q": q}
+                "s": list(map(SEG_SENDER, segs)), "q": q}
         frames = [_K[Kind.FORWARD], orjson.dumps(meta)]
         for s in segs:
             frames.append(s[2])

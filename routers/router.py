@@ -224,9 +224,10 @@ class Router:
     def run(self) -> None:
         """Serve until :meth:`stop`; then close the sockets."""
         core = self.core
-        poller = zmq.Poller()
-        for s in self.sockets:
-            poller.register(s, zmq.POLLIN)
+        # The poll items, for zmq_poll itself (zmq.Poller.poll is a Python-level
+        # wrapper around it; the sockets do not change while the loop runs).
+        polled = [(s, zmq.POLLIN) for s in self.sockets]
+        zmq_poll = zmq.zmq_poll
         sock_of: dict[bytes, zmq.Socket] = {}
         curve = self.config.curve
         max_turn = self.config.max_per_turn
@@ -251,9 +252,8 @@ class Router:
         peer_sock = self.peer_sock
         dialer_url = {d: url for url, d in self.dialers.items()}
         if peer_sock is not None:
-            poller.register(peer_sock, zmq.POLLIN)
-        for d in dialer_url:
-            poller.register(d, zmq.POLLIN)
+            polled.append((peer_sock, zmq.POLLIN))
+        polled.extend((d, zmq.POLLIN) for d in dialer_url)
 
         def send_peers() -> None:
             for lid, frames in overlay.take_out():
@@ -300,7 +300,7 @@ class Router:
                 timeout = max(0.0, min(due - now, 0.25))
                 # Rounded up: pyzmq truncates to whole milliseconds, and a deadline
                 # less than 1 ms away would make the loop spin until it passed.
-                ready = poller.poll(math.ceil(timeout * 1000.0))
+                ready = zmq_poll(polled, math.ceil(timeout * 1000.0))
                 for s, _ in ready:
                     if overlay is not None and (s is peer_sock or s in dialer_url):
                         drain_peer(s)

@@ -853,7 +853,8 @@ class Connection(ConnectionBase):
                             break
                         if self._io_step(deadline, ready) or ready():
                             break
-                self._recheck()
+                if self._io_sleeping:
+                    self._recheck()
             finally:
                 self._sock_lock.release()
             return True
@@ -911,7 +912,8 @@ class Connection(ConnectionBase):
                 timeout = min(timeout, 0.01)
         # Rounded up: pyzmq truncates to whole milliseconds (a timer less than
         # 1 ms away would make this loop spin until it is due).
-        ready = dict(self._poller.poll(math.ceil(timeout * 1000.0)))
+        # zmq_poll on the Poller's own items: Poller.poll is a Python-level wrapper.
+        ready = dict(zmq.zmq_poll(self._poller.sockets, math.ceil(timeout * 1000.0)))
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -936,7 +938,8 @@ class Connection(ConnectionBase):
         done = False
         if ready.get(sock):
             with self._lock:
-                self._refresh_full()
+                if self.full_ids:
+                    self._refresh_full()
                 for _ in range(1000):
                     try:
                         frames = recv_frames(sock)

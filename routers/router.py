@@ -18,6 +18,18 @@ several times that with cold caches), so a lone message or a pair (a fifth of
 the turns at 5,000 events/s) pays no failed receive; a busy turn drains until
 ``Again``.
 
+The loop sleeps in ``select.poll`` on the sockets' own descriptors
+(``ZMQ_FD``), not in ``zmq_poll``: ``zmq_poll`` asks every socket for
+``ZMQ_EVENTS`` before and after it sleeps, one ``poll`` system call each, so a
+router with a client socket, a peer socket and a dialer paid about six of them
+per event.  A ZeroMQ descriptor is edge-triggered: it signals that commands
+arrived (a message, a connection), and any operation on the socket may consume
+that signal while a message stays queued.  So the loop keeps ``touched``, the
+sockets used since ZeroMQ last said they were empty (a receive that failed, or
+``ZMQ_EVENTS`` without ``POLLIN``), and asks each of them before it sleeps;
+a fired descriptor is asked too, which also re-arms it.  Only the sockets that
+were used, or that fired, cost a system call.
+
 Sends use ``ROUTER_MANDATORY`` and ``NOBLOCK``: a full per-connection queue
 raises ``Again`` (counted as a drop, reported to the client) and a vanished
 peer raises ``EHOSTUNREACH`` (its session is kept, detached, for a HELLO from the
@@ -35,7 +47,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
+import select
 import signal
 import sys
 import time
@@ -224,10 +236,6 @@ class Router:
     def run(self) -> None:
         """Serve until :meth:`stop`; then close the sockets."""
         core = self.core
-        # The poll items, for zmq_poll itself (zmq.Poller.poll is a Python-level
-        # wrapper around it; the sockets do not change while the loop runs).
-        polled = [(s, zmq.POLLIN) for s in self.sockets]
-        zmq_poll = zmq.zmq_poll
         sock_of: dict[bytes, zmq.Socket] = {}
         curve = self.config.curve
         max_turn = self.config.max_per_turn
@@ -236,6 +244,7 @@ class Router:
 
         def send(conn: Conn, frames: list) -> bool:
             s = sock_of.get(conn.ident) or self.sockets[0]
+            touched.add(s)
             try:
                 send_frames(s, frames, conn.ident)
                 return True
@@ -251,16 +260,24 @@ class Router:
         overlay = core.overlay
         peer_sock = self.peer_sock
         dialer_url = {d: url for url, d in self.dialers.items()}
-        if peer_sock is not None:
-            polled.append((peer_sock, zmq.POLLIN))
-        polled.extend((d, zmq.POLLIN) for d in dialer_url)
+        socks = [*self.sockets, *([peer_sock] if peer_sock is not None else ()), *dialer_url]
+        # Sleep on the sockets' own descriptors (see the module docstring):
+        # `touched` holds the sockets used since ZeroMQ last said they were empty.
+        at_fd = {sk.getsockopt(zmq.FD): sk for sk in socks}
+        ospoll = select.poll()
+        for fd in at_fd:
+            ospoll.register(fd, select.POLLIN)
+        touched = set(socks)
 
         def send_peers() -> None:
             for lid, frames in overlay.take_out():
                 try:
                     if lid[0] == "d":
-                        send_frames(self.dialers[lid[1]], frames)
+                        d = self.dialers[lid[1]]
+                        touched.add(d)
+                        send_frames(d, frames)
                     else:
+                        touched.add(peer_sock)
                         send_frames(peer_sock, frames, lid[1])
                 except Again:
                     # Peer link full or not connected: events are lost (counted);
@@ -275,6 +292,7 @@ class Router:
         def drain_peer(s: zmq.Socket) -> None:
             url = dialer_url.get(s)
             budget = max_bytes
+            touched.add(s)       # until a failed receive or ZMQ_EVENTS says it is empty
             for k in range(max_turn):
                 try:
                     if s is peer_sock:
@@ -286,26 +304,42 @@ class Router:
                     else:
                         frames, principal, lid = recv_frames(s), None, ("d", url)
                 except Again:
+                    touched.discard(s)
                     return
                 overlay.on_message(lid, frames, time.monotonic(), principal)
                 budget -= len(frames[-1]) if frames else 0
-                if budget <= 0 or (k < _ASK and not readable(s)):
+                if budget <= 0:
+                    return
+                if k < _ASK and not readable(s):
+                    touched.discard(s)
                     return
 
         try:
             now = time.monotonic()
             due = core.next_deadline(now)
             while not self._stopping:
-                # `due` was computed at the end of the last turn, after its flush.
-                timeout = max(0.0, min(due - now, 0.25))
-                # Rounded up: pyzmq truncates to whole milliseconds, and a deadline
-                # less than 1 ms away would make the loop spin until it passed.
-                ready = zmq_poll(polled, math.ceil(timeout * 1000.0))
-                for s, _ in ready:
+                # A socket used since it was last found empty may hold messages its
+                # descriptor will not announce: ask it before sleeping.
+                ready = [sk for sk in socks if sk in touched and readable(sk)]
+                touched.clear()
+                # Then the descriptors: at once if a socket is ready (so that a busy
+                # one does not starve the others), else until the next deadline.
+                # `due` was computed at the end of the last turn, after its flush;
+                # select.poll rounds a fractional millisecond up (no spinning
+                # before a deadline less than 1 ms away).
+                timeout = 0.0 if ready else max(0.0, min(due - now, 0.25))
+                for fd, _ in ospoll.poll(timeout * 1000.0):
+                    # A descriptor signals that something happened, not that a
+                    # message waits; asking also re-arms it.
+                    sk = at_fd[fd]
+                    if sk not in ready and readable(sk):
+                        ready.append(sk)
+                for s in ready:
                     if overlay is not None and (s is peer_sock or s in dialer_url):
                         drain_peer(s)
                         continue
                     budget = max_bytes
+                    touched.add(s)
                     for k in range(max_turn):
                         try:
                             if curve:
@@ -314,13 +348,17 @@ class Router:
                                 frames = recv_frames(s)
                                 principal = None
                         except Again:
+                            touched.discard(s)
                             break
                         ident = frames[0]
                         if len(self.sockets) > 1:
                             sock_of[ident] = s
                         core.handle(ident, frames[1:], time.monotonic(), principal)
                         budget -= len(frames[-1])
-                        if budget <= 0 or (k < _ASK and not readable(s)):
+                        if budget <= 0:
+                            break
+                        if k < _ASK and not readable(s):
+                            touched.discard(s)
                             break
                 core.flush(send)
                 if overlay is not None:

@@ -160,6 +160,8 @@ class Connection(ConnectionBase):
         self._session = Session(self.config, self.routers, self, time.monotonic())
         self._sock: zmq.Socket | None = None
         self._mon: zmq.Socket | None = None      # the socket's disconnect monitor
+        self._fds: tuple = ()                     # ZMQ_FD of _sock and of _mon
+        self._mon_due = False                     # a monitor message waits (see _open)
         self._sock_lock = threading.Lock()      # whoever holds it drives the socket
         self._backlog: list = []                # frames the socket refused, in order
         self._readers = 0                       # threads waiting in receive()
@@ -280,6 +282,8 @@ class Connection(ConnectionBase):
             return
         for sk in (self._sock, self._mon) if mon else (self._sock,):
             if sk is not None and readable(sk):
+                if sk is self._mon:
+                    self._mon_due = True    # its descriptor will not fire again for it
                 self._kick()
                 return
 
@@ -736,25 +740,30 @@ class Connection(ConnectionBase):
                                    | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sock.connect(url)
         self._sock = sock
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._mon, zmq.POLLIN)
         self._fds = (sock.getsockopt(zmq.FD), self._mon.getsockopt(zmq.FD))
+        self._poller.register(sock, zmq.POLLIN)
+        # The monitor by its descriptor: zmq_poll asks a socket for ZMQ_EVENTS
+        # (a system call) before and after it sleeps, for every event received,
+        # and monitor messages are rare.  The descriptor is edge-triggered, so
+        # whoever asks the monitor and finds a message sets _mon_due instead.
+        self._poller.register(self._fds[1], zmq.POLLIN)
+        self._mon_due = True
         for fd in self._fds:
             self._ospoll.register(fd, select.POLLIN)
 
     def _close_sock(self) -> None:
         sock, mon = self._sock, self._mon
         self._sock = self._mon = None
-        for fd in getattr(self, "_fds", ()):
+        for fd in self._fds:
             self._ospoll.unregister(fd)
-        self._fds = ()
         if mon is not None:
-            self._poller.unregister(mon)
+            self._poller.unregister(self._fds[1])
             sock.disable_monitor()
             mon.close(linger=0)
         if sock is not None:
             self._poller.unregister(sock)
             sock.close(linger=0)
+        self._fds = ()
 
     def _run(self) -> None:
         try:
@@ -828,6 +837,8 @@ class Connection(ConnectionBase):
             return None
         for sk in (self._sock, self._mon):
             if sk is not None and readable(sk):
+                if sk is self._mon:
+                    self._mon_due = True
                 return None
         now = time.monotonic()
         timeout = max(0.0, s.next_deadline(now) - now)
@@ -920,7 +931,8 @@ class Connection(ConnectionBase):
             except BlockingIOError:
                 pass
         mon = self._mon
-        if mon is not None and ready.get(mon):
+        if mon is not None and (self._mon_due or ready.get(self._fds[1])):
+            self._mon_due = False
             closed = handshake = False
             try:
                 while mon.poll(0):

@@ -940,7 +940,7 @@ class Connection(ConnectionBase):
                     closed = closed or ev == zmq.EVENT_DISCONNECTED
                     handshake = handshake or ev == zmq.EVENT_HANDSHAKE_SUCCEEDED
             except zmq.ZMQError:
-                pass
+                self._mon_due = True    # not drained: its descriptor may stay quiet
             if closed or handshake:
                 with self._lock:
                     if handshake:

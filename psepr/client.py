@@ -275,17 +275,24 @@ class Connection(ConnectionBase):
         thread may consume the edge the sleeping I/O thread waits for.
 
         Args:
-            mon: check the monitor socket too (a reader's poll touched it; a send
-                did not).
+            mon: check the monitor socket too (a reader's I/O step may have used
+                it; a send did not).
         """
-        if not self._io_sleeping:
-            return
-        for sk in (self._sock, self._mon) if mon else (self._sock,):
-            if sk is not None and readable(sk):
-                if sk is self._mon:
-                    self._mon_due = True    # its descriptor will not fire again for it
-                self._kick()
-                return
+        if self._io_sleeping and self._message_waits(mon):
+            self._kick()
+
+    def _message_waits(self, mon: bool = True) -> bool:
+        """True if a message waits on the socket (or on the monitor, with ``mon``).
+
+        Asking consumes the edge of the socket's descriptor, so a monitor found
+        holding a message is marked due: its descriptor will not fire for it.
+        """
+        if self._sock is not None and readable(self._sock):
+            return True
+        if mon and self._mon is not None and readable(self._mon):
+            self._mon_due = True
+            return True
+        return False
 
     def _wait_space(self) -> None:
         deadline = time.monotonic() + self.config.send_block_timeout
@@ -835,11 +842,8 @@ class Connection(ConnectionBase):
         s = self._session
         if s.switch_to is not None or (self._outq and s.queued < self.config.send_queue):
             return None
-        for sk in (self._sock, self._mon):
-            if sk is not None and readable(sk):
-                if sk is self._mon:
-                    self._mon_due = True
-                return None
+        if self._message_waits():
+            return None
         now = time.monotonic()
         timeout = max(0.0, s.next_deadline(now) - now)
         return min(timeout, 0.01) if self._backlog else timeout

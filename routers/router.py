@@ -7,12 +7,15 @@ with an overlay, one more ROUTER socket where peers dial in (``peer_listen``)
 and one DEALER per configured peer (``peers``), whose messages go to the
 core's :class:`~routers.overlay.OverlayCore`.
 Each loop turn polls (with a timeout up to the core's next deadline), then
-*drains* each readable socket without blocking, up to ``max_per_turn``
-messages, handing each to the core; then it flushes the core's grouped output
-(one DELIVER per connection) and runs the core's periodic ``tick`` when due.
-Draining before flushing is what makes batching happen under load while a
-lone event still goes out at once.  After each of the first ``_ASK`` messages
-of a turn the loop asks ZeroMQ whether another waits (``ZMQ_EVENTS``, 1.5 us)
+*drains* each socket found ready after the last flush without blocking, up to
+``max_per_turn`` messages, handing each to the core; then it flushes the core's
+grouped output (one DELIVER per connection) and runs the core's periodic
+``tick`` when due.  Draining before flushing is what makes batching happen
+under load.  A socket whose descriptor woke the loop from sleep gives just one
+message, flushed at once, so a lone event goes out with no question asked
+first; the check before the next sleep finds whatever followed it.  While
+draining, after each of the first ``_ASK`` messages of a turn the loop asks
+ZeroMQ whether another waits (``ZMQ_EVENTS``, 1.5 us)
 rather than trying a receive that fails (pyzmq raises ``Again``: 3.5 us, and
 several times that with cold caches), so a lone message or a pair (a fifth of
 the turns at 5,000 events/s) pays no failed receive; a busy turn drains until
@@ -26,9 +29,11 @@ per event.  A ZeroMQ descriptor is edge-triggered: it signals that commands
 arrived (a message, a connection), and any operation on the socket may consume
 that signal while a message stays queued.  So the loop keeps ``touched``, the
 sockets used since ZeroMQ last said they were empty (a receive that failed, or
-``ZMQ_EVENTS`` without ``POLLIN``), and asks each of them before it sleeps;
-a fired descriptor is asked too, which also re-arms it.  Only the sockets that
-were used, or that fired, cost a system call.
+``ZMQ_EVENTS`` without ``POLLIN``), and asks each of them before it sleeps.  A
+socket whose descriptor fired is received from directly: a non-blocking
+receive that finds no message processes the socket's commands, which re-arms
+the descriptor, before it fails.  Only the sockets that were used, or that
+fired, cost a system call.
 
 Sends use ``ROUTER_MANDATORY`` and ``NOBLOCK``: a full per-connection queue
 raises ``Again`` (counted as a drop, reported to the client) and a vanished
@@ -289,11 +294,11 @@ class Router:
                         raise
                     overlay.link_gone(lid, time.monotonic())
 
-        def drain_peer(s: zmq.Socket) -> None:
+        def drain_peer(s: zmq.Socket, limit: int) -> None:
             url = dialer_url.get(s)
             budget = max_bytes
             touched.add(s)       # until a failed receive or ZMQ_EVENTS says it is empty
-            for k in range(max_turn):
+            for k in range(limit):
                 try:
                     if s is peer_sock:
                         if curve:
@@ -310,7 +315,7 @@ class Router:
                 budget -= len(frames[-1]) if frames else 0
                 if budget <= 0:
                     return
-                if k < _ASK and not readable(s):
+                if k < _ASK and limit > 1 and not readable(s):
                     touched.discard(s)
                     return
 
@@ -328,19 +333,24 @@ class Router:
                 # select.poll rounds a fractional millisecond up (no spinning
                 # before a deadline less than 1 ms away).
                 timeout = 0.0 if ready else max(0.0, min(due - now, 0.25))
+                # A socket found ready after a flush is under load: drain it, so
+                # that its messages leave batched.  One whose descriptor woke the
+                # loop gives one message, flushed at once; the check above then
+                # finds any that followed.  No ZMQ_EVENTS is asked of it first: a
+                # receive that finds nothing processes the socket's commands (and
+                # re-arms its descriptor) before it fails.
+                turn = [(sk, max_turn) for sk in ready]
                 for fd, _ in ospoll.poll(timeout * 1000.0):
-                    # A descriptor signals that something happened, not that a
-                    # message waits; asking also re-arms it.
                     sk = at_fd[fd]
-                    if sk not in ready and readable(sk):
-                        ready.append(sk)
-                for s in ready:
+                    if sk not in ready:
+                        turn.append((sk, 1))
+                for s, limit in turn:
                     if overlay is not None and (s is peer_sock or s in dialer_url):
-                        drain_peer(s)
+                        drain_peer(s, limit)
                         continue
                     budget = max_bytes
                     touched.add(s)
-                    for k in range(max_turn):
+                    for k in range(limit):
                         try:
                             if curve:
                                 frames, principal = recv_frames_user(s)
@@ -357,7 +367,7 @@ class Router:
                         budget -= len(frames[-1])
                         if budget <= 0:
                             break
-                        if k < _ASK and not readable(s):
+                        if k < _ASK and limit > 1 and not readable(s):
                             touched.discard(s)
                             break
                 core.flush(send)

@@ -61,17 +61,23 @@ def send_frames(sock: zmq.Socket, frames: list, first: bytes | None = None) -> N
     send(sock, frames[last], NOBLOCK)
 
 
-def recv_frames(sock: zmq.Socket) -> list:
-    """Receive one multipart message without blocking.
+def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list:
+    """Receive one multipart message (without blocking, by default).
+
+    Args:
+        sock: a (non-asyncio) ZeroMQ socket.
+        flags: for the first frame: ``NOBLOCK``, or 0 to wait up to the socket's
+            ``RCVTIMEO`` (a multipart message arrives whole, so the other frames
+            never wait).
 
     Returns:
         The frames, as bytes.
 
     Raises:
-        zmq.Again: no message is waiting.
+        zmq.Again: no message is waiting (or none came within ``RCVTIMEO``).
     """
     recv = sock.recv
-    f = recv(NOBLOCK, copy=False)
+    f = recv(flags, copy=False)
     parts = [f.bytes]
     while f.more:
         f = recv(NOBLOCK, copy=False)
@@ -79,17 +85,17 @@ def recv_frames(sock: zmq.Socket) -> list:
     return parts
 
 
-def recv_frames_user(sock: zmq.Socket) -> tuple[list, str | None]:
+def recv_frames_user(sock: zmq.Socket, flags: int = NOBLOCK) -> tuple[list, str | None]:
     """Like :func:`recv_frames`, also returning the ZAP ``User-Id`` of the sender.
 
     Returns:
         ``(frames, user_id)``; ``user_id`` is None without authentication.
 
     Raises:
-        zmq.Again: no message is waiting.
+        zmq.Again: no message is waiting (or none came within ``RCVTIMEO``).
     """
     recv = sock.recv
-    f = recv(NOBLOCK, copy=False)
+    f = recv(flags, copy=False)
     user = f.get("User-Id")
     parts = [f.bytes]
     while f.more:

@@ -35,6 +35,14 @@ receive that finds no message processes the socket's commands, which re-arms
 the descriptor, before it fails.  Only the sockets that were used, or that
 fired, cost a system call.
 
+A router with a single socket (one listen address, no peers) needs no
+descriptors: it waits inside ZeroMQ's own receive, with ``RCVTIMEO`` bounding
+the wait by the next deadline.  That receive looks for a message before it
+sleeps on the socket's commands, so nothing is asked before sleeping: a lone
+event costs the main thread two system calls fewer than the descriptor loop
+(``poll`` 5.2 -> 3.5 and ``getpid`` 6.2 -> 5.5 per event, one hop at 5,000
+events/s).
+
 Sends use ``ROUTER_MANDATORY`` and ``NOBLOCK``: a full per-connection queue
 raises ``Again`` (counted as a drop, reported to the client) and a vanished
 peer raises ``EHOSTUNREACH`` (its session is kept, detached, for a HELLO from the
@@ -52,6 +60,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import select
 import signal
 import sys
@@ -66,13 +75,14 @@ from zmq.auth.thread import ThreadAuthenticator
 from psepr.config import tune_gc
 from psepr.errors import ConfigError
 from psepr.wire import KIND_BYTES, Kind
-from psepr.zmqio import readable, recv_frames, recv_frames_user, send_frames
+from psepr.zmqio import NOBLOCK, readable, recv_frames, recv_frames_user, send_frames
 from registry.acl import ACL, load_acl
 from .config import RouterConfig
 from .core import Conn, RouterCore
 
 log = logging.getLogger("psepr.router")
 FORWARD_KIND = KIND_BYTES[Kind.FORWARD]
+RCVTIMEO = int(zmq.RCVTIMEO)
 #: Messages of a turn after which the loop asks whether another waits; past
 #: them, a busy turn drains until a receive fails (one failure for many messages).
 _ASK = 3
@@ -319,9 +329,75 @@ class Router:
                     touched.discard(s)
                     return
 
+        several = len(self.sockets) > 1
+
+        def drain(s: zmq.Socket, flags: int = NOBLOCK) -> None:
+            """Receive a turn's worth from client socket ``s``; the first receive
+            with ``flags`` (0: wait up to the socket's RCVTIMEO)."""
+            budget = max_bytes
+            touched.add(s)       # until a failed receive or ZMQ_EVENTS says it is empty
+            for k in range(max_turn):
+                try:
+                    if curve:
+                        frames, principal = recv_frames_user(s, flags)
+                    else:
+                        frames = recv_frames(s, flags)
+                        principal = None
+                except Again:
+                    touched.discard(s)
+                    return
+                flags = NOBLOCK
+                ident = frames[0]
+                if several:
+                    sock_of[ident] = s
+                core.handle(ident, frames[1:], time.monotonic(), principal)
+                budget -= len(frames[-1])
+                if budget <= 0:
+                    return
+                if k < _ASK and not readable(s):
+                    touched.discard(s)
+                    return
+
+        def end_turn() -> tuple[float, float]:
+            """Flush the turn's output and run the periodic work when due.
+
+            Returns:
+                ``(now, due)``: the time, and the core's next deadline.
+            """
+            core.flush(send)
+            if overlay is not None:
+                send_peers()
+            now = time.monotonic()
+            due = core.next_deadline(now)
+            if now >= due:
+                core.tick(now)
+                core.flush(send)
+                if overlay is not None:
+                    send_peers()
+                due = core.next_deadline(now)
+            if len(sock_of) > 2 * len(core.conns) + 1000:
+                for ident in [i for i in sock_of if i not in core.conns]:
+                    del sock_of[ident]
+            return now, due
+
         try:
             now = time.monotonic()
             due = core.next_deadline(now)
+            if len(socks) == 1:
+                # One socket: wait inside ZeroMQ's own receive (see the module
+                # docstring), its RCVTIMEO a power of two of milliseconds no
+                # longer than the time to the next deadline (so that it is set
+                # again only a few times per deadline, and never sleeps past it).
+                s = socks[0]
+                wait_ms = -1
+                while not self._stopping:
+                    ms = math.ceil(max(0.0, min(due - now, 0.25)) * 1000.0)
+                    if ms < wait_ms or ms >= 2 * wait_ms:
+                        wait_ms = 1 << (ms.bit_length() - 1) if ms else 0
+                        s.setsockopt(RCVTIMEO, wait_ms)
+                    drain(s, 0)
+                    now, due = end_turn()
+                return
             while not self._stopping:
                 # A socket used since it was last found empty may hold messages its
                 # descriptor will not announce: ask it before sleeping.
@@ -343,43 +419,9 @@ class Router:
                 for s in ready:
                     if overlay is not None and (s is peer_sock or s in dialer_url):
                         drain_peer(s)
-                        continue
-                    budget = max_bytes
-                    touched.add(s)
-                    for k in range(max_turn):
-                        try:
-                            if curve:
-                                frames, principal = recv_frames_user(s)
-                            else:
-                                frames = recv_frames(s)
-                                principal = None
-                        except Again:
-                            touched.discard(s)
-                            break
-                        ident = frames[0]
-                        if len(self.sockets) > 1:
-                            sock_of[ident] = s
-                        core.handle(ident, frames[1:], time.monotonic(), principal)
-                        budget -= len(frames[-1])
-                        if budget <= 0:
-                            break
-                        if k < _ASK and not readable(s):
-                            touched.discard(s)
-                            break
-                core.flush(send)
-                if overlay is not None:
-                    send_peers()
-                now = time.monotonic()
-                due = core.next_deadline(now)
-                if now >= due:
-                    core.tick(now)
-                    core.flush(send)
-                    if overlay is not None:
-                        send_peers()
-                    due = core.next_deadline(now)
-                if len(sock_of) > 2 * len(core.conns) + 1000:
-                    for ident in [i for i in sock_of if i not in core.conns]:
-                        del sock_of[ident]
+                    else:
+                        drain(s)
+                now, due = end_turn()
         finally:
             self.close()
 

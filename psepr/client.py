@@ -18,7 +18,9 @@ socket at a time: whoever holds ``_sock_lock`` runs :meth:`Connection._io_step`
   the wake pipe and the sockets' ``ZMQ_FD`` without holding ``_sock_lock``.
   That descriptor is edge-triggered: every other thread that used the socket
   meanwhile (a direct send, a reader) checks ``ZMQ_EVENTS`` before letting go
-  and wakes the I/O thread if a message waits.
+  and wakes the I/O thread if a message waits.  (A direct send skips the check
+  while the connection holds no lease and waits for no answer: nothing it could
+  have hidden is urgent, and the I/O thread's next timer reads it.)
 * A thread blocked in ``receive`` drives the socket itself, so an arriving
   event reaches it with no thread hand-off.  A background I/O thread drives the
   socket the rest of the time (timers, pings, renewals, sends, and filling lease
@@ -265,7 +267,13 @@ class Connection(ConnectionBase):
                 self._backlog = out[i:]     # in order; the I/O thread retries
                 self._kick()
                 break
-        self._recheck(mon=False)    # a send touches the DEALER's commands only
+        # A send touches the DEALER's commands only.  Asking costs two system calls
+        # per send; a message whose signal the send consumed matters only to a
+        # lease or a waiting caller (a waiter is registered before its request
+        # leaves, so before the answer can arrive).  Anything else (an ERROR for a
+        # send) is read at the I/O thread's next timer or kick, and flush() kicks.
+        if self._leases or self._waiters or self._requests:
+            self._recheck(mon=False)
         return True
 
     def _recheck(self, mon: bool = True) -> None:

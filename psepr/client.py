@@ -21,6 +21,10 @@ socket at a time: whoever holds ``_sock_lock`` runs :meth:`Connection._io_step`
   and wakes the I/O thread if a message waits.  (A direct send skips the check
   while the connection holds no lease and waits for no answer: nothing it could
   have hidden is urgent, and the I/O thread's next timer reads it.)
+* Whoever drives the socket sleeps in ``select.poll`` on the same descriptors
+  (its own poll object), after asking ``ZMQ_EVENTS`` once; a fired descriptor
+  is received from directly.  ``zmq_poll`` asked the socket before and after
+  every sleep and polled the descriptors once more without waiting.
 * A thread blocked in ``receive`` drives the socket itself, so an arriving
   event reaches it with no thread hand-off.  A background I/O thread drives the
   socket the rest of the time (timers, pings, renewals, sends, and filling lease
@@ -173,6 +177,7 @@ class Connection(ConnectionBase):
         self._last_direct = 0.0                 # when send() last sent from the caller's thread
         self._direct_run = 0                    # direct sends less than _DIRECT_GAP apart
         self._ospoll = select.poll()            # wake pipe + the sockets' ZMQ_FDs
+        self._dpoll = select.poll()             # the same, for whoever drives the socket
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
         if wait:
@@ -756,27 +761,24 @@ class Connection(ConnectionBase):
         sock.connect(url)
         self._sock = sock
         self._fds = (sock.getsockopt(zmq.FD), self._mon.getsockopt(zmq.FD))
-        self._poller.register(sock, zmq.POLLIN)
-        # The monitor by its descriptor: zmq_poll asks a socket for ZMQ_EVENTS
-        # (a system call) before and after it sleeps, for every event received,
-        # and monitor messages are rare.  The descriptor is edge-triggered, so
-        # whoever asks the monitor and finds a message sets _mon_due instead.
-        self._poller.register(self._fds[1], zmq.POLLIN)
+        # Both sockets by their descriptors (see _io_step).  The monitor's is
+        # edge-triggered too, and monitor messages are rare: whoever asks the
+        # monitor and finds a message sets _mon_due instead.
         self._mon_due = True
         for fd in self._fds:
             self._ospoll.register(fd, select.POLLIN)
+            self._dpoll.register(fd, select.POLLIN)
 
     def _close_sock(self) -> None:
         sock, mon = self._sock, self._mon
         self._sock = self._mon = None
         for fd in self._fds:
             self._ospoll.unregister(fd)
+            self._dpoll.unregister(fd)
         if mon is not None:
-            self._poller.unregister(self._fds[1])
             sock.disable_monitor()
             mon.close(linger=0)
         if sock is not None:
-            self._poller.unregister(sock)
             sock.close(linger=0)
         self._fds = ()
 
@@ -809,9 +811,8 @@ class Connection(ConnectionBase):
         seconds after, so that a reader calling ``receive`` in a loop keeps the
         socket, and takes over again for timers, sends and queues otherwise.
         """
-        self._poller = zmq.Poller()
-        self._poller.register(self._wake_r, zmq.POLLIN)
         self._ospoll.register(self._wake_r, select.POLLIN)
+        self._dpoll.register(self._wake_r, select.POLLIN)
         while not self._closed:
             # While a reader drives, it also serves sends and timers (it polls the
             # wake-up pipe): sleep.  After the last reader left, linger a little so
@@ -933,17 +934,20 @@ class Connection(ConnectionBase):
                 timeout = min(timeout, max(0.0, deadline - now))
             if backlog:
                 timeout = min(timeout, 0.01)
-        # Rounded up: pyzmq truncates to whole milliseconds (a timer less than
-        # 1 ms away would make this loop spin until it is due).
-        # zmq_poll on the Poller's own items: Poller.poll is a Python-level wrapper.
-        ready = dict(zmq.zmq_poll(self._poller.sockets, math.ceil(timeout * 1000.0)))
+        # The socket's descriptor is edge-triggered (another thread's use may have
+        # consumed its signal), so ask the socket first, then sleep on the
+        # descriptors unless a message waits.  zmq_poll would ask it both before
+        # and after sleeping, and poll the descriptors once more without waiting.
+        # Rounded up: a timer less than 1 ms away would make this loop spin.
+        waits = sock is not None and readable(sock)
+        ready = dict(self._dpoll.poll(0 if waits else math.ceil(timeout * 1000.0)))
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
         mon = self._mon
-        if mon is not None and (self._mon_due or ready.get(self._fds[1])):
+        if mon is not None and (self._mon_due or self._fds[1] in ready):
             self._mon_due = False
             closed = handshake = False
             try:
@@ -960,7 +964,9 @@ class Connection(ConnectionBase):
                     if closed:
                         s.disconnected(time.monotonic())
         done = False
-        if ready.get(sock):
+        # A fired descriptor is received from directly: a receive that finds
+        # nothing processes the socket's commands (re-arming it) before it fails.
+        if waits or (sock is not None and self._fds[0] in ready):
             with self._lock:
                 if self.full_ids:
                     self._refresh_full()

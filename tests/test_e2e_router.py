@@ -257,3 +257,30 @@ def test_inbox_replies_reach_only_the_inbox_owner(router_proc):
                 break
         assert [e.channel.text for e in seen] == ["/example.com/echo/"] * 2
         assert broad.pending() == 0 and root.pending() == 0
+
+
+@pytest.mark.parametrize("listens", [1, 2])
+def test_router_serves_and_stops_promptly_with_one_socket_or_several(start_router, listens):
+    # One listen address: the router waits inside ZeroMQ's receive, its RCVTIMEO
+    # bounded by the next deadline; two: it sleeps in select.poll on both
+    # sockets' descriptors.  Either way a client of each socket is served, and
+    # an idle router stops soon after SIGTERM (its loop wakes within 0.25 s).
+    import signal
+    import time
+    extra = [a for _ in range(listens) for a in ("--listen", "tcp://127.0.0.1:0")]
+    r = start_router(*extra)
+    assert len(r.urls) == listens
+    with psepr.connect(r.urls[0]) as sub:
+        lease = sub.lease(CH, duration=60)
+        for url in r.urls:
+            with psepr.connect(url) as pub:
+                pub.send(CH + "x/", {"via": url})
+                pub.flush()
+            assert lease.receive(timeout=5).payload == {"via": url}
+    time.sleep(0.5)                      # idle: asleep until its next deadline
+    t0 = time.monotonic()
+    r.proc.send_signal(signal.SIGTERM)
+    assert r.proc.wait(timeout=10) == 0
+    # Generous for a loaded machine; a loop that missed the stop flag would sleep
+    # until its next timer (the stats publication, seconds away) or forever.
+    assert time.monotonic() - t0 < 2.0

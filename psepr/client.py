@@ -178,6 +178,8 @@ class Connection(ConnectionBase):
         self._direct_run = 0                    # direct sends less than _DIRECT_GAP apart
         self._ospoll = select.poll()            # wake pipe + the sockets' ZMQ_FDs
         self._dpoll = select.poll()             # the same, for whoever drives the socket
+        for p in (self._ospoll, self._dpoll):
+            p.register(self._wake_r, select.POLLIN)
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
         if wait:
@@ -811,8 +813,6 @@ class Connection(ConnectionBase):
         seconds after, so that a reader calling ``receive`` in a loop keeps the
         socket, and takes over again for timers, sends and queues otherwise.
         """
-        self._ospoll.register(self._wake_r, select.POLLIN)
-        self._dpoll.register(self._wake_r, select.POLLIN)
         while not self._closed:
             # While a reader drives, it also serves sends and timers (it polls the
             # wake-up pipe): sleep.  After the last reader left, linger a little so

@@ -7,7 +7,10 @@ router's peer ROUTER socket.  Either side may configure a link; once the
 dialer's PEER_HELLO is answered by PEER_WELCOME the link carries traffic both
 ways.  Both ends ping an idle link every ``peer_ping`` seconds and declare it
 down after ``peer_dead_after`` seconds of silence; a dialed link then says
-hello again until its peer answers.  If two routers dial each other, both
+hello again until its peer answers.  A dialer told that its peer lost the
+session (it restarted, or noticed a partition first) says hello again on the
+link it keeps up, and both ends send everything again on the welcome: the
+rest of the overlay sees no flap.  If two routers dial each other, both
 links are used for liveness and the one dialed by the router with the smaller
 name carries the traffic (both ends agree without talking).
 
@@ -129,7 +132,7 @@ class Link:
     """
 
     __slots__ = ("id", "dialed", "peer", "epoch", "up", "last_heard", "last_ping", "rtt",
-                 "since")
+                 "since", "synced", "rejoin")
 
     def __init__(self, id: tuple, dialed: bool) -> None:
         self.id = id
@@ -141,6 +144,8 @@ class Link:
         self.last_ping = 0.0
         self.rtt: float | None = None
         self.since = 0.0
+        self.synced = float("-inf")    # when this side last sent it everything it knew
+        self.rejoin: float | None = None   # when we said hello again on this up link
 
 
 class PeerOut:
@@ -332,9 +337,14 @@ class OverlayCore:
                 self._on_welcome(link, h, now)
                 return
             if link is None or not link.up:
-                if kind == Kind.ERROR and link is not None and link.dialed:
+                if link is not None and link.dialed and kind != Kind.ERROR:
+                    # The peer still holds the link up (a stale message queued during a
+                    # partition, say).  Asking it to say hello would only make it take
+                    # the link down (a listener cannot dial): say hello ourselves.
+                    self._hello_soon(link, now)
+                elif kind == Kind.ERROR and link is not None and link.dialed:
                     if h.get("code") == wire.E_NO_SESSION:
-                        self._hello(link, now)    # the peer lost us: hello again at once
+                        self._hello_soon(link, now)    # the peer lost us: hello again
                     else:
                         # Refused (ACL, authority, version...): say why, and let tick()
                         # retry at the ping pace - the peer's config may change.
@@ -408,8 +418,15 @@ class OverlayCore:
         link = self.links.get(link_id)
         if link is None:
             link = self.links[link_id] = Link(link_id, dialed=False)
+        again = link.up
         self._send(link_id, wire.encode(Kind.PEER_WELCOME, self._hello_header()))
         self._link_up(link, name, h["epoch"], now)
+        if again and now - link.synced >= self.config.peer_ping:
+            # A hello on a link this side holds up: the dialer had taken it down and
+            # dropped what came meanwhile (the floods of a partition's last moments),
+            # so it gets everything again.  Hellos queued during a partition arrive
+            # in a burst at the heal: one sync answers them all.
+            self._sync_all(link, now)
 
     def _on_welcome(self, link: Link, h: dict, now: float) -> None:
         name = self._check_hello(h, None)
@@ -424,9 +441,23 @@ class OverlayCore:
             link.rtt = now - t
 
     def _on_error(self, link: Link, h: dict, rest: list, now: float) -> None:
+        code = h.get("code")
+        if link.rejoin is not None:
+            if code != wire.E_NO_SESSION:    # the answer to our hello: refused
+                self._link_down(link, now, f"peer refused us: {h.get('message')}")
+            return     # a burst of "say PEER_HELLO" answers one hello
         log.warning("peer %s reports: %s", link.peer, h.get("message"))
-        if h.get("code") == wire.E_NO_SESSION:
+        if code != wire.E_NO_SESSION:
+            return
+        if not link.dialed:
             self._link_down(link, now, "peer lost our session")
+            return
+        # The peer lost our session (it restarted, or declared the link down before
+        # we did): say hello again and keep the link up meanwhile, so that the rest
+        # of the overlay sees no flap; its welcome re-sends everything (_link_up),
+        # and tick() takes the link down if no welcome comes.
+        link.rejoin = now
+        self._hello(link, now)
 
     def _on_linkstate(self, link: Link, h: dict, rest: list, now: float) -> None:
         adv = advert_from_wire(h)
@@ -608,6 +639,12 @@ class OverlayCore:
         link.last_ping = now
         self._send(link.id, wire.encode(Kind.PEER_HELLO, self._hello_header()))
 
+    def _hello_soon(self, link: Link, now: float) -> None:
+        """Say hello on dialed ``link`` now, unless one left in the last quarter ping:
+        each of a burst of stale messages at a partition's heal asks for one."""
+        if now - link.last_ping >= self.config.peer_ping / 4:
+            self._hello(link, now)
+
     def _link_up(self, link: Link, name: str, epoch: int, now: float) -> None:
         was_up = self._link_for(name) is not None
         for other in list(self.links.values()):
@@ -616,14 +653,18 @@ class OverlayCore:
                 was_up = self._link_for(name) is not None
         self.interest.drop_before(name, epoch)
         fresh = not link.up
-        link.peer, link.epoch, link.up = name, epoch, True
+        rejoined = link.rejoin is not None
+        link.peer, link.epoch, link.up, link.rejoin = name, epoch, True, None
         link.last_heard = now
         if fresh:
             link.since = now
         self._via = None
         if fresh:
             log.info("peer link to %s up (%s)", name, "dialed" if link.dialed else "accepted")
-            self._sync_all(link)
+        elif rejoined:
+            log.info("peer link to %s: session restored", name)
+        if fresh or rejoined:
+            self._sync_all(link, now)
         if not was_up:
             self._originate(now)
 
@@ -633,6 +674,7 @@ class OverlayCore:
         log.warning("peer link to %s down: %s", link.peer, why)
         link.up = False
         link.rtt = None
+        link.rejoin = None
         self._via = None
         if not link.dialed:
             self.links.pop(link.id, None)
@@ -660,8 +702,9 @@ class OverlayCore:
             self._via = via
         return via
 
-    def _sync_all(self, link: Link) -> None:
+    def _sync_all(self, link: Link, now: float) -> None:
         """Send a new neighbour everything known: adverts, then every interest summary."""
+        link.synced = now
         for adv in list(self.linkstate.adverts.values()):
             self._send(link.id, wire.encode(Kind.LINKSTATE, adv.to_wire()))
         for r in [self.me, *self.interest.routers]:
@@ -741,9 +784,15 @@ class OverlayCore:
             if link.up:
                 if now - link.last_heard > cfg.peer_dead_after:
                     self._link_down(link, now, f"silent for {cfg.peer_dead_after:g} s")
+                elif link.rejoin is not None and now - link.rejoin > cfg.peer_dead_after:
+                    self._link_down(link, now, f"no welcome back within "
+                                               f"{cfg.peer_dead_after:g} s")
                 elif now - link.last_ping >= cfg.peer_ping:
-                    link.last_ping = now
-                    self._send(link.id, wire.encode(Kind.PEER_PING, {"t": now}))
+                    if link.rejoin is not None:
+                        self._hello(link, now)     # still no welcome back: ask again
+                    else:
+                        link.last_ping = now
+                        self._send(link.id, wire.encode(Kind.PEER_PING, {"t": now}))
             elif link.dialed and now - link.last_ping >= cfg.peer_ping:
                 self._hello(link, now)
         if now >= self._next_refresh:

@@ -254,5 +254,14 @@ def test_membership_partition_is_reported_honestly_on_each_side_and_heals(namesp
               f"{time.monotonic() - healed:.2f} s")
         wait_for("one view, all alive, on both sides",
               lambda: _view_in("a") == alive and _view_in("c") == alive, 15)
+        # The cut link went down once on each side, and came back without a flap.
+        routers = procs[:3]
+        for p in routers:          # all at once: none outlives another long enough to
+            p.terminate()          # find it silent
+        logs = {p.args[10]: p.communicate(timeout=20)[1] for p in routers}
+        for name, peer in (("rb", "rc"), ("rc", "rb")):
+            lines = [l for l in logs[name].splitlines() if f"peer link to {peer} " in l]
+            assert [" down: " in l for l in lines] == [False, True, False], (name, lines)
+        assert " down: " not in logs["ra"], logs["ra"]
     finally:
         _stop_all(procs)

@@ -141,6 +141,7 @@ class Net:
                                          peer_listen=(f"inproc://{n}",), **cfg)
             self.cores[n] = RouterCore(config, now=self.now, epoch=1000 + i, wall=lambda: 1.0)
         self.cut: set = set()
+        self.held: dict = {}          # pair -> messages queued while it is held (in order)
         self.dead: set = set()
         self.sent: list = []          # (from, to, kind) of every peer message carried
         self.client_out: dict = {}    # (router, ident) -> [frames]
@@ -161,7 +162,11 @@ class Net:
                     continue
                 for link_id, frames in core.overlay.take_out():
                     dst, their_id = self._peer_of(name, link_id)
-                    if dst in self.dead or frozenset((name, dst)) in self.cut:
+                    pair = frozenset((name, dst))
+                    if dst in self.dead or pair in self.cut:
+                        continue
+                    if pair in self.held:     # a partition under a live TCP connection
+                        self.held[pair].append((name, dst, their_id, frames))
                         continue
                     self.sent.append((name, dst, frames[0][0]))
                     self.cores[dst].overlay.on_message(their_id, frames, self.now)
@@ -169,6 +174,13 @@ class Net:
             if not moved:
                 return
         raise AssertionError("the overlay did not settle")
+
+    def heal(self, a, b):
+        """End a held partition: what queued arrives first, in order, then live traffic."""
+        for src, dst, their_id, frames in self.held.pop(frozenset((a, b))):
+            self.sent.append((src, dst, frames[0][0]))
+            self.cores[dst].overlay.on_message(their_id, frames, self.now)
+        self.pump()
 
     def _client_send(self, router):
         def send(conn, frames):
@@ -426,3 +438,67 @@ def test_forwards_are_cut_like_delivers():
     assert len(sizes) > 1 and all(s <= max(cut, len(big)) for s in sizes), sizes
     net.pump()
     assert sorted(net.delivered("b", b"c-b")) == [f"e{k}" for k in range(8)]
+
+
+@pytest.mark.parametrize("first_down", ["both", "dialer", "listener"])
+def test_a_partition_that_queued_messages_heals_without_a_flap(first_down, caplog):
+    # A partition under a live TCP connection: each side's pings, hellos and floods
+    # queue, and arrive stale at the heal.  The link comes back once and stays up
+    # (stale messages once made the dialer answer "say PEER_HELLO", which the
+    # listener took as "your session is lost": a flap), and each side learns what
+    # the other's clients leased meanwhile (the floods it dropped while down).
+    net = _net_with_clients(["a", "b"], [("a", "b")])       # a dials b
+    net.lease("b", b"c-b", "/x.org/app/")
+    net.take_all()
+    net.held[frozenset(("a", "b"))] = []
+    if first_down == "both":
+        net.advance(2.0)
+    else:
+        # One side notices first (its clock runs ahead): it declares the link down
+        # while the other still holds it up.
+        net.now += 2.0
+        net.cores["a" if first_down == "dialer" else "b"].tick(net.now)
+        net.pump()
+    net.lease("b", b"c-b", "/x.org/new/", lid="L2")
+    net.lease("a", b"c-a", "/x.org/back/")
+    net.take_all()
+    caplog.clear()
+    net.heal("a", "b")
+    net.advance(3.0)                  # well within lsa_refresh (10 s): no soft-state help
+    assert [r.getMessage() for r in caplog.records if "down" in r.getMessage()] == []
+    for me, peer in (("a", "b"), ("b", "a")):
+        links = [l for l in net.cores[me].overlay.links.values() if l.peer == peer]
+        assert [l.up for l in links] == [True], (me, links)
+    net.send("a", b"c-a", "/x.org/new/1/", ["e1"])
+    net.send("b", b"c-b", "/x.org/back/1/", ["e2"])
+    assert net.take_all() == {"a": ["e2"], "b": ["e1"]}
+
+
+def test_a_peer_that_lost_our_session_is_rejoined_or_given_up():
+    err = wire.encode(Kind.ERROR, {"code": wire.E_NO_SESSION, "message": "say PEER_HELLO"})
+    # Welcomed back: the link never goes down, and everything is sent again.
+    net = _net_with_clients(["a", "b"], [("a", "b")])
+    a = net.cores["a"].overlay
+    link = a.links[("d", "b")]
+    net.sent.clear()
+    a.on_message(link.id, err, net.now)
+    net.pump()
+    assert link.up and link.rejoin is None
+    kinds = [k for s, d, k in net.sent if s == "a"]
+    assert kinds[0] == Kind.PEER_HELLO and Kind.LINKSTATE in kinds and Kind.INTEREST in kinds
+    # Never welcomed (the peer only ever says "say PEER_HELLO"): down after
+    # peer_dead_after, though the peer is not silent.
+    net.cut.add(frozenset(("a", "b")))
+    for _ in range(10):
+        a.on_message(link.id, err, net.now)
+        net.advance(0.2)
+    assert not link.up
+    # Refused: the answer to the hello is another error.
+    net = _net_with_clients(["a", "b"], [("a", "b")])
+    a = net.cores["a"].overlay
+    link = a.links[("d", "b")]
+    net.cut.add(frozenset(("a", "b")))
+    a.on_message(link.id, err, net.now)
+    a.on_message(link.id, wire.encode(Kind.ERROR, {"code": wire.E_DENIED, "message": "no"}),
+                 net.now)
+    assert not link.up

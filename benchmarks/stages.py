@@ -16,6 +16,8 @@ travel in order; a batch shares one time).  The stages are the differences:
                      the next process's I/O thread, that process waking up and
                      reading the message;
 * ``<router>``       from the message in hand to the hand-off of its delivery;
+  ``<router> on CPU`` is how much of that its thread spent running (equal to
+  the stage: the router was working, not waiting for a CPU);
 * ``to receiver``    as ``to <router>``, into the receiving process;
 * ``receiver``       from the message in hand to the payload decoded.
 
@@ -79,24 +81,31 @@ def role_router(a) -> None:
     from routers.core import RouterCore
     from routers.overlay import OverlayCore
     fwd, dlv = KIND_BYTES[Kind.FORWARD], KIND_BYTES[Kind.DELIVER]
-    mono = time.monotonic
-    notes: dict = {"in": [], "peer_in": [], "out": [], "peer_out": []}
+    mono, cpu = time.monotonic, time.thread_time
+    # Each boundary keeps the time and, beside it, the CPU time of the router's
+    # thread (its main thread: ZeroMQ's I/O thread is not counted).
+    notes: dict = {k: [] for k in ("in", "peer_in", "out", "peer_out", "in_cpu",
+                                   "peer_in_cpu", "out_cpu", "peer_out_cpu")}
     handle, on_message, send_frames = RouterCore.handle, OverlayCore.on_message, R.send_frames
 
+    def note(boundary: str) -> None:
+        notes[boundary].append(mono())
+        notes[boundary + "_cpu"].append(cpu())
+
     def noted_handle(self, *args, **kw):
-        notes["in"].append(mono())
+        note("in")
         return handle(self, *args, **kw)
 
     def noted_on_message(self, lid, frames, *args, **kw):
         if frames and frames[0] == fwd:
-            notes["peer_in"].append(mono())
+            note("peer_in")
         return on_message(self, lid, frames, *args, **kw)
 
     def noted_send(sock, frames, *args):
         if frames[0] == dlv:
-            notes["out"].append(mono())
+            note("out")
         elif frames[0] == fwd:
-            notes["peer_out"].append(mono())
+            note("peer_out")
         send_frames(sock, frames, *args)
 
     RouterCore.handle, OverlayCore.on_message = noted_handle, noted_on_message
@@ -378,32 +387,50 @@ def _run_path(tmp: Path, tag: str, count: int, mids: list[tuple[str, list]],
 def split(res: dict) -> dict:
     """Per-stage latencies (seconds) of every event that crossed every boundary.
 
+    A router's stage also gives ``"<router> on CPU"``: how much of that stage its
+    thread spent running (its CPU time between the two boundaries).  Equal to the
+    stage, the router was working all along; less, it waited for a CPU.
+
     Returns:
         ``{stage name: sorted list of durations}``, in path order, plus ``total``.
     """
     mids = res["mids"]
     n = len(mids)
-    bounds: list[tuple[str, list]] = [("send call", res["send"]["sent"])]
+    # (stage ending at this boundary, times, thread CPU times or None); every list
+    # is in time order, as noted.
+    bounds: list[tuple[str, list, list | None]] = [("send call", res["send"]["sent"], None)]
+    routers = []
     for k, m in enumerate(mids):
         name = f"r{k}" if n > 1 else "router"
-        first = m["in"] if k == 0 else m.get("peer_in", m["in"])
-        last = m["out"] if k == n - 1 else m.get("peer_out", m["out"])
-        bounds += [(f"to {name}", first), (name, last)]
-    bounds += [("to receiver", res["recv"]["recv"])]
+        if "in_cpu" in m:       # a PsEPR router (a raw forwarder notes no CPU times)
+            routers.append(name)
+        first = "in" if k == 0 or "peer_in" not in m else "peer_in"
+        last = "out" if k == n - 1 or "peer_out" not in m else "peer_out"
+        bounds += [(f"to {name}", m[first], m.get(first + "_cpu")),
+                   (name, m[last], m.get(last + "_cpu"))]
+    bounds += [("to receiver", res["recv"]["recv"], None)]
     names = [b[0] for b in bounds] + ["receiver", "total"]
-    out: dict = {k: [] for k in names}
-    arrays = [sorted(b[1]) for b in bounds]
+    out: dict = {}
+    for name in names:
+        out[name] = []
+        if name in routers:
+            out[f"{name} on CPU"] = []
     for t, got in zip(res["recv"]["t"], res["recv"]["got"]):
-        pts = [t]
-        for arr in arrays:
+        pts, at = [t], []
+        for _, arr, _ in bounds:
             i = bisect.bisect_left(arr, pts[-1])
             if i == len(arr) or arr[i] > got:
                 break
             pts.append(arr[i])
+            at.append(i)
         else:
             pts.append(got)
             for name, a, b in zip(names, pts, pts[1:]):
                 out[name].append(b - a)
+            for j in range(1, len(bounds)):
+                if bounds[j][0] in routers:     # both boundaries are that router's
+                    cpu_from, cpu_to = bounds[j - 1][2], bounds[j][2]
+                    out[f"{bounds[j][0]} on CPU"].append(cpu_to[at[j]] - cpu_from[at[j - 1]])
             out["total"].append(got - t)
     return {k: sorted(v) for k, v in out.items()}
 

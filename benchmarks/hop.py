@@ -9,6 +9,8 @@ Scenarios (100-byte JSON payloads, loopback):
                 connection each): deliveries/s summed over the holders.
 * ``10k``       one connection holding 10,000 leases on distinct channels; the
                 sender cycles through those channels: delivered events/s.
+* ``1->1 aio``  as ``1->1``, the lease holder an asyncio client (``psepr.aio``;
+                the baselines' receivers ``zmq.asyncio`` sockets).
 
 Every client role, PsEPR's and the baselines' alike, runs with
 ``psepr.tune_gc()`` (as the router does); see its docstring.
@@ -84,6 +86,33 @@ def _count(next_payload, a) -> dict:
     return {"n": n, "first": first, "last": last, "lat": lats, "dropped": 0}
 
 
+async def _acount(next_payload, a) -> dict:
+    """:func:`_count` for an asyncio receiver: ``next_payload`` is awaited.
+
+    A twin rather than a shared helper: a call per event in the sync receivers'
+    loop would add to what every sync column measures.
+    """
+    lats: list = []
+    n = 0
+    first = last = None
+    monotonic = time.monotonic
+    deadline = monotonic() + a.seconds
+    while n < a.count:
+        p = await next_payload()
+        if p is None:
+            break
+        now = monotonic()
+        if first is None:
+            first = now
+        last = now
+        n += 1
+        if a.latency:
+            lats.append(now - p["t"])
+        elif now > deadline:
+            break
+    return {"n": n, "first": first, "last": last, "lat": lats, "dropped": 0}
+
+
 def role_psepr_recv(a) -> None:
     import psepr
     cons = [psepr.connect(a.url, preset="local") for _ in range(a.conns)]
@@ -121,6 +150,32 @@ def role_psepr_recv(a) -> None:
     for con in cons:
         con.close()
     print(json.dumps({"results": results, "cpu": time.process_time() - cpu0}), flush=True)
+
+
+def role_psepr_aio_recv(a) -> None:
+    """One asyncio connection (``psepr.aio``) holding one lease."""
+    import asyncio
+
+    import psepr.aio
+
+    async def run() -> None:
+        async with psepr.aio.connect(a.url, preset="local") as con:
+            lease = await con.lease(a.channel, duration=600, propagated=True)
+            print(json.dumps({"ready": True}), flush=True)
+            cpu0 = time.process_time()
+
+            async def next_payload():
+                try:
+                    return (await lease.receive(timeout=2.0)).payload
+                except psepr.TimeoutError:
+                    return None
+
+            res = await _acount(next_payload, a)
+            res["dropped"] = con.dropped_by_router + lease.dropped
+            cpu = time.process_time() - cpu0
+        print(json.dumps({"results": [res], "cpu": cpu}), flush=True)
+
+    asyncio.run(run())
 
 
 def role_psepr_send(a) -> None:
@@ -226,6 +281,40 @@ def role_raw_recv(a) -> None:
     os._exit(0)
 
 
+def role_raw_aio_recv(a) -> None:
+    """A ``zmq.asyncio`` SUB socket: the asyncio baseline for ``psepr-aio-recv``."""
+    import asyncio
+
+    import orjson
+    import zmq
+    import zmq.asyncio
+
+    async def run() -> None:
+        s = zmq.asyncio.Context().socket(zmq.SUB)
+        s.setsockopt(zmq.RCVHWM, 200_000)
+        # zmq.asyncio times a receive out by RCVTIMEO (raising Again), and sets
+        # a timer only when it has to wait: no asyncio.wait_for task per event.
+        s.setsockopt(zmq.RCVTIMEO, 2000)
+        s.connect(f"tcp://127.0.0.1:{a.port}")
+        s.setsockopt(zmq.SUBSCRIBE, a.channel.encode())
+        await asyncio.sleep(0.5)  # SUB subscriptions propagate asynchronously
+        print(json.dumps({"ready": True}), flush=True)
+        cpu0 = time.process_time()
+
+        async def next_payload():
+            try:
+                frames = await s.recv_multipart()
+            except zmq.Again:
+                return None
+            return orjson.loads(frames[1])
+
+        res = await _acount(next_payload, a)
+        print(json.dumps({"results": [res], "cpu": time.process_time() - cpu0}), flush=True)
+
+    asyncio.run(run())
+    os._exit(0)
+
+
 def role_raw_send(a) -> None:
     import orjson
     import zmq
@@ -255,8 +344,9 @@ def role_raw_send(a) -> None:
           flush=True)
 
 
-ROLES = {"psepr-recv": role_psepr_recv, "psepr-send": role_psepr_send,
-         "raw-fwd": role_raw_fwd, "raw-recv": role_raw_recv, "raw-send": role_raw_send}
+ROLES = {"psepr-recv": role_psepr_recv, "psepr-aio-recv": role_psepr_aio_recv,
+         "psepr-send": role_psepr_send, "raw-fwd": role_raw_fwd, "raw-recv": role_raw_recv,
+         "raw-aio-recv": role_raw_aio_recv, "raw-send": role_raw_send}
 
 
 # -- orchestration -------------------------------------------------------------------
@@ -389,21 +479,22 @@ def _run_roles(recv_role: str, send_role: str, recv_at: list[str], send_at: list
 
 
 def run_psepr(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: int = 0,
-              seconds: float = 30.0) -> dict:
+              seconds: float = 30.0, aio: bool = False) -> dict:
     router, url = _start_router()
     try:
-        return _run_roles("psepr-recv", "psepr-send", ["--url", url], ["--url", url],
+        return _run_roles("psepr-aio-recv" if aio else "psepr-recv", "psepr-send",
+                          ["--url", url], ["--url", url],
                           count, conns, procs, leases, rate, seconds, mids=(router,))
     finally:
         _stop(router)
 
 
 def run_raw(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: int = 0,
-            seconds: float = 30.0, cproxy: bool = False) -> dict:
+            seconds: float = 30.0, cproxy: bool = False, aio: bool = False) -> dict:
     fwd = _spawn("raw-fwd", *(["--cproxy"] if cproxy else []))
     try:
         ports = _line(fwd, 15)
-        return _run_roles("raw-recv", "raw-send", ["--port", str(ports["out"])],
+        return _run_roles("raw-aio-recv" if aio else "raw-recv", "raw-send", ["--port", str(ports["out"])],
                           ["--port", str(ports["in"])], count, conns, procs, leases, rate,
                           seconds, mids=(fwd,))
     finally:
@@ -440,6 +531,7 @@ def main(args) -> int:
         ("latency @5k/s", dict(count=lat_n, rate=5000)),
         ("fan-out x10 deliveries/s", dict(count=n // 2, conns=10, procs=10)),
         (f"{k10} leases events/s", dict(count=n, leases=k10)),
+        ("1->1 asyncio receiver events/s", dict(count=n, aio=True)),
     ]
     systems = [("psepr", run_psepr), ("raw-pyzmq", run_raw),
                ("libzmq-proxy", lambda **kw: run_raw(cproxy=True, **kw))]

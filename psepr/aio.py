@@ -4,6 +4,10 @@ Theory of operation
 -------------------
 One reader task drains the DEALER socket (``zmq.asyncio``) into the shared
 pure :class:`~psepr.session.Session`; one timer task runs ``session.tick``.
+Awaiting a message that is already waiting completes without a loop turn, so
+the reader yields one turn before each such message: under a flood it would
+otherwise keep the loop, filing events until the lease queues overflow while
+the readers it woke, and every other task, wait.
 ``send`` encodes in the caller's task and schedules a single flush with
 ``loop.call_soon`` so that every send made in the same loop turn leaves as one
 SEND batch.  Leases are async iterators backed by deques and an
@@ -234,8 +238,14 @@ class Connection(ConnectionBase):
         s = self._session
         try:
             while True:
-                # A message already waiting completes the await without a loop turn.
-                frames = await sock.recv_multipart()
+                fut = sock.recv_multipart()
+                if fut.done():
+                    # A message was already waiting, so awaiting it would not
+                    # yield: under a flood this task would keep the loop until the
+                    # lease queues overflow, starving the readers it wakes and
+                    # every other task.  Give them their turn first.
+                    await asyncio.sleep(0)
+                frames = await fut
                 self._refresh_full()
                 s.on_message(frames, time.monotonic())
                 self._schedule_flush()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -479,6 +480,52 @@ async def test_aio_many_rounds_of_send_flush_and_receive(router_proc):
             await con.flush(timeout=5)
             got = [(await lease.receive(timeout=5)).payload for _ in range(250)]
             assert got == [[r, i] for i in range(250)]
+
+
+#: A flood from its own process: 100-byte events as fast as the sync SDK sends.
+_FLOOD = """
+import sys, psepr
+url, channel, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with psepr.connect(url, preset="local") as con:
+    for i in range(n):
+        con.send(channel, [i, "x" * 90])
+    con.flush(timeout=30)
+"""
+
+
+async def test_aio_reader_under_a_flood_leaves_the_loop_to_readers_and_other_tasks(router_proc):
+    """Messages already waiting complete the reader task's await without a loop
+    turn; under a flood it must still yield, or it files events until the lease
+    queue overflows while the reader it woke (and every other task) waits.  With a
+    small lease queue, a reader that keeps up loses nothing, and another task of
+    the loop runs all along."""
+    n = 60_000
+    # A DELIVER of 100-byte events holds about 1,300 (128 KiB): room for a few.
+    config = FAST.replace(lease_queue=10_000)
+    async with psepr.aio.connect(router_proc.url, config=config) as con:
+        lease = await con.lease(CH + "flood/")
+        got: list = []
+        seen_by_ticker: list = []
+
+        async def ticker():
+            while True:
+                await asyncio.sleep(0.001)
+                seen_by_ticker.append(len(got))
+
+        tick = asyncio.create_task(ticker())
+        sender = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _FLOOD, router_proc.url, CH + "flood/x/", str(n))
+        try:
+            while len(got) < n:
+                assert lease.dropped == 0, f"{lease.dropped} dropped after {len(got)} received"
+                got.append((await lease.receive(timeout=10)).payload[0])
+        finally:
+            tick.cancel()
+            assert await asyncio.wait_for(sender.wait(), 30) == 0
+        assert got == list(range(n))
+        assert lease.dropped == 0 and con.dropped_by_router == 0
+        # The ticker ran while the flood was being received, not only around it.
+        assert len({k for k in seen_by_ticker if 0 < k < n}) >= 3, seen_by_ticker[:50]
 
 
 def test_lone_and_burst_sends_keep_their_order(router_proc):

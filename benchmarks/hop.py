@@ -9,8 +9,8 @@ Scenarios (100-byte JSON payloads, loopback):
                 connection each): deliveries/s summed over the holders.
 * ``10k``       one connection holding 10,000 leases on distinct channels; the
                 sender cycles through those channels: delivered events/s.
-* ``1->1 aio``  as ``1->1``, the lease holder an asyncio client (``psepr.aio``;
-                the baselines' receivers ``zmq.asyncio`` sockets).
+* ``1->1 aio``  as ``1->1``, sender and lease holder asyncio clients
+                (``psepr.aio``; the baselines' ``zmq.asyncio`` sockets).
 
 Every client role, PsEPR's and the baselines' alike, runs with
 ``psepr.tune_gc()`` (as the router does); see its docstring.
@@ -205,6 +205,29 @@ def role_psepr_send(a) -> None:
           flush=True)
 
 
+def role_psepr_aio_send(a) -> None:
+    """``a.count`` events as fast as ``await con.send()`` goes (``psepr.aio``), then a flush."""
+    import asyncio
+
+    import psepr.aio
+    if a.rate or a.leases != 1:
+        sys.exit("psepr-aio-send sends unpaced to one channel (no --rate, --leases 1)")
+
+    async def run() -> None:
+        async with psepr.aio.connect(a.url, preset="local") as con:
+            send, channel = con.send, a.channel
+            cpu0 = time.process_time()
+            t0 = time.monotonic()
+            for i in range(a.count):
+                await send(channel, _payload(i))
+            await con.flush(timeout=60)
+            t1 = time.monotonic()
+        print(json.dumps({"sent": a.count, "seconds": t1 - t0,
+                          "cpu": time.process_time() - cpu0}), flush=True)
+
+    asyncio.run(run())
+
+
 def raw_fwd_sockets(upstream: int | None, cproxy: bool = False) -> tuple:
     """The raw forwarder's sockets, bound (or chained after ``upstream``); prints its ports.
 
@@ -344,9 +367,39 @@ def role_raw_send(a) -> None:
           flush=True)
 
 
+def role_raw_aio_send(a) -> None:
+    """A ``zmq.asyncio`` PUB socket: the asyncio baseline for ``psepr-aio-send``."""
+    import asyncio
+
+    import orjson
+    import zmq
+    import zmq.asyncio
+    if a.rate or a.leases != 1:
+        sys.exit("raw-aio-send sends unpaced to one topic (no --rate, --leases 1)")
+
+    async def run() -> None:
+        s = zmq.asyncio.Context().socket(zmq.PUB)
+        s.setsockopt(zmq.SNDHWM, 200_000)
+        s.connect(f"tcp://127.0.0.1:{a.port}")
+        await asyncio.sleep(0.3)  # PUB connects asynchronously
+        send, topic = s.send_multipart, a.channel.encode()
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
+        for i in range(a.count):
+            await send([topic, orjson.dumps(_payload(i))])
+        t1 = time.monotonic()
+        await asyncio.sleep(0.5)
+        s.close(linger=5000)
+        print(json.dumps({"sent": a.count, "seconds": t1 - t0,
+                          "cpu": time.process_time() - cpu0}), flush=True)
+
+    asyncio.run(run())
+
+
 ROLES = {"psepr-recv": role_psepr_recv, "psepr-aio-recv": role_psepr_aio_recv,
-         "psepr-send": role_psepr_send, "raw-fwd": role_raw_fwd, "raw-recv": role_raw_recv,
-         "raw-aio-recv": role_raw_aio_recv, "raw-send": role_raw_send}
+         "psepr-send": role_psepr_send, "psepr-aio-send": role_psepr_aio_send,
+         "raw-fwd": role_raw_fwd, "raw-recv": role_raw_recv, "raw-aio-recv": role_raw_aio_recv,
+         "raw-send": role_raw_send, "raw-aio-send": role_raw_aio_send}
 
 
 # -- orchestration -------------------------------------------------------------------
@@ -482,8 +535,8 @@ def run_psepr(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate:
               seconds: float = 30.0, aio: bool = False) -> dict:
     router, url = _start_router()
     try:
-        return _run_roles("psepr-aio-recv" if aio else "psepr-recv", "psepr-send",
-                          ["--url", url], ["--url", url],
+        return _run_roles("psepr-aio-recv" if aio else "psepr-recv",
+                          "psepr-aio-send" if aio else "psepr-send", ["--url", url], ["--url", url],
                           count, conns, procs, leases, rate, seconds, mids=(router,))
     finally:
         _stop(router)
@@ -494,7 +547,8 @@ def run_raw(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate: i
     fwd = _spawn("raw-fwd", *(["--cproxy"] if cproxy else []))
     try:
         ports = _line(fwd, 15)
-        return _run_roles("raw-aio-recv" if aio else "raw-recv", "raw-send", ["--port", str(ports["out"])],
+        return _run_roles("raw-aio-recv" if aio else "raw-recv",
+                          "raw-aio-send" if aio else "raw-send", ["--port", str(ports["out"])],
                           ["--port", str(ports["in"])], count, conns, procs, leases, rate,
                           seconds, mids=(fwd,))
     finally:
@@ -531,7 +585,7 @@ def main(args) -> int:
         ("latency @5k/s", dict(count=lat_n, rate=5000)),
         ("fan-out x10 deliveries/s", dict(count=n // 2, conns=10, procs=10)),
         (f"{k10} leases events/s", dict(count=n, leases=k10)),
-        ("1->1 asyncio receiver events/s", dict(count=n, aio=True)),
+        ("1->1 asyncio clients events/s", dict(count=n, aio=True)),
     ]
     systems = [("psepr", run_psepr), ("raw-pyzmq", run_raw),
                ("libzmq-proxy", lambda **kw: run_raw(cproxy=True, **kw))]

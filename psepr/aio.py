@@ -10,7 +10,9 @@ otherwise keep the loop, filing events until the lease queues overflow while
 the readers it woke, and every other task, wait.
 ``send`` encodes in the caller's task and schedules a single flush with
 ``loop.call_soon`` so that every send made in the same loop turn leaves as one
-SEND batch.  Leases are async iterators backed by deques and an
+SEND batch; once a batch's worth (``batch_events``) waits, ``send`` yields a
+turn itself, or a caller sending in a loop would hold the loop (and its
+events) until the send queue filled.  Leases are async iterators backed by deques and an
 :class:`asyncio.Event` that the reader sets once per DELIVER batch.
 
 Usage::
@@ -293,6 +295,11 @@ class Connection(ConnectionBase):
         s.add_events([item])
         self._unflushed = True
         self._schedule_flush()
+        if s.queued >= self.config.batch_events:
+            # A caller sending in a loop that never yields: the flush scheduled
+            # above would wait for the whole send queue (100,000 events by
+            # default), and every other task with it.  Let a batch leave now.
+            await asyncio.sleep(0)
         return item[0]
 
     async def flush(self, timeout: float = 5.0) -> None:

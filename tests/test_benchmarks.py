@@ -28,7 +28,7 @@ def test_bench_hop_quick_prints_every_scenario_for_every_system():
     assert out.returncode == 0, out.stderr[-2000:]
     table = out.stdout
     for row in ("1->1 events/s", "latency @5k/s", "fan-out x10 deliveries/s",
-                "1000 leases events/s", "1->1 asyncio receiver events/s"):
+                "1000 leases events/s", "1->1 asyncio clients events/s"):
         assert row in table
     assert "raw-pyzmq" in table and "libzmq-proxy" in table
     # Every PsEPR scenario received everything it was sent (no loss in a quick run).

@@ -528,6 +528,36 @@ async def test_aio_reader_under_a_flood_leaves_the_loop_to_readers_and_other_tas
         assert len({k for k in seen_by_ticker if 0 < k < n}) >= 3, seen_by_ticker[:50]
 
 
+async def test_aio_sending_in_a_loop_lets_batches_leave_and_other_tasks_run(router_proc):
+    """``await con.send()`` completes without suspending; a caller sending in a
+    loop must still let full batches leave as it goes (not only once the send
+    queue fills) and let the loop's other tasks run."""
+    n = 50_000      # half the default send queue
+    async with psepr.aio.connect(router_proc.url) as rx, \
+            psepr.aio.connect(router_proc.url) as tx:
+        lease = await rx.lease(CH + "aio-loop/", propagated=True)
+        sent = 0
+        seen_by_ticker: list = []
+
+        async def ticker():
+            while True:
+                await asyncio.sleep(0.001)
+                seen_by_ticker.append(sent)
+
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        try:
+            for i in range(n):
+                await tx.send(CH + "aio-loop/x/", [i, "x" * 90])
+                sent += 1
+            await tx.flush(timeout=30)
+        finally:
+            tick.cancel()
+        assert [(await lease.receive(timeout=10)).payload[0] for _ in range(n)] == list(range(n))
+        # The ticker ran while the loop was sending, not only before and after it.
+        assert len({k for k in seen_by_ticker if 0 < k < n}) >= 3, seen_by_ticker[:50]
+
+
 def test_lone_and_burst_sends_keep_their_order(router_proc):
     """Lone sends leave from the caller's thread, bursts through the I/O thread:
     mixed, one sender's events still arrive in the order sent, none lost."""

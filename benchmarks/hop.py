@@ -536,8 +536,9 @@ def run_psepr(count: int, conns: int = 1, procs: int = 1, leases: int = 1, rate:
     router, url = _start_router()
     try:
         return _run_roles("psepr-aio-recv" if aio else "psepr-recv",
-                          "psepr-aio-send" if aio else "psepr-send", ["--url", url], ["--url", url],
-                          count, conns, procs, leases, rate, seconds, mids=(router,))
+                          "psepr-aio-send" if aio else "psepr-send", ["--url", url],
+                          ["--url", url], count, conns, procs, leases, rate, seconds,
+                          mids=(router,))
     finally:
         _stop(router)
 

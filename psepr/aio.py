@@ -11,9 +11,9 @@ the readers it woke, and every other task, wait.
 ``send`` encodes in the caller's task and schedules a single flush with
 ``loop.call_soon`` so that every send made in the same loop turn leaves as one
 SEND batch; once a batch's worth (``batch_events``) waits, ``send`` yields a
-turn itself, or a caller sending in a loop would hold the loop (and its
-events) until the send queue filled.  Leases are async iterators backed by deques and an
-:class:`asyncio.Event` that the reader sets once per DELIVER batch.
+turn itself, or a caller sending in a loop would hold the loop (and its events)
+until the send queue filled.  Leases are async iterators backed by deques and
+an :class:`asyncio.Event` that the reader sets once per DELIVER batch.
 
 Usage::
 

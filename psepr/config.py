@@ -42,6 +42,11 @@ class ClientConfig:
             raises :class:`~psepr.errors.TimeoutError`.
         lease_queue: events buffered per lease before new ones are dropped and
             counted in ``lease.dropped``.
+        lease_window: LEASE requests (new leases, renewals) out at once without
+            an answer; more wait their turn.  A router keeps at most 1,000 unsent
+            control replies per connection and drops the rest, so a burst of
+            thousands (leasing 10,000 channels at once, or re-registering them
+            after a fail-over) lost most of its answers and waited for retries.
         max_event_bytes: largest payload accepted locally (1 MiB, as the router).
         curve_server_key: router's Z85 public key (enables CURVE).
         curve_public_key / curve_secret_key: this client's Z85 key pair.
@@ -59,6 +64,7 @@ class ClientConfig:
     send_queue: int = 100_000
     send_block_timeout: float = 30.0
     lease_queue: int = 100_000
+    lease_window: int = 500
     max_event_bytes: int = 1 << 20
     curve_server_key: str | None = None
     curve_public_key: str | None = None

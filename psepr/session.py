@@ -212,6 +212,10 @@ class Session:
         self._hello_req: int | None = None   # the req of the latest HELLO
         self._waiting: dict[int, str] = {}   # req -> kind, for control requests
         self._renewals: list = []            # heap of (renew_at, lease_id), lazily invalidated
+        # The window of LEASE requests (config.lease_window): ids asked and not yet
+        # answered, and ids waiting for room, in order.
+        self._asked: set[str] = set()
+        self._to_ask: dict[str, None] = {}
         self._index: dict | None = None      # channel text -> leases on it (None: rebuild)
         # channel (untyped events) or (channel, type) -> (lease ids, Channel)
         self._routes: dict = {}
@@ -246,7 +250,12 @@ class Session:
         self.hello_at = now
         self.last_rx = now
         self._hello_index = self.index
-        self._control = [m for m in self._control if m[0] != _K[Kind.HELLO]]
+        # Every lease is asked again on WELCOME: LEASEs still queued for the old
+        # socket would go twice, and the window starts empty.
+        self._control = [m for m in self._control
+                         if m[0] != _K[Kind.HELLO] and m[0] != _K[Kind.LEASE]]
+        self._asked.clear()
+        self._to_ask.clear()
         # Numbered: a WELCOME answering an earlier HELLO (one that left just before
         # we gave up on it) is ignored, so leases are registered on the session
         # that stays, not on one the router is about to replace.
@@ -347,6 +356,7 @@ class Session:
 
     def _drop_lease(self, lease_id, default=None):
         self._index = None
+        self._answered(lease_id)
         return self.leases.pop(lease_id, default)
 
     def lease_ids(self, channel: str, typ: str | None) -> tuple:
@@ -380,11 +390,35 @@ class Session:
             heapq.heappush(self._renewals, (at, ls.id))
 
     def _ask_lease(self, ls: LeaseState, now: float) -> None:
+        """Queue a LEASE for ``ls`` now, or once the window has room (asked again
+        after ``renew_retry`` without an answer either way)."""
         self._set_renew(ls, now + self.config.renew_retry)
+        if ls.id in self._to_ask:
+            return
+        if ls.id not in self._asked and len(self._asked) >= self.config.lease_window:
+            self._to_ask[ls.id] = None
+            return
+        self._asked.add(ls.id)      # a retry of an unanswered one keeps its place
         h = {"id": ls.id, "channel": ls.channel.text, "type": ls.type, "duration": ls.duration}
         if ls.propagate:
             h["p"] = True
         self._control.append(wire.encode(Kind.LEASE, h))
+
+    def _answered(self, lease_id) -> None:
+        """``lease_id``'s LEASE was answered, or the lease is gone: its place in the
+        window is free (:meth:`take_out` lets the next one in)."""
+        self._asked.discard(lease_id)
+        self._to_ask.pop(lease_id, None)
+
+    def _ask_waiting(self, now: float) -> None:
+        """Queue the LEASEs that waited for room in the window, while it has room."""
+        to_ask = self._to_ask
+        while to_ask and len(self._asked) < self.config.lease_window:
+            lid = next(iter(to_ask))
+            del to_ask[lid]
+            ls = self.leases.get(lid)
+            if ls is not None:
+                self._ask_lease(ls, now)
 
     def unlease(self, lease_id: str) -> int | None:
         """Release a lease; returns the request id to wait for, or None if not connected."""
@@ -428,6 +462,8 @@ class Session:
 
         A flush PING queued while events were waiting goes out right after them.
         """
+        if self._to_ask and self.state == READY:
+            self._ask_waiting(now)
         out = self._control
         self._control = []
         if self.state == CONNECTING:
@@ -483,6 +519,7 @@ class Session:
             elif kind == Kind.WELCOME:
                 self._on_welcome(h, now)
             elif kind == Kind.LEASED:
+                self._answered(h.get("id"))
                 ls = self.leases.get(h.get("id"))
                 if ls is not None and ls.propagate and h.get("propagated") is False:
                     # Granted, but not every reachable router confirmed in time: undo
@@ -564,6 +601,8 @@ class Session:
                 self.start(now)
             return
         exc = remote_error(code, msg, h.get("channel"), h.get("ref"))
+        if h.get("ref") in self._asked:         # a LEASE refused: its place is free
+            self._answered(h.get("ref"))
         req = h.get("req")
         if req is not None and self._waiting.pop(req, None) is not None:
             self.sink.completed(req, None, exc)

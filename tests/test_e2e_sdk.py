@@ -558,6 +558,17 @@ async def test_aio_sending_in_a_loop_lets_batches_leave_and_other_tasks_run(rout
         assert len({k for k in seen_by_ticker if 0 < k < n}) >= 3, seen_by_ticker[:50]
 
 
+async def test_aio_thousands_of_leases_at_once_lose_no_answer(router_proc):
+    """LEASEs leave a window at a time: the router, which keeps at most 1,000
+    unsent control replies per connection, has no answer to drop, and every
+    lease is granted without waiting for a retry."""
+    async with psepr.aio.connect(router_proc.url) as con:
+        await asyncio.gather(*[con.lease(f"{CH}many/c{k}/", duration=600, timeout=30)
+                               for k in range(5000)])
+        stats = await con.stats()
+    assert stats["leases"] >= 5000 and stats["control_dropped"] == 0, stats
+
+
 def test_lone_and_burst_sends_keep_their_order(router_proc):
     """Lone sends leave from the caller's thread, bursts through the I/O thread:
     mixed, one sender's events still arrive in the order sent, none lost."""

@@ -206,3 +206,45 @@ def test_one_event_groups_to_a_full_lease_keep_what_fits_and_count_the_rest():
     assert (leases["La"].dropped, leases["Lall"].dropped, leases["Lb"].dropped) == (1, 3, 0)
     assert filer.full_ids == {"La", "Lall"}
     assert len(filer.walk()) == 8
+
+
+LEASE = wire.KIND_BYTES[Kind.LEASE]
+
+
+def _leased(messages) -> list:
+    """The lease ids of the LEASE requests among ``messages``."""
+    return [orjson.loads(m[1])["id"] for m in messages if m[0] == LEASE]
+
+
+def test_lease_requests_beyond_the_window_wait_for_answers():
+    # A router drops control replies beyond a backlog per connection, so a burst of
+    # LEASEs goes out a window at a time; answers (grants, refusals) let more in.
+    s = Session(ClientConfig(lease_window=3), ["inproc://none"], _Sink(), 0.0)
+    s.take_switch()
+    s.start(0.0)
+    s.on_message(_welcome(_hello_req(s.take_out(0.0))), 0.0)
+    for i in range(5):
+        s.lease(f"L{i}", parse(f"/a/c{i}/"), None, 60.0, 0.0)
+    assert _leased(s.take_out(0.0)) == ["L0", "L1", "L2"]
+    s.on_message(wire.encode(Kind.LEASED, {"id": "L1", "channel": "/a/c1/", "granted": 60.0}),
+                 0.1)
+    assert _leased(s.take_out(0.1)) == ["L3"]
+    s.on_message(wire.encode(Kind.ERROR, {"code": "denied", "message": "no", "ref": "L0"}), 0.2)
+    assert "L0" not in s.leases
+    assert _leased(s.take_out(0.2)) == ["L4"]
+    assert _leased(s.take_out(0.3)) == []
+    # Unanswered after renew_retry: asked again, in their places (no more than 3 out).
+    s.tick(0.2 + s.config.renew_retry)
+    assert sorted(_leased(s.take_out(1.5))) == ["L2", "L3", "L4"]
+    # A new socket: every lease is asked again on WELCOME, a window at a time, and
+    # nothing queued for the old socket goes twice.
+    s.lease("L5", parse("/a/c5/"), None, 60.0, 1.5)
+    s.start(2.0)
+    out = s.take_out(2.0)
+    assert _leased(out) == []
+    s.on_message(_welcome(_hello_req(out)), 2.0)
+    assert _leased(s.take_out(2.0)) == ["L1", "L2", "L3"]
+    for lid in ("L1", "L2"):
+        s.on_message(wire.encode(Kind.LEASED, {"id": lid, "channel": "/a/", "granted": 60.0}),
+                     2.1)
+    assert _leased(s.take_out(2.1)) == ["L4", "L5"]

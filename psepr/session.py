@@ -50,6 +50,8 @@ READY = "ready"
 CLOSED = "closed"
 
 _K = wire.KIND_BYTES
+#: Control messages a new socket sends afresh (HELLO, and every LEASE on WELCOME).
+_REASKED = (_K[Kind.HELLO], _K[Kind.LEASE])
 
 _instance_seq = itertools.count(1)
 
@@ -252,8 +254,7 @@ class Session:
         self._hello_index = self.index
         # Every lease is asked again on WELCOME: LEASEs still queued for the old
         # socket would go twice, and the window starts empty.
-        self._control = [m for m in self._control
-                         if m[0] != _K[Kind.HELLO] and m[0] != _K[Kind.LEASE]]
+        self._control = [m for m in self._control if m[0] not in _REASKED]
         self._asked.clear()
         self._to_ask.clear()
         # Numbered: a WELCOME answering an earlier HELLO (one that left just before
@@ -600,14 +601,14 @@ class Session:
                     ls.active = False
                 self.start(now)
             return
-        exc = remote_error(code, msg, h.get("channel"), h.get("ref"))
-        if h.get("ref") in self._asked:         # a LEASE refused: its place is free
-            self._answered(h.get("ref"))
+        ref = h.get("ref")
+        exc = remote_error(code, msg, h.get("channel"), ref)
+        if ref in self._asked:          # a LEASE refused: its place is free
+            self._answered(ref)
         req = h.get("req")
         if req is not None and self._waiting.pop(req, None) is not None:
             self.sink.completed(req, None, exc)
             return
-        ref = h.get("ref")
         if ref is not None and ref in self.leases and not self.leases[ref].active:
             self._drop_lease(ref)
             self.sink.lease_failed(ref, exc)

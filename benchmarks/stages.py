@@ -26,7 +26,11 @@ Paths, one hop: PsEPR (SDK sender, router, SDK receiver); PsEPR with a
 LEASE, then poll, receive, decode: the floor any client library could reach);
 and ``psepr bench hop``'s raw pyzmq forwarder path.  With ``--chain``, PsEPR
 across three routers beside a chain of three raw forwarders.  Beside the stages:
-the CPU each process used per event (all its threads), over the run.
+the CPU each process used per event (all its threads), over the run; and, per
+thread (main, ZeroMQ I/O, the rest), the time it ran and the time it was ready
+to run but waited for a CPU (Linux's ``/proc/<pid>/task/<tid>/schedstat``),
+sampled over the middle of the paced run.  On two cores shared by six threads
+or more, the waiting is where extra CPU per event turns into latency.
 
 Timestamps are taken by wrapping the router's and the SDK's internal functions
 inside this benchmark's own processes; nothing in the product is changed.
@@ -62,6 +66,7 @@ def _paced(count: int, send_one) -> float:
     """Call ``send_one(payload)`` ``count`` times at RATE per second (sleeping, never
     spinning); each payload carries the time it was made.  Returns the CPU used."""
     mono = time.monotonic
+    print(json.dumps({"pacing": True}), flush=True)     # the threads' sampling starts now
     cpu0 = time.process_time()
     t0 = mono()
     for i in range(count):
@@ -329,6 +334,50 @@ def _stop_and_wait(procs: list) -> None:
             p.wait()
 
 
+def thread_times(pid: int) -> dict[str, tuple[int, int]]:
+    """``{"main" | "ZMQ I/O" | "other": (ns on CPU, ns waiting for a CPU)}`` of a live
+    process, summed over its threads (``/proc/<pid>/task/*/schedstat``; empty where
+    the kernel does not keep it, or once the process is gone)."""
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run, wait = map(int, f.read().split()[:2])
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read()
+        except (OSError, ValueError):
+            continue              # the thread ended meanwhile
+        kind = "main" if tid == str(pid) else "ZMQ I/O" if comm.startswith("ZMQbg/IO") \
+            else "other"
+        r0, w0 = out.get(kind, (0, 0))
+        out[kind] = (r0 + run, w0 + wait)
+    return out
+
+
+def _threads_split(pids: dict[str, int], window: float) -> dict[str, tuple[float, float]]:
+    """Sample :func:`thread_times` of every process twice, ``window`` seconds apart.
+
+    Returns:
+        ``{"<process> <thread>": (us on CPU, us waiting for a CPU) per event}`` at
+        ``RATE`` events per second; threads that ran less than 0.1 us per event
+        are left out.
+    """
+    before = {name: thread_times(pid) for name, pid in pids.items()}
+    time.sleep(window)
+    events = RATE * window
+    out = {}
+    for name, pid in pids.items():
+        for kind, (run, wait) in thread_times(pid).items():
+            r0, w0 = before[name].get(kind, (run, wait))
+            if (run - r0) / events >= 100:
+                out[f"{name} {kind}"] = ((run - r0) / events / 1e3, (wait - w0) / events / 1e3)
+    return out
+
+
 def _run_path(tmp: Path, tag: str, count: int, mids: list[tuple[str, list]],
               recv: tuple[str, callable], send: tuple[str, callable]) -> dict:
     """Start the middle processes, then the receiver, then the sender; collect the notes.
@@ -341,7 +390,8 @@ def _run_path(tmp: Path, tag: str, count: int, mids: list[tuple[str, list]],
             printed when it started.
 
     Returns:
-        ``{"mids": [notes...], "send": notes, "recv": notes, "cpu": {process: us/event}}``.
+        ``{"mids": [notes...], "send": notes, "recv": notes, "cpu": {process: us/event},
+        "threads": {"<process> <thread>": (us on CPU, us waiting for a CPU) per event}}``.
     """
     procs: list[subprocess.Popen] = []
     infos: list[dict] = []
@@ -366,6 +416,13 @@ def _run_path(tmp: Path, tag: str, count: int, mids: list[tuple[str, list]],
         s = _spawn(send[0], tmp / f"{tag}-send.json", *send[1](infos[0]), "--count",
                    str(count))
         procs.append(s)
+        hop._line(s, 60)        # connected and pacing
+        # Every process's threads, sampled over the middle 60 % of the paced run.
+        names = [f"r{k}" if len(mids) > 1 else "router" for k in range(len(mids))]
+        seconds = count / RATE
+        time.sleep(0.2 * seconds)
+        threads = _threads_split({"sender": s.pid, **dict(zip(names, (p.pid for p in procs))),
+                                  "receiver": r.pid}, 0.6 * seconds)
         hop._line(s, count / RATE + 60)
         hop._line(r, 30)
         mid1 = [hop.cpu_seconds(p.pid) for p in procs[:len(mids)]]
@@ -375,7 +432,7 @@ def _run_path(tmp: Path, tag: str, count: int, mids: list[tuple[str, list]],
                "send": json.loads((tmp / f"{tag}-send.json").read_text()),
                "recv": json.loads((tmp / f"{tag}-recv.json").read_text())}
         n = max(1, len(res["recv"]["t"]))
-        names = [f"r{k}" if len(mids) > 1 else "router" for k in range(len(mids))]
+        res["threads"] = threads
         res["cpu"] = {"sender": res["send"]["cpu"] / n * 1e6,
                       **{name: (b - a) / n * 1e6 for name, a, b in zip(names, mid0, mid1)},
                       "receiver": res["recv"]["cpu"] / n * 1e6}
@@ -461,6 +518,19 @@ def _table(title: str, paths: dict) -> None:
     for p in procs:
         print(f"{p:<14} " + " ".join(
             f"{r['cpu'][p]:>22.1f}" if p in r["cpu"] else f"{'-':>22}" for r in paths.values()))
+    threads: list[str] = []
+    for r in paths.values():
+        threads += [k for k in r["threads"] if k not in threads]
+    if not threads:
+        return      # no schedstat on this kernel
+    print(f"\n{'threads: us/event on CPU / waiting for a CPU':<22}")
+    totals = [(sum(v[0] for v in r["threads"].values()), sum(v[1] for v in r["threads"].values()))
+              for r in paths.values()]
+    for t in [*threads, "total"]:
+        cells = [totals[i] if t == "total" else r["threads"].get(t)
+                 for i, r in enumerate(paths.values())]
+        print(f"{t:<22}" + " ".join(f"{c[0]:>14.1f} / {c[1]:>5.1f}" if c else f"{'-':>22}"
+                                    for c in cells))
 
 
 def main(args) -> int:
@@ -496,7 +566,9 @@ def main(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {t: {n: {k: {"p50_us": _pct(v, 0.5), "p99_us": _pct(v, 0.99), "n": len(v)}
-                     for k, v in split(r).items()} | {"cpu_us": r["cpu"]}
+                     for k, v in split(r).items()}
+                 | {"cpu_us": r["cpu"], "threads_us": {k: {"cpu": c, "wait": w}
+                                                       for k, (c, w) in r["threads"].items()}}
                  for n, r in paths.items()} for t, paths in results.items()}, indent=2))
     return 0
 

@@ -7,6 +7,7 @@ printed), never a speed: speed targets live in the benchmarks, not in tests.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -113,10 +114,18 @@ def test_bench_stages_matches_every_event_at_every_boundary(tmp_path):
             hops = ["r0", "r1", "r2"] if title == "chain of 3" else ["router"]
             # A PsEPR router's stage is followed by how much of it the router ran.
             on_cpu = {h: [f"{h} on CPU"] if name != "raw pyzmq" else [] for h in hops}
-            assert [k for k in stages if k not in ("total", "cpu_us")] == [
+            assert [k for k in stages if k not in ("total", "cpu_us", "threads_us")] == [
                 "send call", *[s for h in hops for s in (f"to {h}", h, *on_cpu[h])],
                 "to receiver", "receiver"]
-            assert all(stages[k]["n"] == 2000 for k in stages if k != "cpu_us")
+            assert all(stages[k]["n"] == 2000 for k in stages if k not in ("cpu_us", "threads_us"))
+            if os.path.exists("/proc/self/task/%d/schedstat" % os.getpid()):
+                # Every process's main thread and ZeroMQ I/O thread ran during the
+                # sampled window, and what each waited for a CPU is a time, not a guess.
+                threads = stages["threads_us"]
+                for proc in ("sender", *hops, "receiver"):
+                    for kind in ("main", "ZMQ I/O"):
+                        assert threads[f"{proc} {kind}"]["cpu"] > 0, (title, name, proc, kind)
+                        assert threads[f"{proc} {kind}"]["wait"] >= 0
             assert set(stages["cpu_us"]) == {"sender", *hops, "receiver"}
             for h in hops:
                 if on_cpu[h]:

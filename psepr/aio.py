@@ -321,7 +321,8 @@ class Connection(ConnectionBase):
             self._lease_seq += 1
             id = f"L{self._lease_seq}"
         lease = self._leases.get(id)
-        if lease is None:
+        new = lease is None
+        if new:
             lease = Lease(self, id, ch, type)
             self._leases[id] = lease
         lease.channel, lease.type, lease.granted, lease._error = ch, type, 0.0, None
@@ -332,13 +333,28 @@ class Connection(ConnectionBase):
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
+            self._abandon(id, lease, new)
             raise TimeoutError(f"lease on {ch.text} not granted within {timeout} s") from None
-        except Exception:
+        except PseprError:              # refused by the router: the session dropped it
             self._leases.pop(id, None)
+            raise
+        except BaseException:           # cancelled (or interrupted) while waiting
+            self._abandon(id, lease, new)
             raise
         finally:
             self._lease_futs.pop(id, None)
         return lease
+
+    def _abandon(self, id: str, lease: Lease, new: bool) -> None:
+        """A new lease whose caller stopped waiting must not be granted later, renewed
+        and filled behind their back (see Session.abandon); a re-registration that
+        timed out leaves the lease the caller already holds."""
+        if new and self._leases.get(id) is lease:
+            del self._leases[id]
+            self._session.abandon(id)
+            lease._closed = True
+            lease._q.clear()            # events of a grant that raced the timeout
+            self._schedule_flush()
 
     async def _release(self, lease: Lease, timeout: float) -> None:
         if lease._closed:

@@ -378,7 +378,10 @@ class Connection(ConnectionBase):
             ChannelError: invalid channel.
             AccessDenied: the ACL refuses it.
             TimeoutError: no grant in time; with ``propagated``, also when some
-                router did not confirm in time (the lease is then released).
+                router did not confirm in time.  Either way a new lease is then
+                given up (released at the router if it was asked), as it is when
+                the wait is interrupted; a re-registration that times out leaves
+                the lease already held.
         """
         ch = parse(channel)
         if type is not None:
@@ -392,15 +395,30 @@ class Connection(ConnectionBase):
             else:
                 _check_name(id, "id")
             lease = self._leases.get(id)
-            if lease is None:
+            new = lease is None
+            if new:
                 lease = Lease(self, id, ch, type, duration)
                 self._leases[id] = lease
             lease.channel, lease.type, lease.granted, lease._error = ch, type, 0.0, None
             lease.duration = duration
             self._session.lease(id, ch, type, duration, time.monotonic(), renew, propagated)
         self._kick()
-        self._wait_cond(lambda: lease.granted > 0 or lease._error is not None, timeout,
-                        f"lease on {ch.text} not granted within {timeout} s")
+        try:
+            self._wait_cond(lambda: lease.granted > 0 or lease._error is not None, timeout,
+                            f"lease on {ch.text} not granted within {timeout} s")
+        except BaseException:
+            # Timed out or interrupted: a new lease the caller never got must not be
+            # granted later, renewed and filled behind their back.  (A re-registration
+            # that timed out leaves the lease the caller already holds.)
+            if new:
+                with self._lock:
+                    if self._leases.get(id) is lease:
+                        del self._leases[id]
+                        self._session.abandon(id)
+                        lease._closed = True
+                        lease._q.clear()    # events of a grant that raced the timeout
+                self._kick()
+            raise
         if lease._error is not None:
             self._leases.pop(id, None)
             raise lease._error

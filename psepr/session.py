@@ -218,6 +218,9 @@ class Session:
         # answered, and ids waiting for room, in order.
         self._asked: set[str] = set()
         self._to_ask: dict[str, None] = {}
+        # Leases given up before their answer came (abandon): released at the router
+        # on this socket; an ERROR for one (refused, or unknown) is nobody's to hear.
+        self._abandoned: set[str] = set()
         self._index: dict | None = None      # channel text -> leases on it (None: rebuild)
         # channel (untyped events) or (channel, type) -> (lease ids, Channel)
         self._routes: dict = {}
@@ -257,6 +260,7 @@ class Session:
         self._control = [m for m in self._control if m[0] not in _REASKED]
         self._asked.clear()
         self._to_ask.clear()
+        self._abandoned.clear()
         # Numbered: a WELCOME answering an earlier HELLO (one that left just before
         # we gave up on it) is ignored, so leases are registered on the session
         # that stays, not on one the router is about to replace.
@@ -421,6 +425,23 @@ class Session:
             if ls is not None:
                 self._ask_lease(ls, now)
 
+    def abandon(self, lease_id: str) -> None:
+        """The caller gave up on a new lease before its grant (a timeout, a cancelled
+        task): forget it, and release it at the router if its LEASE went out on
+        this socket or was granted, so that no lease the caller was told failed
+        stays held, renewed and filled with events.
+
+        A LEASE still waiting for room in the window (or for a socket) just goes.
+        """
+        ls = self.leases.get(lease_id)
+        if ls is None:
+            return
+        out = lease_id in self._asked or ls.active
+        self._drop_lease(lease_id)
+        if out and self.state == READY:
+            self._abandoned.add(lease_id)
+            self._control.append(wire.encode(Kind.UNLEASE, {"id": lease_id}))
+
     def unlease(self, lease_id: str) -> int | None:
         """Release a lease; returns the request id to wait for, or None if not connected."""
         self._drop_lease(lease_id, None)
@@ -543,6 +564,8 @@ class Session:
                 self._complete(h, None)
                 if h.get("d"):
                     self._drops(h["d"])
+            elif kind == Kind.UNLEASED and h.get("id") in self._abandoned:
+                self._abandoned.discard(h["id"])
             elif kind in (Kind.UNLEASED, Kind.STATS_REPLY):
                 self._complete(h, h.get("stats") if kind == Kind.STATS_REPLY else h.get("id"))
             elif kind == Kind.STATUS_REPLY:
@@ -602,6 +625,13 @@ class Session:
                 self.start(now)
             return
         ref = h.get("ref")
+        if ref in self._abandoned:
+            # The LEASE we gave up on was refused, or (unknown-lease) our UNLEASE
+            # found nothing to release, which ends it: the lease is gone either way,
+            # as its caller was told.
+            if code == wire.E_UNKNOWN_LEASE:
+                self._abandoned.discard(ref)
+            return
         exc = remote_error(code, msg, h.get("channel"), ref)
         if ref in self._asked:          # a LEASE refused: its place is free
             self._answered(ref)

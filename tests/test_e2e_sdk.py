@@ -696,3 +696,56 @@ async def test_aio_release_is_sent_at_once_not_at_the_next_timer_tick(router_pro
         for lease in leases:
             await lease.release(timeout=0.3)     # far less than the timer's 1 s
         assert (await con.stats())["leases"] == 0
+
+
+def test_a_lease_that_timed_out_is_not_granted_behind_the_callers_back(router_proc):
+    """Regression: lease() raised TimeoutError, yet its LEASE stayed asked; once the
+    router answered, the lease was held and renewed, and con.receive() returned its
+    events, though the caller had been told it failed."""
+    with psepr.connect(router_proc.url, config=FAST) as con, \
+            psepr.connect(router_proc.url, config=FAST) as other:
+        router_proc.proc.send_signal(signal.SIGSTOP)     # the LEASE waits in its queue
+        try:
+            with pytest.raises(psepr.TimeoutError, match="not granted within"):
+                con.lease(f"{CH}late/", duration=60, timeout=0.5)
+        finally:
+            router_proc.proc.send_signal(signal.SIGCONT)
+        kept = con.lease(f"{CH}kept/", duration=60)      # the connection works on
+        other.send(f"{CH}late/x/", {"n": 1})
+        other.send(f"{CH}kept/x/", {"n": 2})
+        other.flush()
+        assert con.receive(timeout=5.0).payload == {"n": 2}
+        with pytest.raises(psepr.TimeoutError):
+            con.receive(timeout=0.5)
+        assert other.stats()["leases"] == 1
+        assert kept.granted > 0
+        con.flush()                  # no error of the connection's either
+
+
+async def test_aio_a_cancelled_or_timed_out_lease_is_not_granted_later(router_proc):
+    """The same for the asyncio client: a lease() whose task was cancelled, or that
+    asyncio.wait_for or its own timeout gave up on, leaves nothing at the router."""
+    async with psepr.aio.connect(router_proc.url, config=FAST) as con:
+        router_proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            task = asyncio.create_task(con.lease(f"{CH}cancelled/", duration=60))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(con.lease(f"{CH}waited/", duration=60), 0.3)
+            with pytest.raises(psepr.TimeoutError, match="not granted within"):
+                await con.lease(f"{CH}timed-out/", duration=60, timeout=0.3)
+        finally:
+            router_proc.proc.send_signal(signal.SIGCONT)
+        await con.lease(f"{CH}kept/", duration=60)
+        with psepr.connect(router_proc.url, config=FAST) as other:
+            for name in ("cancelled", "waited", "timed-out", "kept"):
+                other.send(f"{CH}{name}/x/", {"to": name})
+            other.flush()
+            assert (await con.receive(timeout=5.0)).payload == {"to": "kept"}
+            with pytest.raises(psepr.TimeoutError):
+                await con.receive(timeout=0.5)
+            assert other.stats()["leases"] == 1
+        await con.flush()

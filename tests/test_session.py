@@ -248,3 +248,74 @@ def test_lease_requests_beyond_the_window_wait_for_answers():
         s.on_message(wire.encode(Kind.LEASED, {"id": lid, "channel": "/a/", "granted": 60.0}),
                      2.1)
     assert _leased(s.take_out(2.1)) == ["L4", "L5"]
+
+
+class _Heard(_Sink):
+    """A sink that records what the session told it."""
+
+    def __init__(self) -> None:
+        self.heard: list = []
+
+    def __getattr__(self, name):
+        return lambda *a, **k: self.heard.append((name, a))
+
+
+def _kinds(messages, kind: Kind) -> list:
+    return [orjson.loads(m[1]) for m in messages if m[0] == wire.KIND_BYTES[kind]]
+
+
+def test_an_abandoned_lease_is_released_if_asked_and_never_heard_of_again():
+    # lease() timed out or its task was cancelled: the caller was told it failed, so
+    # it must not be granted later, renewed and filled behind their back.
+    sink = _Heard()
+    s = Session(ClientConfig(lease_window=1), ["inproc://none"], sink, 0.0)
+    s.take_switch()
+    s.start(0.0)
+    s.on_message(_welcome(_hello_req(s.take_out(0.0))), 0.0)
+    s.lease("L1", parse("/a/one/"), None, 60.0, 0.0)
+    s.lease("L2", parse("/a/two/"), None, 60.0, 0.0)
+    assert _leased(s.take_out(0.0)) == ["L1"]            # L2 waits for room in the window
+    s.abandon("L1")                                      # its LEASE went out: undo it
+    s.abandon("L2")                                      # never asked: nothing to undo
+    s.abandon("L9")                                      # unknown: nothing at all
+    out = s.take_out(0.1)
+    assert _kinds(out, Kind.UNLEASE) == [{"id": "L1"}]
+    assert _leased(out) == []
+    assert s.leases == {}
+    # The router's late answers (the grant, then the release) reach nobody; the
+    # lease is not renewed, and a delivery on its channel files nowhere.
+    del sink.heard[:]
+    s.on_message(wire.encode(Kind.LEASED, {"id": "L1", "channel": "/a/one/", "granted": 60.0}),
+                 0.2)
+    s.on_message(wire.encode(Kind.UNLEASED, {"id": "L1", "req": None}), 0.2)
+    later = 0.2 + s.config.renew_retry      # when an unanswered LEASE is asked again
+    s.tick(later)
+    assert _leased(s.take_out(later)) == []
+    assert sink.heard == [], sink.heard
+    # Refused instead (an ERROR naming it, then unknown-lease for the UNLEASE):
+    # nothing surfaces as an error of the connection either.
+    s.lease("L3", parse("/a/three/"), None, 60.0, later)
+    assert _leased(s.take_out(later)) == ["L3"]
+    s.abandon("L3")
+    assert _kinds(s.take_out(later), Kind.UNLEASE) == [{"id": "L3"}]
+    s.on_message(wire.encode(Kind.ERROR, {"code": "denied", "message": "no", "ref": "L3"}), later)
+    s.on_message(wire.encode(Kind.ERROR, {"code": "unknown-lease", "message": "no lease",
+                                          "ref": "L3"}), later)
+    assert sink.heard == [], sink.heard
+    # Once ended, the id is an ordinary one again: an error naming it is heard.
+    s.on_message(wire.encode(Kind.ERROR, {"code": "unknown-lease", "message": "no lease",
+                                          "ref": "L3"}), later)
+    assert [name for name, _ in sink.heard] == ["async_error"]
+
+
+def test_an_abandoned_granted_lease_is_released_but_a_lease_before_welcome_just_goes():
+    s = _session()
+    s.lease("L1", parse("/a/"), None, 60.0, 0.0)
+    assert _leased(s.take_out(0.0)) == ["L1"]
+    s.on_message(wire.encode(Kind.LEASED, {"id": "L1", "channel": "/a/", "granted": 60.0}), 0.1)
+    s.abandon("L1")          # granted just as its caller gave up
+    assert _kinds(s.take_out(0.1), Kind.UNLEASE) == [{"id": "L1"}]
+    c = _session(CONNECTING)
+    c.lease("L1", parse("/a/"), None, 60.0, 0.0)
+    c.abandon("L1")
+    assert c.take_out(0.0) == [] and c.leases == {}

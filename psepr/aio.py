@@ -486,6 +486,8 @@ class Connection(ConnectionBase):
             raise TimeoutError(f"{what}: no answer within {timeout} s") from None
         finally:
             self._futs.pop(req, None)
+            if not fut.done() or fut.cancelled():   # wait_for cancels it when it gives up
+                self._session.forget(req)   # a late answer must not wait here forever
 
     async def close(self) -> None:
         """Hand what was sent to the router (up to 2 s), say BYE and close.  Idempotent."""

@@ -698,6 +698,8 @@ class Connection(ConnectionBase):
         finally:
             with self._lock:
                 self._waiters.pop(req, None)
+                if not w.done:
+                    self._session.forget(req)   # a late answer must not wait here forever
         if w.error is not None:
             raise w.error
         return w.result

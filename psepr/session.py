@@ -52,6 +52,8 @@ CLOSED = "closed"
 _K = wire.KIND_BYTES
 #: Control messages a new socket sends afresh (HELLO, and every LEASE on WELCOME).
 _REASKED = (_K[Kind.HELLO], _K[Kind.LEASE])
+#: Most forgotten requests remembered (see Session.forget).
+_MAX_FORGOTTEN = 10_000
 
 _instance_seq = itertools.count(1)
 
@@ -221,6 +223,8 @@ class Session:
         # Leases given up before their answer came (abandon): released at the router
         # on this socket; an ERROR for one (refused, or unknown) is nobody's to hear.
         self._abandoned: set[str] = set()
+        # Requests whose caller stopped waiting (forget): their answers are dropped.
+        self._forgotten: set[int] = set()
         self._index: dict | None = None      # channel text -> leases on it (None: rebuild)
         # channel (untyped events) or (channel, type) -> (lease ids, Channel)
         self._routes: dict = {}
@@ -471,6 +475,17 @@ class Session:
         """Ask the router for the overlay as it sees it; returns the request id."""
         return self._request(Kind.STATUS, {})
 
+    def forget(self, req: int) -> None:
+        """The caller stopped waiting for request ``req`` (a timeout, a cancelled task):
+        its answer, should one come, is heard by nobody - neither as a result kept
+        for a waiter that is gone nor as an error of the connection."""
+        if self._waiting.pop(req, None) is not None:
+            if len(self._forgotten) >= _MAX_FORGOTTEN:
+                # Answers that never came (sent on a socket that died): start afresh;
+                # a late answer to one of them is still dropped by _complete.
+                self._forgotten.clear()
+            self._forgotten.add(req)
+
     def _request(self, kind: Kind, header: dict) -> int:
         req = next(self._req)
         header["req"] = req
@@ -608,6 +623,8 @@ class Session:
         req = h.get("req")
         if self._waiting.pop(req, None) is not None:
             self.sink.completed(req, result, None)
+        else:
+            self._forgotten.discard(req)
 
     def _drops(self, n: int) -> None:
         self.dropped_by_router += n
@@ -631,6 +648,10 @@ class Session:
             # as its caller was told.
             if code == wire.E_UNKNOWN_LEASE:
                 self._abandoned.discard(ref)
+            return
+        req = h.get("req")
+        if req in self._forgotten:       # its caller stopped waiting (forget)
+            self._forgotten.discard(req)
             return
         exc = remote_error(code, msg, h.get("channel"), ref)
         if ref in self._asked:          # a LEASE refused: its place is free

@@ -749,3 +749,41 @@ async def test_aio_a_cancelled_or_timed_out_lease_is_not_granted_later(router_pr
                 await con.receive(timeout=0.5)
             assert other.stats()["leases"] == 1
         await con.flush()
+
+
+def test_answers_after_a_timeout_are_not_kept_for_good(router_proc):
+    """Regression: each flush() or stats() that timed out left a waiter behind that
+    the late answer filled and nobody ever took: a slow leak in a service that asks
+    on a timer.  (The shells' own tables are read: the leak had no other face.)"""
+    with psepr.connect(router_proc.url, config=FAST) as con:
+        router_proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(20):
+                with pytest.raises(psepr.TimeoutError):
+                    con.flush(timeout=0.01)
+                with pytest.raises(psepr.TimeoutError):
+                    con.stats(timeout=0.01)
+        finally:
+            router_proc.proc.send_signal(signal.SIGCONT)
+        con.flush(timeout=5.0)           # every late answer has come in by now
+        assert con._waiters == {} and con._session._waiting == {}
+
+
+async def test_aio_answers_after_a_timeout_or_cancel_are_not_kept_for_good(router_proc):
+    async with psepr.aio.connect(router_proc.url, config=FAST) as con:
+        router_proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(20):
+                with pytest.raises(psepr.TimeoutError):
+                    await con.flush(timeout=0.01)
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(con.stats(), 0.01)
+                task = asyncio.create_task(con.status())
+                await asyncio.sleep(0.005)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        finally:
+            router_proc.proc.send_signal(signal.SIGCONT)
+        await con.flush(timeout=5.0)
+        assert con._futs == {} and con._session._waiting == {}

@@ -319,3 +319,21 @@ def test_an_abandoned_granted_lease_is_released_but_a_lease_before_welcome_just_
     c.lease("L1", parse("/a/"), None, 60.0, 0.0)
     c.abandon("L1")
     assert c.take_out(0.0) == [] and c.leases == {}
+
+
+def test_a_forgotten_request_s_late_answer_reaches_nobody():
+    # flush()/stats() timed out (or the task was cancelled): the shell forgets the
+    # request, so its answer neither waits in the shell forever nor becomes an error.
+    sink = _Heard()
+    s = Session(ClientConfig(), ["inproc://none"], sink, 0.0)
+    s.state = READY
+    ping, stats, kept = s.ping(), s.stats(), s.stats()
+    s.forget(ping)
+    s.forget(stats)
+    s.forget(12345)                      # never asked: nothing to forget
+    s.on_message(wire.encode(Kind.PONG, {"req": ping}), 1.0)
+    s.on_message(wire.encode(Kind.ERROR, {"code": "protocol", "message": "late",
+                                          "req": stats}), 1.0)
+    assert sink.heard == [], sink.heard
+    s.on_message(wire.encode(Kind.STATS_REPLY, {"req": kept, "stats": {"leases": 0}}), 1.0)
+    assert sink.heard == [("completed", (kept, {"leases": 0}, None))]

@@ -447,7 +447,11 @@ class Connection(ConnectionBase):
         lease = self._inboxes.get(authority)
         if lease is None:
             ch = inbox_channel(authority, self.principal, self.instance)
-            lease = await self.lease(ch, id=f"{INBOX_PREFIX}{authority}", timeout=timeout)
+            try:
+                lease = await self.lease(ch, id=f"{INBOX_PREFIX}{authority}", timeout=timeout)
+            except TimeoutError:
+                raise TimeoutError(f"request: its reply inbox {ch} was not granted "
+                                   f"within {timeout} s") from None
             self._inboxes[authority] = lease
         return lease
 

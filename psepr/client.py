@@ -206,7 +206,8 @@ class Connection(ConnectionBase):
 
         Args:
             channel: destination channel, or a whole :class:`Event`.
-            payload: a JSON value, or XML text with ``format="xml"``.
+            payload: a JSON value, or XML text with ``format="xml"``.  (JSON has no
+                NaN or infinity: such floats travel as null.)
             type: payload type; for XML it defaults to the payload's namespace.
             format: ``"json"`` (default) or ``"xml"``.
             to_service, to_instance: deliver only to that service/instance.
@@ -560,7 +561,11 @@ class Connection(ConnectionBase):
         if lease is None:
             self._wait_cond(lambda: self.welcome is not None, timeout, "not connected")
             ch = inbox_channel(authority, self.principal, self.instance)
-            lease = self.lease(ch, id=f"{INBOX_PREFIX}{authority}", timeout=timeout)
+            try:
+                lease = self.lease(ch, id=f"{INBOX_PREFIX}{authority}", timeout=timeout)
+            except TimeoutError:
+                raise TimeoutError(f"request: its reply inbox {ch} was not granted "
+                                   f"within {timeout} s") from None
             self._inboxes[authority] = lease
         return lease
 

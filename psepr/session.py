@@ -52,6 +52,7 @@ CLOSED = "closed"
 _K = wire.KIND_BYTES
 #: Control messages a new socket sends afresh (HELLO, and every LEASE on WELCOME).
 _REASKED = (_K[Kind.HELLO], _K[Kind.LEASE])
+_INF = float("inf")
 #: Most forgotten requests remembered (see Session.forget).
 _MAX_FORGOTTEN = 10_000
 
@@ -350,8 +351,12 @@ class Session:
         router of the overlay has the lease's interest (else the sink hears a
         :class:`TimeoutError` naming the routers that did not confirm).
         """
-        if not duration > 0:
-            raise UsageError(f"lease duration must be positive, got {duration!r}")
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) \
+                or not 0 < duration < _INF:
+            # inf and NaN too: JSON cannot carry them (orjson writes null), and the
+            # router would answer with a puzzle about a missing duration.
+            raise UsageError(f"lease duration must be a positive, finite number of seconds "
+                             f"(the router caps it at its maximum), got {duration!r}")
         ls = self.leases.get(lease_id)
         if ls is None:
             ls = LeaseState(lease_id, channel, type, float(duration), renew)

@@ -787,3 +787,16 @@ async def test_aio_answers_after_a_timeout_or_cancel_are_not_kept_for_good(route
             router_proc.proc.send_signal(signal.SIGCONT)
         await con.flush(timeout=5.0)
         assert con._futs == {} and con._session._waiting == {}
+
+
+def test_lease_duration_and_request_inbox_errors_name_what_was_wrong(router_proc):
+    with psepr.connect(router_proc.url, config=FAST) as con:
+        # Not finite, not a number: refused here, before the router answers with a
+        # puzzle (JSON carries inf and NaN as null).
+        for bad in (-1, 0, float("inf"), float("nan"), "10", True):
+            with pytest.raises(psepr.UsageError, match="positive, finite number of seconds"):
+                con.lease(f"{CH}d/", duration=bad)
+        # A request that cannot even get its reply inbox in time says so.
+        with pytest.raises(psepr.TimeoutError, match="request: its reply inbox .* not granted"):
+            con.request(f"{CH}nobody/", {}, timeout=0)
+        assert con.stats()["leases"] == 0

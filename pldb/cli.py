@@ -18,6 +18,7 @@ from pathlib import Path
 
 import orjson
 
+from psepr.cli import seconds
 from psepr.errors import UsageError
 
 EPILOG = """examples:
@@ -51,7 +52,7 @@ def add_parser(sub, add_router_arg) -> None:
     g.add_argument("--follow", action="store_true",
                    help="then print every new value as it is sent, until interrupted (no gap, "
                         "no duplicate between the answer and the live values)")
-    g.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for monitors (2)")
+    g.add_argument("--timeout", type=seconds, default=2.0, help="seconds to wait for monitors (2)")
     g.add_argument("--json", action="store_true", help="one JSON object per tuple")
     add_router_arg(g)
     g.set_defaults(func=cmd_get)
@@ -83,7 +84,7 @@ def add_parser(sub, add_router_arg) -> None:
 
     ls = psub.add_parser("monitors", help="list the monitors announcing themselves")
     ls.add_argument("--authority", default="example.com", help="whose monitors (default example.com)")
-    ls.add_argument("--wait", type=float, default=2.0,
+    ls.add_argument("--wait", type=seconds, default=2.0,
                     help="seconds to listen for announcements (default 2; at least one "
                          "announcement period)")
     ls.add_argument("--json", action="store_true", help="one JSON object per monitor")

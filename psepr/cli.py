@@ -42,6 +42,28 @@ EPILOG_LEASE = """examples:
 """
 
 
+def count(text: str) -> int:
+    """argparse type: a whole number of at least 1 (checked before connecting)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return n
+
+
+def seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds (checked before connecting)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return v
+
+
 def _add_router_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", action="append", metavar="URL",
                    help="router endpoint (repeat for fail-over); default: $PSEPR_ROUTERS, the "
@@ -370,8 +392,16 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (like every other error of ``psepr``)
+    that points at ``--help`` instead of printing the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="psepr", description="PsEPR-py: event overlay for farms "
+    p = _Parser(prog="psepr", description="PsEPR-py: event overlay for farms "
                                 "of machines (routers, channels, leases).")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.add_argument("--version", action="version", version=f"psepr {__version__}")
@@ -385,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--name", help="router name, unique in the overlay (default r1)")
     r.add_argument("--authority", help="authority for system channels (default psepr.local)")
     r.add_argument("--preset", help="local, lan or wan (default lan)")
-    r.add_argument("--max-lease", type=float, metavar="S", help="longest lease grant (3600)")
-    r.add_argument("--stats-interval", type=float, metavar="S", help="seconds between stats events")
+    r.add_argument("--max-lease", type=seconds, metavar="S", help="longest lease grant (3600)")
+    r.add_argument("--stats-interval", type=seconds, metavar="S", help="seconds between stats events")
     r.add_argument("--curve", action="store_true", help="require CURVE authentication")
     r.add_argument("--key", metavar="FILE", help="router secret key file (with --curve)")
     r.add_argument("--acl", metavar="FILE",
@@ -412,12 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="JSON", help="JSON payload ('-' reads stdin)")
     s.add_argument("--xml", metavar="XML", help="XML payload element ('-' reads stdin)")
     s.add_argument("--attribute", metavar="FIELD=VALUE", help="PsEPR attribute payload")
-    s.add_argument("--expire", type=float, metavar="S", help="attribute expiry in seconds")
+    s.add_argument("--expire", type=seconds, metavar="S", help="attribute expiry in seconds")
     s.add_argument("--text", help="a JSON string payload")
     s.add_argument("--to-service", help="deliver only to this service")
     s.add_argument("--to-instance", help="deliver only to this instance")
-    s.add_argument("--count", type=int, default=1, help="send N copies (default 1)")
-    s.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the router")
+    s.add_argument("--count", type=count, default=1, help="send N copies (default 1)")
+    s.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for the router")
     s.add_argument("-q", "--quiet", action="store_true", help="do not print the event id")
     _add_router_arg(s)
     s.set_defaults(func=cmd_send)
@@ -426,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     le.add_argument("channel")
     le.add_argument("--type", help="only events of this type")
-    le.add_argument("--duration", type=float, default=3600.0, help="lease seconds (renewed)")
-    le.add_argument("--count", type=int, help="exit after N events")
-    le.add_argument("--timeout", type=float, help="fail if no event within S seconds")
+    le.add_argument("--duration", type=seconds, default=3600.0, help="lease seconds (renewed)")
+    le.add_argument("--count", type=count, help="exit after N events")
+    le.add_argument("--timeout", type=seconds, help="fail if no event within S seconds")
     le.add_argument("--output", choices=("json", "xml", "payload"), default="json",
                     help="print events as JSON (default), PsEPR XML, or payload only")
     le.add_argument("-q", "--quiet", action="store_true",
@@ -443,25 +473,25 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--json")
     rq.add_argument("--xml")
     rq.add_argument("--attribute")
-    rq.add_argument("--expire", type=float)
+    rq.add_argument("--expire", type=seconds)
     rq.add_argument("--text")
-    rq.add_argument("--timeout", type=float, default=2.0)
+    rq.add_argument("--timeout", type=seconds, default=2.0)
     rq.add_argument("--output", choices=("json", "xml", "payload"), default="json")
     _add_router_arg(rq)
     rq.set_defaults(func=cmd_request)
 
     st = sub.add_parser("stats", help="print a router's counters")
     st.add_argument("--watch", action="store_true", help="follow the published stats events")
-    st.add_argument("--count", type=int, help="with --watch: exit after N")
+    st.add_argument("--count", type=count, help="with --watch: exit after N")
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--timeout", type=float, default=2.0)
+    st.add_argument("--timeout", type=seconds, default=2.0)
     _add_router_arg(st)
     st.set_defaults(func=cmd_stats)
 
     so = sub.add_parser("status", help="print the overlay as a router sees it: routers, links "
                         "(up/down, RTT), leases, event counts, drops")
     so.add_argument("--json", action="store_true", help="print JSON")
-    so.add_argument("--timeout", type=float, default=2.0)
+    so.add_argument("--timeout", type=seconds, default=2.0)
     _add_router_arg(so)
     so.set_defaults(func=cmd_status)
 

@@ -18,6 +18,29 @@ from .errors import ConfigError
 DEFAULT_ROUTER = "tcp://127.0.0.1:7600"
 
 
+def check_settings(config, what: str) -> None:
+    """Refuse a config dataclass whose numbers are not positive (finite; whole where the
+    default is whole): a zero queue, a negative lease or a NaN interval would not
+    fail at once but misbehave later, far from where it was set.
+
+    Args:
+        config: a dataclass instance whose numeric fields must be positive.
+        what: how the message names its settings ("router setting").
+
+    Raises:
+        ConfigError: the first bad field, named, with its value.
+    """
+    for f in dataclasses.fields(config):
+        default, value = f.default, getattr(config, f.name)
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        whole = isinstance(default, int)
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                or not 0 < value < float("inf"):
+            kind = "whole number" if whole else "finite number"
+            raise ConfigError(f"{what} {f.name} must be a positive {kind}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """How a client connection behaves.
@@ -69,6 +92,12 @@ class ClientConfig:
     curve_server_key: str | None = None
     curve_public_key: str | None = None
     curve_secret_key: str | None = None
+
+    def __post_init__(self) -> None:
+        check_settings(self, "client setting")
+        if not self.renew_fraction < 1:
+            raise ConfigError(f"client setting renew_fraction must be below 1 (renew before "
+                              f"the grant runs out), got {self.renew_fraction!r}")
 
     PRESETS = {
         # Same host: routers answer in microseconds; notice death fast.

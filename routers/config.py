@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from psepr.config import check_settings
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -101,6 +103,9 @@ class RouterConfig:
     barrier_timeout: float = 2.0
     seen_cache: int = 100_000
     peer_queue: int = 1000
+
+    def __post_init__(self) -> None:
+        check_settings(self, "router setting")
 
     PRESETS = {
         # One host, loopback only: fast stats for humans watching `psepr stats`,

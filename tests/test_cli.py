@@ -256,6 +256,55 @@ def test_router_refuses_non_loopback_without_curve():
     assert "--insecure" in line and "0.0.0.0" in line
 
 
+def test_router_refuses_settings_that_are_not_positive_numbers():
+    for flag, value in (("--max-lease", "-5"), ("--stats-interval", "0"),
+                        ("--max-lease", "nan")):
+        r = psepr_cmd("router", "--listen", "tcp://127.0.0.1:0", flag, value, timeout=10)
+        assert r.returncode == 2, (flag, value, r.stdout)
+        line = _one_line_error(r)
+        assert flag in line and value in line, line
+    # The same values from a config file (or the Python API) are refused by the
+    # config itself, naming the setting.
+    from routers.config import RouterConfig
+    with pytest.raises(psepr.errors.ConfigError, match="max_lease"):
+        RouterConfig(max_lease=-5.0)
+
+
+def test_counts_and_seconds_are_checked_before_connecting():
+    # No router runs at this address: a bad number must not first wait for one.
+    url = _free_url()
+    for args in (("send", "/x/", "--json", "1", "--count", "0"),
+                 ("send", "/x/", "--json", "1", "--timeout", "-1"),
+                 ("lease", "/x/", "--count", "-3"), ("lease", "/x/", "--duration", "inf"),
+                 ("lease", "/x/", "--duration", "abc"), ("request", "/x/", "--timeout", "0"),
+                 ("stats", "--watch", "--count", "0"), ("pldb", "get", "/x/", "--timeout", "nan")):
+        t0 = time.monotonic()
+        r = psepr_cmd(*args, "--router", url, timeout=10)
+        assert r.returncode == 2, (args, r.stderr)
+        line = _one_line_error(r)
+        assert args[-2] in line and "--help" in line, line
+        assert time.monotonic() - t0 < 2.5, args     # connecting alone gives up after 3 s
+
+
+def test_config_dataclasses_refuse_numbers_that_would_misbehave_later():
+    from psepr import ClientConfig
+    from psepr.errors import ConfigError
+    from routers.config import RouterConfig
+    for cls, bad in ((ClientConfig, {"lease_window": 0}), (ClientConfig, {"ping_interval": -1.0}),
+                     (ClientConfig, {"batch_events": 2.5}), (ClientConfig, {"dead_after": True}),
+                     (ClientConfig, {"renew_fraction": 1.0}),
+                     (RouterConfig, {"conn_queue": 0}), (RouterConfig, {"max_lease": float("inf")}),
+                     (RouterConfig, {"peer_ping": float("nan")})):
+        name = next(iter(bad))
+        with pytest.raises(ConfigError, match=name):
+            cls(**bad)
+    # Every preset is itself valid, and whole numbers are fine where seconds are asked.
+    for cls in (ClientConfig, RouterConfig):
+        for preset in cls.PRESETS:
+            cls.preset(preset)
+    assert RouterConfig(max_lease=60).max_lease == 60
+
+
 def test_router_prints_the_bound_address():
     proc = subprocess.Popen([sys.executable, "-m", "psepr.cli", "router", "--listen",
                              "tcp://127.0.0.1:0", "--name", "cli-r"], cwd=ROOT,

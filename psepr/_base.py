@@ -99,7 +99,7 @@ class LeaseBase:
 class ConnectionBase:
     """Shared identity properties and delivery bookkeeping (a mixin).
 
-    Subclasses set ``config``, ``_session``, ``welcome``, ``_leases``,
+    Subclasses set ``config``, ``_session``, ``welcome``, ``_leases``, ``_lease_seq``,
     ``_errors`` and ``dropped_by_router`` and call :meth:`_init_arrivals`.
     """
 
@@ -113,6 +113,18 @@ class ConnectionBase:
         #: Ids of leases whose queue is full: the session does not even build events
         #: only these would receive (they would be dropped); see overflow().
         self.full_ids: set = set()
+
+    def _auto_lease_id(self) -> str:
+        """The next ``L<n>`` that no lease of this connection holds: a lease whose id
+        the caller chose (``id="L2"``) is never re-registered by an automatic one.
+
+        Called with the shell's lock held (the sync client) or on its loop (asyncio).
+        """
+        while True:
+            self._lease_seq += 1
+            lid = f"L{self._lease_seq}"
+            if lid not in self._leases and lid not in self._session.leases:
+                return lid
 
     @property
     def principal(self) -> str | None:

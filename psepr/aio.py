@@ -318,8 +318,7 @@ class Connection(ConnectionBase):
         if type is not None:
             _check_name(type, "type")
         if id is None:
-            self._lease_seq += 1
-            id = f"L{self._lease_seq}"
+            id = self._auto_lease_id()
         lease = self._leases.get(id)
         new = lease is None
         if new:

@@ -391,8 +391,7 @@ class Connection(ConnectionBase):
             if self._closed:
                 raise ClosedError("connection is closed")
             if id is None:
-                self._lease_seq += 1
-                id = f"L{self._lease_seq}"
+                id = self._auto_lease_id()
             else:
                 _check_name(id, "id")
             lease = self._leases.get(id)

@@ -800,3 +800,24 @@ def test_lease_duration_and_request_inbox_errors_name_what_was_wrong(router_proc
         with pytest.raises(psepr.TimeoutError, match="request: its reply inbox .* not granted"):
             con.request(f"{CH}nobody/", {}, timeout=0)
         assert con.stats()["leases"] == 0
+
+
+def test_automatic_lease_ids_never_take_over_a_chosen_one(router_proc):
+    """Regression: automatic ids count L1, L2, ...; a lease the caller had named "L2"
+    was re-registered onto the second automatic lease's channel, silently."""
+    with psepr.connect(router_proc.url, config=FAST) as con:
+        mine = con.lease(f"{CH}mine/", id="L2")
+        auto = [con.lease(f"{CH}auto{k}/") for k in range(3)]
+        assert [lease.id for lease in auto] == ["L1", "L3", "L4"]
+        con.send(f"{CH}mine/x/", {"to": "mine"})
+        con.flush()
+        assert mine.receive(timeout=5.0).payload == {"to": "mine"}
+        assert con.stats()["leases"] == 4
+
+
+async def test_aio_automatic_lease_ids_never_take_over_a_chosen_one(router_proc):
+    async with psepr.aio.connect(router_proc.url, config=FAST) as con:
+        mine = await con.lease(f"{CH}mine/", id="L1")
+        auto = await con.lease(f"{CH}auto/")
+        assert auto.id == "L2" and mine.channel.text == f"{CH}mine/"
+        assert (await con.stats())["leases"] == 2

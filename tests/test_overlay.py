@@ -25,6 +25,8 @@ import random
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from psepr import wire
 from psepr.wire import Kind
@@ -392,6 +394,49 @@ def test_bad_peer_messages_are_answered_and_change_nothing():
                                                              "authority": "other.org"}), net.now)
     msgs = [wire.decode(f)[1] for _, f in a.take_out()]
     assert msgs[0]["code"] == wire.E_NO_SESSION and "other.org" in msgs[1]["message"]
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1),
+                    st.floats(allow_nan=False), st.text(max_size=8),
+                    st.sampled_from(["a", "b", "c", "x.org", "/x.org/app/"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=10)
+#: Every key some peer message reads, so that handlers get past their first look-up.
+_PEER_KEYS = ["v", "router", "epoch", "authority", "t", "r", "e", "q", "n", "iq", "s", "a",
+              "full", "add", "del", "ack", "by", "h", "o", "d", "code", "message"]
+_PEER_KINDS = [Kind.ERROR, *(k for k in Kind if Kind.PEER_HELLO <= k <= Kind.SYNC)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(msgs=st.lists(st.tuples(
+    st.sampled_from([("l", "b"), ("d", "b"), ("l", "stranger"), ("d", "a")]),
+    st.sampled_from(_PEER_KINDS),
+    st.dictionaries(st.sampled_from(_PEER_KEYS), _VALUES, max_size=8),
+    st.lists(st.binary(max_size=20), max_size=4)), min_size=1, max_size=6))
+def test_random_peer_messages_never_reach_the_internal_error_handler(msgs):
+    # Every peer message kind with headers of random shape, on a live link, an
+    # unknown one and a link that was never dialed, with ticks between: each is
+    # refused (or applied) by the handlers' own checks; none raises into the
+    # catch-all that keeps a router alive through its own bugs.
+    import logging
+    net = _net_with_clients(["a", "b"], [("b", "a")])
+    a = net.cores["a"]
+    records: list = []
+    catch = logging.Handler()
+    catch.emit = records.append
+    logging.getLogger("psepr").addHandler(catch)
+    try:
+        for link, kind, header, rest in msgs:
+            a.overlay.on_message(link, [bytes([kind]), orjson.dumps(header), *rest], net.now)
+            net.now += 0.3
+            a.tick(net.now)
+            a.flush(net._client_send("a"))
+            a.overlay.take_out()
+    finally:
+        logging.getLogger("psepr").removeHandler(catch)
+    crashes = [r.getMessage() for r in records if r.exc_info]
+    assert not crashes, crashes
 
 
 @pytest.mark.parametrize("meta", [

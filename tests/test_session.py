@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 
 import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from psepr import wire
 from psepr._base import ConnectionBase, LeaseBase
@@ -337,3 +339,79 @@ def test_a_forgotten_request_s_late_answer_reaches_nobody():
     assert sink.heard == [], sink.heard
     s.on_message(wire.encode(Kind.STATS_REPLY, {"req": kept, "stats": {"leases": 0}}), 1.0)
     assert sink.heard == [("completed", (kept, {"leases": 0}, None))]
+
+
+class _FuzzFiler(_Filer):
+    """The shells' filing, and every other report of the session ignored."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1),
+                     st.floats(allow_nan=False), st.text(max_size=8),
+                     st.sampled_from(["L1", "/t/", "/t/x/", "json", "svc"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=12)
+#: Every key some router message carries, so that handlers get past their first look-up.
+_ROUTER_KEYS = ["v", "router", "authority", "principal", "instance", "req", "id", "channel",
+                "granted", "code", "message", "ref", "s", "d", "stats", "status", "resumed",
+                "session", "propagated", "missing"]
+_SEND_KEYS = ["g", "i", "t", "f", "l"]
+
+
+@st.composite
+def _segment(draw) -> tuple[bytes, bytes]:
+    """A DELIVER segment: a well-formed SEND header and body, then maybe one column or
+    the body replaced by something of random shape."""
+    n = draw(st.integers(1, 3))
+    entries = [make_entry(draw(st.sampled_from(["/t/", "/t/x/", "/u/"])), k) for k in range(n)]
+    _kind, header, body = wire.encode_send(entries)
+    what = draw(st.sampled_from(["none", "column", "body"]))
+    if what == "column":
+        h = orjson.loads(header)
+        h[draw(st.sampled_from(_SEND_KEYS))] = draw(_VALUES)
+        header = orjson.dumps(h)
+    elif what == "body":
+        body = draw(st.binary(max_size=12))
+    return header, body
+
+
+@st.composite
+def _deliver(draw) -> tuple:
+    """A DELIVER of well-formed-but-one-part segments; its sender list mostly fits."""
+    segs = draw(st.lists(_segment(), max_size=3))
+    senders = draw(st.one_of(
+        st.lists(st.tuples(st.text(max_size=4), st.text(max_size=4)),
+                 min_size=len(segs), max_size=len(segs)), _VALUES))
+    return int(Kind.DELIVER), {"s": senders}, [f for seg in segs for f in seg]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(msgs=st.lists(st.one_of(
+    st.tuples(st.integers(0, 30), st.dictionaries(st.sampled_from(_ROUTER_KEYS), _VALUES,
+                                                  max_size=8),
+              st.lists(st.binary(max_size=20), max_size=4)),
+    _deliver()), min_size=1, max_size=6))
+def test_random_router_messages_never_raise_out_of_the_session(msgs):
+    # A buggy or hostile router: every kind with headers of random shape, and
+    # DELIVERs whose segments are well formed but for one column or the body.  The
+    # session refuses what it cannot use (a warning) and never raises into the
+    # shell's I/O thread, which would take the connection down with it.
+    filer = _FuzzFiler(ClientConfig(), ["L1"])
+    s = filer._session = Session(ClientConfig(), ["inproc://none"], filer, 0.0)
+    filer._errors, filer.dropped_by_router = [], 0
+    s.state = READY
+    s.lease("L1", parse("/t/"), None, 60.0, 0.0)
+    s.ping()
+    s.stats()
+    s.take_out(0.0)
+    for kind, header, rest in msgs:
+        s.on_message([bytes([kind]), orjson.dumps(header), *rest], 1.0)
+        s.tick(2.0)
+        s.take_out(2.0)
+    # What was filed is whole events (a payload that is not JSON raises EventError
+    # when read, naming the event: the caller's to handle, not the I/O thread's).
+    for lease in filer._arrivals:
+        assert all(ev.channel.text.startswith("/t/") for ev in lease._q)

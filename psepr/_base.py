@@ -126,6 +126,22 @@ class ConnectionBase:
             if lid not in self._leases and lid not in self._session.leases:
                 return lid
 
+    def _give_up(self, lease_id: str, lease) -> bool:
+        """Forget a new lease whose caller stopped waiting for its grant (a timeout, a
+        cancelled task): see :meth:`Session.abandon`.  Its events from a grant that
+        raced the timeout go too.  The caller sends what the session queued.
+
+        Returns:
+            False if ``lease`` is no longer this connection's (nothing to do).
+        """
+        if self._leases.get(lease_id) is not lease:
+            return False
+        del self._leases[lease_id]
+        self._session.abandon(lease_id)
+        lease._closed = True
+        lease._q.clear()
+        return True
+
     @property
     def principal(self) -> str | None:
         """The principal the router knows us by (from WELCOME)."""

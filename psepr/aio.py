@@ -331,29 +331,22 @@ class Connection(ConnectionBase):
         self._schedule_flush()
         try:
             await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            self._abandon(id, lease, new)
-            raise TimeoutError(f"lease on {ch.text} not granted within {timeout} s") from None
         except PseprError:              # refused by the router: the session dropped it
             self._leases.pop(id, None)
             raise
-        except BaseException:           # cancelled (or interrupted) while waiting
-            self._abandon(id, lease, new)
+        except BaseException as exc:    # timed out, or cancelled while waiting
+            # A new lease the caller never got must not be granted later, renewed
+            # and filled behind their back; a re-registration that timed out leaves
+            # the lease the caller already holds.
+            if new and self._give_up(id, lease):
+                self._schedule_flush()  # the UNLEASE leaves now
+            if isinstance(exc, asyncio.TimeoutError):
+                raise TimeoutError(f"lease on {ch.text} not granted within {timeout} s") \
+                    from None
             raise
         finally:
             self._lease_futs.pop(id, None)
         return lease
-
-    def _abandon(self, id: str, lease: Lease, new: bool) -> None:
-        """A new lease whose caller stopped waiting must not be granted later, renewed
-        and filled behind their back (see Session.abandon); a re-registration that
-        timed out leaves the lease the caller already holds."""
-        if new and self._leases.get(id) is lease:
-            del self._leases[id]
-            self._session.abandon(id)
-            lease._closed = True
-            lease._q.clear()            # events of a grant that raced the timeout
-            self._schedule_flush()
 
     async def _release(self, lease: Lease, timeout: float) -> None:
         if lease._closed:

@@ -412,12 +412,9 @@ class Connection(ConnectionBase):
             # that timed out leaves the lease the caller already holds.)
             if new:
                 with self._lock:
-                    if self._leases.get(id) is lease:
-                        del self._leases[id]
-                        self._session.abandon(id)
-                        lease._closed = True
-                        lease._q.clear()    # events of a grant that raced the timeout
-                self._kick()
+                    gave_up = self._give_up(id, lease)
+                if gave_up:
+                    self._kick()        # the UNLEASE leaves now
             raise
         if lease._error is not None:
             self._leases.pop(id, None)

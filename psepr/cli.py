@@ -552,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "events (one segment each) have crossed the same routers, e.g. 200000 "
                         "(state that grows with traffic shows as later runs slower)")
     b.add_argument("--rounds", type=int, metavar="N",
-                   help="hop: run every scenario N times, interleaved, and report the median "
-                        "run (default 3; quick 1)")
+                   help="hop, overlay (its chain and baselines): run every scenario N times, "
+                        "interleaved, and report the median run (default 3; quick 1)")
     b.add_argument("--chain", action="store_true",
                    help="stages: also across a chain of 3 routers (and 3 raw forwarders)")
     b.set_defaults(func=cmd_bench)

@@ -46,13 +46,17 @@ def test_bench_idle_runs():
 @pytest.mark.slow
 def test_bench_overlay_quick_prints_every_scenario():
     out = subprocess.run([sys.executable, "-m", "psepr.cli", "bench", "overlay", "--quick",
-                          "--aged", "4000"],
+                          "--aged", "4000", "--rounds", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
     table = out.stdout
     for row in ("latency @5k/s p50 / p99", "throughput events/s", "lease reach: 6 routers",
-                "idle memory: 1,000 leases", "aged chain at 5,000 events/s"):
+                "idle memory: 1,000 leases", "aged chain at 5,000 events/s", "median of 2 rounds"):
         assert row in table, table
+    # Every round's figure of the chain and of both baselines, beside the median.
+    rounds = [line for line in table.splitlines() if " rounds: latency p99 (us) " in line]
+    assert len(rounds) == 3, table
+    assert all(line.count(" / ") == 2 for line in rounds), rounds     # 2 + 2 figures
     # --aged 4000 in runs of 2,000 (quick): a run with none before it, one after 2,000
     aged = table.split("aged chain at 5,000 events/s")[1].splitlines()
     assert [line.split()[0] for line in aged[2:4]] == ["0", "2,000"], table

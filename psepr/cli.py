@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 
 from . import __version__
+from .config import positive_number
 from .errors import PseprError, UsageError
 
 EPILOG_ROUTER = """examples:
@@ -48,7 +49,7 @@ def count(text: str) -> int:
         n = int(text)
     except ValueError:
         n = 0
-    if n < 1:
+    if not positive_number(n, whole=True):
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return n
 
@@ -59,7 +60,7 @@ def seconds(text: str) -> float:
         v = float(text)
     except ValueError:
         v = 0.0
-    if not 0 < v < float("inf"):
+    if not positive_number(v):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return v
 

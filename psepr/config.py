@@ -16,6 +16,18 @@ from pathlib import Path
 from .errors import ConfigError
 
 DEFAULT_ROUTER = "tcp://127.0.0.1:7600"
+_INF = float("inf")
+
+
+def positive_number(value, whole: bool = False) -> bool:
+    """True for a positive, finite int or float (an int if ``whole``); never a bool.
+
+    The one test behind every count and duration the SDK, the CLI and the configs
+    accept: JSON cannot carry inf or NaN (orjson writes null), and a zero or negative
+    queue, lease or interval would misbehave later, far from where it was set.
+    """
+    return (not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+            and 0 < value < _INF)
 
 
 def check_settings(config, what: str) -> None:
@@ -35,8 +47,7 @@ def check_settings(config, what: str) -> None:
         if isinstance(default, bool) or not isinstance(default, (int, float)):
             continue
         whole = isinstance(default, int)
-        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
-                or not 0 < value < float("inf"):
+        if not positive_number(value, whole):
             kind = "whole number" if whole else "finite number"
             raise ConfigError(f"{what} {f.name} must be a positive {kind}, got {value!r}")
 

@@ -38,7 +38,7 @@ import orjson
 from . import wire
 from ._version import VERSION
 from .channel import Channel, parse, parse_destination
-from .config import ClientConfig
+from .config import ClientConfig, positive_number
 from .errors import EventError, TimeoutError, UsageError, remote_error
 from .event import _UNSET, JSON, XML, Event, _check_name, _check_type, new_id, xml_payload_and_type
 from .wire import Kind
@@ -52,7 +52,6 @@ CLOSED = "closed"
 _K = wire.KIND_BYTES
 #: Control messages a new socket sends afresh (HELLO, and every LEASE on WELCOME).
 _REASKED = (_K[Kind.HELLO], _K[Kind.LEASE])
-_INF = float("inf")
 #: Most forgotten requests remembered (see Session.forget).
 _MAX_FORGOTTEN = 10_000
 
@@ -351,8 +350,7 @@ class Session:
         router of the overlay has the lease's interest (else the sink hears a
         :class:`TimeoutError` naming the routers that did not confirm).
         """
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) \
-                or not 0 < duration < _INF:
+        if not positive_number(duration):
             # inf and NaN too: JSON cannot carry them (orjson writes null), and the
             # router would answer with a puzzle about a missing duration.
             raise UsageError(f"lease duration must be a positive, finite number of seconds "
@@ -661,16 +659,12 @@ class Session:
         exc = remote_error(code, msg, h.get("channel"), ref)
         if ref in self._asked:          # a LEASE refused: its place is free
             self._answered(ref)
-        req = h.get("req")
         if req is not None and self._waiting.pop(req, None) is not None:
             self.sink.completed(req, None, exc)
             return
         if ref is not None and ref in self.leases and not self.leases[ref].active:
             self._drop_lease(ref)
             self.sink.lease_failed(ref, exc)
-            return
-        if code == wire.E_VERSION:
-            self.sink.async_error(exc)
             return
         self.sink.async_error(exc)
 

@@ -382,7 +382,14 @@ class OverlayCore:
         self._send(link_id, wire.encode(Kind.ERROR, {"code": wire.E_PROTOCOL,
                                                      "message": message}))
 
-    def _check_hello(self, h: dict, principal: str | None) -> str:
+    def _check_hello(self, h: dict, principal: str | None, link: Link | None) -> str:
+        """The name of the peer saying hello (or welcome) on ``link``.
+
+        Raises:
+            ValueError: the hello is malformed, or the peer may not link: another
+                authority, this router's own name, refused by the ACL, or a name
+                that a newer run holds on another live link (see ``_twin``).
+        """
         v, name, epoch, auth = h.get("v"), h.get("router"), h.get("epoch"), h.get("authority")
         if v != wire.PROTOCOL_VERSION:
             raise ValueError(f"peer protocol version {v!r} not supported; this router speaks "
@@ -400,7 +407,27 @@ class OverlayCore:
             raise ValueError(f"peer calls itself {name!r}, the name of this router")
         if self.peer_allowed is not None and not self.peer_allowed(name, principal):
             raise ValueError(f"peer {name!r} is not allowed by this router's ACL")
+        twin = self._twin(link, name, epoch)
+        if twin is not None:
+            raise ValueError(f"router name {name!r} is taken by another live router (its "
+                             f"epoch {twin.epoch}, this one's {epoch}): router names must be "
+                             f"unique in an overlay")
         return name
+
+    def _twin(self, link: Link | None, name: str, epoch: int) -> Link | None:
+        """Another up link to a router called ``name`` whose run is newer than ``epoch``.
+
+        A restarted router's former run never says hello again, so a hello from an
+        older run while a newer one is linked comes from a second live router with
+        the same name (a copied configuration).  Taking it would put two routers
+        behind one name, and the overlay's routes and interest would mix them up;
+        it is refused, and both sides log why.  (A newer run's hello is a restart:
+        ``_link_up`` takes the former run's link down.)
+        """
+        for other in self.links.values():
+            if other is not link and other.up and other.peer == name and other.epoch > epoch:
+                return other
+        return None
 
     def _hello_header(self) -> dict:
         return {"v": wire.PROTOCOL_VERSION, "router": self.me, "epoch": self.epoch,
@@ -408,12 +435,9 @@ class OverlayCore:
 
     def _on_hello(self, link_id: tuple, h: dict, now: float, principal: str | None) -> None:
         try:
-            name = self._check_hello(h, principal)
+            name = self._check_hello(h, principal, self.links.get(link_id))
         except ValueError as exc:
-            self.peer_errors += 1
-            self._warn(now, ("hello", str(exc)), "refused peer hello: %s", exc)
-            self._send(link_id, wire.encode(Kind.ERROR, {"code": wire.E_DENIED,
-                                                         "message": str(exc)}))
+            self._refuse(link_id, str(exc), now)
             return
         link = self.links.get(link_id)
         if link is None:
@@ -429,8 +453,18 @@ class OverlayCore:
             self._sync_all(link, now)
 
     def _on_welcome(self, link: Link, h: dict, now: float) -> None:
-        name = self._check_hello(h, None)
+        try:
+            name = self._check_hello(h, None, link)
+        except ValueError as exc:
+            self._refuse(link.id, str(exc), now)
+            return
         self._link_up(link, name, h["epoch"], now)
+
+    def _refuse(self, link_id: tuple, message: str, now: float) -> None:
+        """Refuse a peer's hello or welcome: count it, log it (once a minute), tell it."""
+        self.peer_errors += 1
+        self._warn(now, ("hello", message), "refused peer link: %s", message)
+        self._send(link_id, wire.encode(Kind.ERROR, {"code": wire.E_DENIED, "message": message}))
 
     def _on_ping(self, link: Link, h: dict, rest: list, now: float) -> None:
         self._send(link.id, wire.encode(Kind.PEER_PONG, {"t": h.get("t")}))
@@ -446,7 +480,8 @@ class OverlayCore:
             if code != wire.E_NO_SESSION:    # the answer to our hello: refused
                 self._link_down(link, now, f"peer refused us: {h.get('message')}")
             return     # a burst of "say PEER_HELLO" answers one hello
-        log.warning("peer %s reports: %s", link.peer, h.get("message"))
+        message = str(h.get("message"))     # any JSON value: the key must be hashable
+        self._warn(now, ("reports", link.peer, message), "peer %s reports: %s", link.peer, message)
         if code != wire.E_NO_SESSION:
             return
         if not link.dialed:

@@ -24,6 +24,8 @@ What these tests prove:
 
 A dialer refused by its peer's ACL says why in its log and retries at the ping
 pace (no hot hello/refusal loop); the refusing router logs it once, not per retry.
+A second live router started under a name in use is refused by the neighbour
+both dial (the newer run keeps the name, and gets the events); both say why.
 
 Every wait is bounded and polls; nothing sleeps for readiness.
 """
@@ -425,3 +427,27 @@ def test_refused_dialer_backs_off_and_logs_the_refusal(start_router, acl_friend_
               and "not allowed" in _output(stranger), 5.0, "the dialer to log the refusal")
     # Warnings are not repeated for every retry.
     assert _output(a).count(REFUSED) <= 2
+
+
+# -- two live routers with one name ---------------------------------------------------------------
+
+def test_second_live_router_with_a_taken_name_is_refused_and_both_say_why(start_router):
+    b = start_router("--preset", "local", "--peer-listen", "tcp://127.0.0.1:0", name="rb")
+    first = start_router("--preset", "local", "--peer", b.peer_url, name="ra")
+    wait_converged([b, first], timeout=10.0)
+    # The same name again (a copied configuration): its hello looks like ra's
+    # restart, so rb takes it; the first ra, alive, says hello again and is refused.
+    second = start_router("--preset", "local", "--peer", b.peer_url, name="ra")
+    _wait_for(lambda: "router name 'ra' is taken by another live router" in _output(b),
+              5.0, "rb to refuse the older ra")
+    _wait_for(lambda: "refused the link" in _output(first)
+              and "names must be unique" in _output(first), 5.0, "the older ra to log why")
+    _never(lambda: sum(link["up"] for link in _cli_status(b.url)["links"]) != 1, 1.5)
+    # One router called ra, the newer run: a lease there gets what is sent at rb.
+    with psepr.connect(second.url, preset="local") as holder, \
+            psepr.connect(b.url, preset="local") as sender:
+        lease = holder.lease("/t.org/twins/", propagated=True)
+        sender.send("/t.org/twins/x/", {"k": 1})
+        assert lease.receive(timeout=5.0).payload == {"k": 1}
+    for r in (b, first, second):
+        assert r.alive(), _output(r)[-2000:]

@@ -14,7 +14,8 @@ and routers/overlay.py:
   once; routers without interest see no FORWARD; type filters across routers;
 * a link that goes silent is routed around; a router whose adverts stop is
   forgotten with its interest (no ghost interest) and its restart (new epoch)
-  replaces it;
+  replaces it; a second live router under a name in use is refused, whichever
+  side dials;
 * the lease barrier answers once every reachable router acknowledged;
 * bad peer messages are answered with an error and change nothing.
 """
@@ -322,6 +323,47 @@ def test_restarted_router_replaces_its_former_self():
     net.take_all()
     net.send("a", b"c-a", "/x.org/new/1/", ["e1"])
     assert net.take_all()["b"] == ["e1"]
+
+
+def _twin(net, key, name, epoch, dials):
+    """A second live router called ``name`` (a copied configuration), known to the
+    Net as ``key``, dialing ``dials``."""
+    config = net.cores[name].config
+    net.cores[key] = RouterCore(config, now=net.now, epoch=epoch, wall=lambda: 1.0)
+    for d in dials:
+        net.cores[key].overlay.dialed(("d", d), net.now)
+    net.pump()
+
+
+def test_a_second_live_router_with_a_taken_name_is_refused():
+    net = _net_with_clients(["a", "b"], [("a", "b")])
+    # A copy of a's configuration runs elsewhere: same name, a newer run, dials b too.
+    # Its hello looks like a's restart, so b takes a's link down; a, alive, says
+    # hello again, and b refuses it rather than holding two routers named a.
+    _twin(net, "a2", "a", epoch=5000, dials=["b"])
+    net.advance(3.0)
+    b = net.cores["b"].overlay
+    assert [(l.peer, l.epoch) for l in b.links.values() if l.up] == [("a", 5000)]
+    assert b.peer_errors > 0
+    assert not any(l.up for l in net.cores["a"].overlay.links.values())
+    # The overlay has one router called a: the newer run, which gets b's events.
+    net.hello("a2", b"c-a2")
+    net.lease("a2", b"c-a2", "/x.org/app/")
+    net.lease("a", b"c-a", "/x.org/app/")
+    net.send("b", b"c-b", "/x.org/app/1/", ["e1"])
+    assert net.delivered("a2", b"c-a2") == ["e1"]
+    assert net.delivered("a", b"c-a") == []
+
+
+def test_a_router_dialing_two_routers_of_one_name_links_the_newer_only():
+    net = _net_with_clients(["a", "b"], [("b", "a")])
+    _twin(net, "a2", "a", epoch=5000, dials=[])
+    net.cores["b"].overlay.dialed(("d", "a2"), net.now)
+    net.pump()
+    net.advance(3.0)
+    b = net.cores["b"].overlay
+    assert [(l.id, l.epoch) for l in b.links.values() if l.up] == [(("d", "a2"), 5000)]
+    assert b.linkstate.routes() == {"a": "a"}
 
 
 def test_restart_news_in_any_order_keeps_only_the_new_runs_interest():

@@ -15,7 +15,7 @@ import collections
 import logging
 import time
 
-from .errors import LeaseExpired, TimeoutError
+from .errors import ConnectionLost, LeaseExpired, TimeoutError
 
 log = logging.getLogger("psepr.client")
 
@@ -113,6 +113,14 @@ class ConnectionBase:
         #: Ids of leases whose queue is full: the session does not even build events
         #: only these would receive (they would be dropped); see overflow().
         self.full_ids: set = set()
+
+    def _unreachable(self, limit: float) -> ConnectionLost:
+        """The error of a connection that got no WELCOME within ``limit`` seconds."""
+        refusal = self._session.refusal
+        hint = (f": {refusal}" if refusal is not None else
+                " (is `psepr router` running there? does it need CURVE keys?)")
+        return ConnectionLost(f"could not reach any router of {', '.join(self.routers)} "
+                              f"within {limit:.1f} s{hint}")
 
     def _auto_lease_id(self) -> str:
         """The next ``L<n>`` that no lease of this connection holds: a lease whose id

@@ -42,7 +42,7 @@ from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel
                       monitor_socket)
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
-from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, TimeoutError,
+from .errors import (ClosedError, LeaseExpired, PseprError, TimeoutError,
                      UsageError)
 from .event import Event, _check_name
 from .session import READY, Session, make_entry
@@ -151,9 +151,7 @@ class Connection(ConnectionBase):
             await asyncio.wait_for(self._ready.wait(), limit)
         except asyncio.TimeoutError:
             await self.close()
-            raise ConnectionLost(f"could not reach any router of {', '.join(self.routers)} "
-                                 f"within {limit:.1f} s (is `psepr router` running there? "
-                                 f"does it need CURVE keys?)") from None
+            raise self._unreachable(limit) from None
         return self
 
     def __await__(self):

@@ -63,7 +63,7 @@ from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel
                       monitor_socket)
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
-from .errors import (ClosedError, ConnectionLost, LeaseExpired, PseprError, TimeoutError,
+from .errors import (ClosedError, LeaseExpired, PseprError, TimeoutError,
                      UsageError)
 from .event import Event, _check_name
 from .session import READY, Session, make_entry
@@ -186,9 +186,7 @@ class Connection(ConnectionBase):
             limit = self.config.connect_timeout * len(self.routers) + 1.0
             if not self._ready_once.wait(limit):
                 self.close()
-                raise ConnectionLost(f"could not reach any router of {', '.join(self.routers)} "
-                                     f"within {limit:.1f} s (is `psepr router` running there? "
-                                     f"does it need CURVE keys?)")
+                raise self._unreachable(limit)
 
     def __enter__(self) -> "Connection":
         return self

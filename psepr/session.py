@@ -208,6 +208,9 @@ class Session:
         self.index = 0
         self.switch_to: str | None = self.routers[0]
         self.welcome: dict | None = None
+        #: The last refusal of a HELLO ("<router> answered: <message>"), for the
+        #: error a connection that never got a WELCOME raises; None if none came.
+        self.refusal: str | None = None
         self.leases: dict[str, LeaseState] = {}
         self._control: list[list[bytes]] = []
         self._pend: list = []                # encoded events (make_entry items) to send
@@ -643,6 +646,14 @@ class Session:
                 for ls in self.leases.values():
                     ls.active = False
                 self.start(now)
+            return
+        if self.state == CONNECTING and h.get("ref") is None \
+                and h.get("req") in (None, self._hello_req):
+            # Our HELLO was refused (a peer endpoint, another protocol version, ...).
+            # Keep saying HELLO (at the next router, after connect_timeout) and
+            # remember why, for the error of a connection that never gets a WELCOME.
+            self.refusal = f"{self.router} answered: {msg}"
+            log.warning("router %s refused our HELLO: %s", self.router, msg)
             return
         ref = h.get("ref")
         if ref in self._abandoned:

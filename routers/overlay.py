@@ -337,7 +337,12 @@ class OverlayCore:
                 self._on_welcome(link, h, now)
                 return
             if link is None or not link.up:
-                if link is not None and link.dialed and kind != Kind.ERROR:
+                if kind == Kind.HELLO:
+                    # A client given this peer endpoint: say where clients connect.
+                    self._send(link_id, wire.encode(Kind.ERROR, {
+                        "code": wire.E_PROTOCOL, "message": "this is a router's peer endpoint "
+                        "(--peer-listen): clients connect to its --listen endpoint"}))
+                elif link is not None and link.dialed and kind != Kind.ERROR:
                     # The peer still holds the link up (a stale message queued during a
                     # partition, say).  Asking it to say hello would only make it take
                     # the link down (a listener cannot dial): say hello ourselves.
@@ -348,8 +353,9 @@ class OverlayCore:
                     else:
                         # Refused (ACL, authority, version...): say why, and let tick()
                         # retry at the ping pace - the peer's config may change.
-                        self._warn(now, ("refused", link.id, h.get("message")),
-                                   "peer %s refused the link: %s", link.id[1], h.get("message"))
+                        message = str(h.get("message"))   # any JSON value: keys hash
+                        self._warn(now, ("refused", link.id, message),
+                                   "peer %s refused the link: %s", link.id[1], message)
                 elif kind != Kind.ERROR:
                     # A peer that restarted under us, or a stray: ask for a hello.
                     self._send(link_id, wire.encode(Kind.ERROR, {

@@ -26,6 +26,9 @@ A dialer refused by its peer's ACL says why in its log and retries at the ping
 pace (no hot hello/refusal loop); the refusing router logs it once, not per retry.
 A second live router started under a name in use is refused by the neighbour
 both dial (the newer run keeps the name, and gets the events); both say why.
+Endpoints mixed up say which is which: a router dialing a client endpoint logs
+that peers dial ``--peer-listen``, and ``psepr send`` given a peer endpoint exits
+1 quoting the router's answer that clients connect to ``--listen``.
 
 Every wait is bounded and polls; nothing sleeps for readiness.
 """
@@ -450,4 +453,24 @@ def test_second_live_router_with_a_taken_name_is_refused_and_both_say_why(start_
         sender.send("/t.org/twins/x/", {"k": 1})
         assert lease.receive(timeout=5.0).payload == {"k": 1}
     for r in (b, first, second):
+        assert r.alive(), _output(r)[-2000:]
+
+
+# -- endpoints mixed up ---------------------------------------------------------------------------
+
+def test_client_and_peer_endpoints_mixed_up_say_which_is_which(start_router):
+    b = start_router("--preset", "local", "--peer-listen", "tcp://127.0.0.1:0", name="rb")
+    # A router whose --peer names rb's client endpoint.
+    a = start_router("--preset", "local", "--peer", b.url, name="ra")
+    _wait_for(lambda: "PEER_HELLO on a client endpoint: peer routers dial a router's "
+                      "--peer-listen endpoint" in _output(a), 5.0, "ra to log where to dial")
+    # A client given rb's peer endpoint.
+    res = subprocess.run([sys.executable, "-m", "psepr.cli", "send", "/t.org/x/", "--json", "1",
+                          "--router", b.peer_url], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 1, res
+    assert res.stderr.strip().endswith(f"{b.peer_url} answered: this is a router's peer "
+                                       f"endpoint (--peer-listen): clients connect to its "
+                                       f"--listen endpoint"), res.stderr
+    for r in (a, b):
         assert r.alive(), _output(r)[-2000:]

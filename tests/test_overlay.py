@@ -439,6 +439,17 @@ def test_bad_peer_messages_are_answered_and_change_nothing():
     assert msgs[0]["code"] == wire.E_NO_SESSION and "other.org" in msgs[1]["message"]
 
 
+def test_a_client_saying_hello_on_the_peer_endpoint_is_told_where_clients_go():
+    net = _net_with_clients(["a", "b"], [("b", "a")])
+    a = net.cores["a"].overlay
+    a.on_message(("l", "client"), wire.encode(Kind.HELLO, {"v": 1, "service": "svc"}), net.now)
+    [(link, frames)] = a.take_out()
+    kind, h, _ = wire.decode(frames)
+    assert (link, kind, h["code"]) == (("l", "client"), Kind.ERROR, wire.E_PROTOCOL)
+    assert "peer endpoint" in h["message"] and "--listen" in h["message"]
+    assert ("l", "client") not in a.links
+
+
 _VALUES = json_values(["a", "b", "c", "x.org", "/x.org/app/"])
 #: Every key some peer message reads, so that handlers get past their first look-up.
 _PEER_KEYS = ["v", "router", "epoch", "authority", "t", "r", "e", "q", "n", "iq", "s", "a",

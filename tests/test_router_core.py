@@ -195,6 +195,16 @@ def test_hello_with_a_wrong_version_is_refused(h):
     assert b"c1" not in h.core.conns
 
 
+def test_a_peer_router_dialing_a_client_endpoint_is_told_where_peers_go(h):
+    h.handle(b"r9", wire.encode(Kind.PEER_HELLO, {"v": 1, "router": "r9", "epoch": 1,
+                                                   "authority": "psepr.local"}))
+    [err] = h.errors(b"r9")
+    assert err["code"] == wire.E_PROTOCOL
+    assert "PEER_HELLO on a client endpoint" in err["message"]
+    assert "--peer-listen" in err["message"]
+    assert b"r9" not in h.core.conns
+
+
 def test_hello_with_a_bad_service_name_is_refused(h):
     h.handle(b"c1", wire.encode(Kind.HELLO, {"v": wire.PROTOCOL_VERSION, "service": "a b"}))
     [err] = h.errors(b"c1")

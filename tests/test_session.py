@@ -263,6 +263,24 @@ class _Heard(_Sink):
         return lambda *a, **k: self.heard.append((name, a))
 
 
+def test_a_refused_hello_is_remembered_for_the_connect_error_not_raised_later():
+    sink = _Heard()
+    s = Session(ClientConfig(), ["tcp://127.0.0.1:1"], sink, 0.0)
+    s.start(0.0)
+    req = _hello(s.take_out(0.0))["req"]
+    s.on_message(wire.encode(Kind.ERROR, {"code": wire.E_PROTOCOL, "message": "a peer endpoint"}),
+                 0.1)
+    assert s.refusal == "tcp://127.0.0.1:1 answered: a peer endpoint"
+    assert s.state == CONNECTING and sink.heard == []     # no error for a later flush()
+    # One that names another request (from before a lost session) still reaches it.
+    s.on_message(wire.encode(Kind.ERROR, {"code": wire.E_VERSION, "message": "v9",
+                                          "req": req}), 0.2)
+    assert s.refusal.endswith("v9")
+    s.on_message(wire.encode(Kind.ERROR, {"code": wire.E_DENIED, "message": "no",
+                                          "req": req + 100}), 0.3)
+    assert [name for name, _ in sink.heard] == ["async_error"]
+
+
 def _kinds(messages, kind: Kind) -> list:
     return [orjson.loads(m[1]) for m in messages if m[0] == wire.KIND_BYTES[kind]]
 

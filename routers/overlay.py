@@ -72,6 +72,9 @@ INTEREST_TYPE = "http://psepr.org/xs/payload/interest"
 _K = wire.KIND_BYTES
 #: Pairs per INTEREST message; bigger changes are split (each part its own seq).
 _MAX_PAIRS = 4000
+#: Seconds a dialed peer may stay silent (no welcome, no refusal) before the
+#: router logs that nothing answers there (then once a minute).
+_SILENT_WARN = 10.0
 #: A segment's ``(from_service, from_instance)``; segments are
 #: ``(fsvc, finst, header, body, n)`` tuples (see RouterCore.route).
 SEG_SENDER = itemgetter(0, 1)
@@ -251,6 +254,7 @@ class OverlayCore:
     def dialed(self, link_id: tuple, now: float) -> None:
         """The shell dialed a configured peer endpoint; say hello on it."""
         link = Link(link_id, dialed=True)
+        link.last_heard = now       # the silence that tick() reports counts from here
         self.links[link_id] = link
         self._hello(link, now)
 
@@ -337,6 +341,8 @@ class OverlayCore:
                 self._on_welcome(link, h, now)
                 return
             if link is None or not link.up:
+                if link is not None:
+                    link.last_heard = now     # answered, if only to refuse: not silent
                 if kind == Kind.HELLO:
                     # A client given this peer endpoint: say where clients connect.
                     self._send(link_id, wire.encode(Kind.ERROR, {
@@ -835,6 +841,13 @@ class OverlayCore:
                         link.last_ping = now
                         self._send(link.id, wire.encode(Kind.PEER_PING, {"t": now}))
             elif link.dialed and now - link.last_ping >= cfg.peer_ping:
+                silent = now - link.last_heard
+                if silent >= _SILENT_WARN:
+                    # Nothing at all comes back: no router there, a firewall, or
+                    # CURVE on one end only (ZeroMQ's handshake fails without a word).
+                    self._warn(now, ("silent", link.id), "peer %s: no answer for %.0f s; is "
+                               "a router's --peer-listen endpoint there, and do both ends "
+                               "agree on --curve?", link.id[1], silent)
                 self._hello(link, now)
         if now >= self._next_refresh:
             self._originate(now)

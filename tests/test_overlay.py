@@ -439,6 +439,27 @@ def test_bad_peer_messages_are_answered_and_change_nothing():
     assert msgs[0]["code"] == wire.E_NO_SESSION and "other.org" in msgs[1]["message"]
 
 
+def test_a_dialed_peer_that_never_answers_is_reported_one_refusing_is_not(caplog):
+    net = Net(["a", "b"], [])
+    net.dead.add("b")                  # nothing answers at b's endpoint (or CURVE mismatch)
+    net.cores["a"].overlay.dialed(("d", "b"), net.now)
+    with caplog.at_level("WARNING", logger="psepr.overlay"):
+        net.advance(9.5)
+        assert "no answer" not in caplog.text
+        net.advance(61.0)
+    silent = [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()]
+    assert len(silent) == 2, silent     # at 10 s, then once a minute
+    assert silent[0].startswith("peer b: no answer for 10 s") and "--curve" in silent[0]
+    # A peer that refuses the link answers: its refusal is logged, not silence.
+    caplog.clear()
+    net = Net(["a", "c"], [])
+    net.cores["c"].overlay.peer_allowed = lambda name, principal: False
+    net.cores["a"].overlay.dialed(("d", "c"), net.now)
+    with caplog.at_level("WARNING", logger="psepr.overlay"):
+        net.advance(12.0)
+    assert "not allowed" in caplog.text and "no answer" not in caplog.text
+
+
 def test_a_client_saying_hello_on_the_peer_endpoint_is_told_where_clients_go():
     net = _net_with_clients(["a", "b"], [("b", "a")])
     a = net.cores["a"].overlay

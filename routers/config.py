@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from psepr.config import check_settings
+from psepr.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,15 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         check_settings(self, "router setting")
+        for field in ("listen", "peer_listen", "peers"):
+            endpoints = getattr(self, field)
+            twice = next((e for i, e in enumerate(endpoints) if e in endpoints[:i]), None)
+            if twice is not None:
+                raise ConfigError(f"router setting {field} lists {twice} twice")
+        own = next((e for e in self.peers if e in self.peer_listen), None)
+        if own is not None:
+            raise ConfigError(f"router setting peers names {own}, this router's own peer "
+                              f"endpoint: a router does not dial itself")
 
     PRESETS = {
         # One host, loopback only: fast stats for humans watching `psepr stats`,
@@ -159,7 +169,6 @@ def load_router_file(path: str) -> dict:
     import tomllib
     from pathlib import Path
 
-    from psepr.errors import ConfigError
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:

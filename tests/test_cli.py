@@ -270,6 +270,22 @@ def test_router_refuses_settings_that_are_not_positive_numbers():
         RouterConfig(max_lease=-5.0)
 
 
+def test_router_refuses_an_endpoint_listed_twice_and_dialing_itself():
+    peer = "tcp://127.0.0.1:7797"
+    r = psepr_cmd("router", "--listen", "tcp://127.0.0.1:0", "--peer", peer, "--peer", peer,
+                  timeout=10)
+    assert r.returncode == 2
+    assert _one_line_error(r).endswith(f"router setting peers lists {peer} twice")
+    r = psepr_cmd("router", "--listen", "tcp://127.0.0.1:0", "--peer-listen", peer,
+                  "--peer", peer, timeout=10)
+    assert r.returncode == 2
+    assert "this router's own peer endpoint" in _one_line_error(r)
+    from routers.config import RouterConfig
+    for field in ("listen", "peer_listen"):
+        with pytest.raises(psepr.errors.ConfigError, match=f"{field} lists"):
+            RouterConfig(**{field: ("tcp://127.0.0.1:1", "tcp://127.0.0.1:1")})
+
+
 def test_counts_and_seconds_are_checked_before_connecting():
     # No router runs at this address: a bad number must not first wait for one.
     url = _free_url()

@@ -132,6 +132,31 @@ def _split(text: str) -> list[str]:
     return [u for u in text.replace(",", " ").split() if u]
 
 
+def endpoint_ok(url: object) -> bool:
+    """True for an endpoint a client can connect to: ``tcp://HOST:PORT`` (port
+    1-65535; IPv6 hosts in brackets), ``ipc://PATH`` or ``inproc://NAME``.
+
+    libzmq takes ``tcp://host`` without a port, or port 70000, without a word and
+    fails later (or never connects): checked here, where the address was given.
+    """
+    if not isinstance(url, str) or any(c.isspace() for c in url) or "," in url:
+        return False
+    scheme, sep, rest = url.partition("://")
+    if not sep or not rest:
+        return False
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host, colon, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]                   # an IPv6 address
+    elif ":" in host or "[" in host or "]" in host:
+        return False
+    return bool(colon and host and host != "*" and "/" not in host and port.isdigit()
+                and 0 < int(port) < 65536)
+
+
 def router_list(routers: "str | list[str] | tuple[str, ...] | None" = None) -> list[str]:
     """Resolve the routers to try, in order (see module docs).
 
@@ -142,8 +167,20 @@ def router_list(routers: "str | list[str] | tuple[str, ...] | None" = None) -> l
         A non-empty list of ZeroMQ endpoints.
 
     Raises:
-        ConfigError: an empty list, a non-string entry, or an unreadable servers file.
+        ConfigError: an empty list, an entry that is not such an endpoint (see
+            :func:`endpoint_ok`; named in the message), or an unreadable servers file.
     """
+    urls = _resolve(routers)
+    bad = next((u for u in urls if not endpoint_ok(u)), None)
+    if not urls or bad is not None:
+        raise ConfigError(f"routers must be ZeroMQ endpoints like tcp://127.0.0.1:7600 "
+                          f"(tcp://HOST:PORT, ipc://PATH or inproc://NAME), got "
+                          f"{bad if urls else routers!r}")
+    return urls
+
+
+def _resolve(routers) -> list:
+    """The routers to try, unchecked: given, ``$PSEPR_ROUTERS``, servers file, default."""
     if routers is None:
         env = os.environ.get("PSEPR_ROUTERS", "").strip()
         if env:
@@ -161,13 +198,8 @@ def router_list(routers: "str | list[str] | tuple[str, ...] | None" = None) -> l
             raise ConfigError(f"servers file {path} lists no router")
         return [DEFAULT_ROUTER]
     if isinstance(routers, str):
-        urls = _split(routers)
-    else:
-        urls = list(routers)
-    if not urls or not all(isinstance(u, str) and "://" in u for u in urls):
-        raise ConfigError(f"routers must be ZeroMQ endpoints like tcp://127.0.0.1:7600, "
-                          f"got {routers!r}")
-    return urls
+        return _split(routers)
+    return list(routers)
 
 
 def tune_gc(threshold: int = 50_000) -> None:

@@ -286,6 +286,26 @@ def test_router_refuses_an_endpoint_listed_twice_and_dialing_itself():
             RouterConfig(**{field: ("tcp://127.0.0.1:1", "tcp://127.0.0.1:1")})
 
 
+def test_router_endpoints_are_checked_where_they_are_given(monkeypatch):
+    from psepr.config import router_list
+    # libzmq connects to all of these without a word (and the client's I/O thread
+    # then crashed opening its socket, or waited for a port that cannot exist).
+    for bad in ("127.0.0.1:7600", "tcp://127.0.0.1", "tcp://127.0.0.1:7600,",
+                "tcp://127.0.0.1:70000", "tcp://:7600", "tcp://::1:7600", "udp://h:1"):
+        with pytest.raises(psepr.errors.ConfigError, match=re.escape(bad)):
+            router_list(["tcp://127.0.0.1:7600", bad])
+        with pytest.raises(psepr.errors.ConfigError, match=re.escape(bad)):
+            psepr.connect([bad])
+    assert router_list("tcp://127.0.0.1:7600, tcp://[::1]:7610 ipc:///tmp/r.sock") == \
+        ["tcp://127.0.0.1:7600", "tcp://[::1]:7610", "ipc:///tmp/r.sock"]
+    monkeypatch.setenv("PSEPR_ROUTERS", "tcp://127.0.0.1:7600,tcp://127.0.0.1")
+    with pytest.raises(psepr.errors.ConfigError, match="got 'tcp://127.0.0.1'$"):
+        router_list()
+    r = psepr_cmd("send", "/x/", "--json", "1", "--router", "tcp://127.0.0.1:7600,", timeout=10)
+    assert r.returncode == 2
+    assert "tcp://127.0.0.1:7600," in _one_line_error(r)
+
+
 def test_counts_and_seconds_are_checked_before_connecting():
     # No router runs at this address: a bad number must not first wait for one.
     url = _free_url()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from psepr.config import check_settings
+from psepr.config import check_settings, endpoint_ok
 from psepr.errors import ConfigError
 
 
@@ -112,6 +112,10 @@ class RouterConfig:
             twice = next((e for i, e in enumerate(endpoints) if e in endpoints[:i]), None)
             if twice is not None:
                 raise ConfigError(f"router setting {field} lists {twice} twice")
+        bad = next((e for e in self.peers if not endpoint_ok(e)), None)
+        if bad is not None:
+            raise ConfigError(f"router setting peers: {bad!r} is not an endpoint to dial "
+                              f"(tcp://HOST:PORT, ipc://PATH or inproc://NAME)")
         own = next((e for e in self.peers if e in self.peer_listen), None)
         if own is not None:
             raise ConfigError(f"router setting peers names {own}, this router's own peer "

@@ -280,6 +280,9 @@ def test_router_refuses_an_endpoint_listed_twice_and_dialing_itself():
                   "--peer", peer, timeout=10)
     assert r.returncode == 2
     assert "this router's own peer endpoint" in _one_line_error(r)
+    r = psepr_cmd("router", "--listen", "tcp://127.0.0.1:0", "--peer", "tcp://127.0.0.1:70000",
+                  timeout=10)
+    assert r.returncode == 2 and "tcp://127.0.0.1:70000" in _one_line_error(r)
     from routers.config import RouterConfig
     for field in ("listen", "peer_listen"):
         with pytest.raises(psepr.errors.ConfigError, match=f"{field} lists"):

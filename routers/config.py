@@ -108,7 +108,8 @@ class RouterConfig:
     def __post_init__(self) -> None:
         check_settings(self, "router setting")
         for field in ("listen", "peer_listen", "peers"):
-            endpoints = getattr(self, field)
+            # An ephemeral port (tcp://127.0.0.1:0, :*) binds a new port each time.
+            endpoints = [e for e in getattr(self, field) if not e.endswith((":0", ":*"))]
             twice = next((e for i, e in enumerate(endpoints) if e in endpoints[:i]), None)
             if twice is not None:
                 raise ConfigError(f"router setting {field} lists {twice} twice")

@@ -287,6 +287,7 @@ def test_router_refuses_an_endpoint_listed_twice_and_dialing_itself():
     for field in ("listen", "peer_listen"):
         with pytest.raises(psepr.errors.ConfigError, match=f"{field} lists"):
             RouterConfig(**{field: ("tcp://127.0.0.1:1", "tcp://127.0.0.1:1")})
+        RouterConfig(**{field: ("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")})   # two ports
 
 
 def test_router_endpoints_are_checked_where_they_are_given(monkeypatch):

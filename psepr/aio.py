@@ -315,8 +315,12 @@ class Connection(ConnectionBase):
         ch = parse(channel)
         if type is not None:
             _check_name(type, "type")
+        if self._closed:
+            raise ClosedError("connection is closed")
         if id is None:
             id = self._auto_lease_id()
+        else:
+            _check_name(id, "id")
         lease = self._leases.get(id)
         new = lease is None
         if new:

@@ -119,6 +119,21 @@ async def test_aio_connection_async_with_and_async_for(router_proc):
         assert got == [0, 1, 2]
 
 
+async def test_aio_calls_on_a_closed_connection_or_with_a_bad_lease_id_fail_at_once(router_proc):
+    # As in the sync client: lease() and request() waited out their timeout
+    # (5 s, 2 s) before, and a lease id with a space went to the router.
+    con = await psepr.aio.connect(router_proc.url)
+    with pytest.raises(psepr.EventError, match="'id'"):
+        await con.lease(CH, id="two words")
+    await con.close()
+    t0 = time.monotonic()
+    for call in (lambda: con.lease(CH), lambda: con.request(CH + "r/", 1, timeout=2),
+                 lambda: con.send(CH, 1), lambda: con.flush()):
+        with pytest.raises(psepr.ClosedError):
+            await call()
+    assert time.monotonic() - t0 < 0.5
+
+
 async def test_aio_connect_awaited_receive_request_and_flush(router_proc):
     con = await psepr.aio.connect(router_proc.url, service="aio-user")
     responder = await psepr.aio.connect(router_proc.url)

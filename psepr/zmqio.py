@@ -12,6 +12,9 @@ one message per event batch, so these helpers sit on every hot path.
 ``zmq.Socket.send`` is a Python-level wrapper that only adds the DRAFT
 ``routing_id``/``group`` arguments, and skipping it halves the cost of a small
 frame (0.19 against 0.38-0.46 us per frame on pyzmq 27; a DELIVER is 5 frames).
+:func:`recv_frames` passes ``copy=False`` by position: a keyword argument costs
+the compiled ``recv`` a keyword parse on every frame (a 4-frame message: 2.6
+against 4.7 us, hot, on pyzmq 27).
 
 Semantics are those of the pyzmq calls they replace: a send that cannot be
 queued raises ``zmq.Again`` (or the ZeroMQ error) on the *first* frame, before
@@ -77,10 +80,10 @@ def recv_frames(sock: zmq.Socket, flags: int = NOBLOCK) -> list:
         zmq.Again: no message is waiting (or none came within ``RCVTIMEO``).
     """
     recv = sock.recv
-    f = recv(flags, copy=False)
+    f = recv(flags, False)          # copy=False, passed by position (see the module doc)
     parts = [f.bytes]
     while f.more:
-        f = recv(NOBLOCK, copy=False)
+        f = recv(NOBLOCK, False)
         parts.append(f.bytes)
     return parts
 
@@ -95,10 +98,10 @@ def recv_frames_user(sock: zmq.Socket, flags: int = NOBLOCK) -> tuple[list, str 
         zmq.Again: no message is waiting (or none came within ``RCVTIMEO``).
     """
     recv = sock.recv
-    f = recv(flags, copy=False)
+    f = recv(flags, False)
     user = f.get("User-Id")
     parts = [f.bytes]
     while f.more:
-        f = recv(NOBLOCK, copy=False)
+        f = recv(NOBLOCK, False)
         parts.append(f.bytes)
     return parts, user

@@ -44,7 +44,11 @@ class ChannelError(UsageError):
     def __init__(self, text: object, rule: str, detail: str) -> None:
         self.text = text
         self.rule = rule
-        super().__init__(f"invalid channel {text!r}: {detail} [{rule}]")
+        shown = repr(text)
+        if isinstance(text, str) and len(text) > 100:
+            # A runaway channel (a pasted file, say) must not make a 5,000-character line.
+            shown = f"{text[:80]!r}... ({len(text)} characters)"
+        super().__init__(f"invalid channel {shown}: {detail} [{rule}]")
 
 
 class EventError(UsageError):

@@ -166,6 +166,18 @@ def test_longest_channel_is_accepted_and_one_byte_more_is_not():
     assert info.value.rule == "too-long"
 
 
+def test_a_runaway_channel_is_named_briefly_in_its_error():
+    # A client or a CLI user who pasted a whole file gets one short line, not 5,000
+    # characters; the whole input stays on the exception.
+    text = "/x.org/" + "y" * 5000 + "/"
+    with pytest.raises(ChannelError) as info:
+        parse(text)
+    message = str(info.value)
+    assert len(message) < 200 and "(5008 characters)" in message, message
+    assert info.value.text == text and info.value.rule == "too-long"
+    assert str(ChannelError("/a b/", "whitespace", "d")) == "invalid channel '/a b/': d [whitespace]"
+
+
 def test_length_is_counted_in_utf8_bytes():
     # 'é' is 2 bytes: this text has fewer than MAX_LENGTH characters but more bytes.
     text = "/" + "é" * ((MAX_LENGTH // 2)) + "/"

@@ -386,8 +386,9 @@ def _finish(replies: Replies, q: Query, timeout: float) -> list[Tuple]:
     if not replies.monitors:
         if replies.errors:
             raise replies.errors[0]
-        raise NoMonitor(f"no PLDB monitor answered for {q.channel.text} within {timeout} s",
-                        q.channel.text)
+        raise NoMonitor(f"no PLDB monitor answered for {q.channel.text} within {timeout} s "
+                        f"(does a `psepr pldb supervisor` or `psepr pldb monitor` keep that "
+                        f"channel? `psepr pldb monitors` lists who keeps what)", q.channel.text)
     if replies.errors and not replies.tuples(q.history):
         raise replies.errors[0]
     return replies.tuples(q.history)

@@ -80,7 +80,9 @@ def test_cli_get_prints_values_and_fails_clearly_without_monitor(router_proc, st
     r = run("get", f"/{AUTH}/nobody/", "--timeout", "0.5")
     assert r.returncode == 1
     assert r.stderr.strip() == (f"psepr pldb: error: no PLDB monitor answered for "
-                                f"/{AUTH}/nobody/ within 0.5 s")
+                                f"/{AUTH}/nobody/ within 0.5 s (does a `psepr pldb supervisor` "
+                                f"or `psepr pldb monitor` keep that channel? `psepr pldb "
+                                f"monitors` lists who keeps what)")
     r = run("get", NODE, "--since", "ten minutes")
     assert r.returncode == 2 and "not a time span: 'ten minutes'" in r.stderr
 

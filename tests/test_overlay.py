@@ -17,7 +17,10 @@ and routers/overlay.py:
   replaces it; a second live router under a name in use is refused, whichever
   side dials;
 * the lease barrier answers once every reachable router acknowledged;
-* bad peer messages are answered with an error and change nothing.
+* bad peer messages are answered with an error and change nothing; a client's
+  HELLO on a peer endpoint is told where clients connect;
+* a dialed peer that answers nothing is reported after 10 s (once a minute),
+  one that refuses is not reported as silent.
 """
 
 from __future__ import annotations

@@ -246,6 +246,10 @@ def cmd_status(args) -> int:
 
 def cmd_keygen(args) -> int:
     import zmq.auth
+    if not args.name or "/" in args.name or args.name in (".", "..") \
+            or not args.name.isprintable():
+        raise UsageError(f"key name {args.name!r} must be a plain file name (no '/'): the "
+                         f"files are NAME.key and NAME.key_secret in --dir")
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     pub = d / f"{args.name}.key"
@@ -561,9 +565,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _innermost(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)parser of the innermost command ``args`` names (``psepr pldb get``)."""
+    while True:
+        action = next((a for a in parser._actions
+                       if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, action.dest, None) if action is not None else None
+        if name not in getattr(action, "choices", {}):
+            return parser
+        parser = action.choices[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse reports them as the top-level parser's, pointing at `psepr --help`;
+        # the command's own help is the one that lists what it takes.
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     # Short-lived client commands report every failure as their one error line;
     # the SDK's warnings would repeat it (-v shows them).  Long-running commands
     # (router, lease, stats --watch) keep warnings: fail-over, drops, expiry.

@@ -210,9 +210,25 @@ def test_keygen_writes_a_key_pair(tmp_path):
     assert sec.stat().st_mode & 0o077 == 0
     again = psepr_cmd("keygen", "alice", "--dir", str(tmp_path / "keys"))
     assert again.returncode == 2 and "--force" in _one_line_error(again)
+    # A name that is not a file name: one line saying so, nothing written.
+    for name in ("a/b", ""):
+        bad = psepr_cmd("keygen", name, "--dir", str(tmp_path / "other"))
+        assert bad.returncode == 2 and "plain file name" in _one_line_error(bad), bad.stderr
+    assert not (tmp_path / "other").exists()
 
 
 # -- errors -------------------------------------------------------------------------------------
+
+def test_unknown_arguments_point_at_the_commands_own_help():
+    for args, prog in ((("detector", "--bogus"), "psepr detector"),
+                       (("pldb", "get", "/x/", "--bogus"), "psepr pldb get"),
+                       (("send", "/x/", "--json", "1", "extra"), "psepr send")):
+        r = psepr_cmd(*args, timeout=10)
+        assert r.returncode == 2, args
+        line = _one_line_error(r)
+        assert line.startswith(f"{prog}: error: unrecognized arguments: ") and \
+            line.endswith(f"(see {prog} --help)"), line
+
 
 def test_invalid_channel_is_a_usage_error(router_proc):
     r = psepr_cmd("send", "not-a-channel", "--json", "1", router=router_proc.url)

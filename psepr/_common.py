@@ -39,8 +39,12 @@ def build_config(config: ClientConfig | None, preset: str | None, service: str |
     """Merge ``connect()`` keyword arguments into a :class:`ClientConfig`.
 
     Raises:
-        ConfigError: unknown preset, unreadable key files, only one of keyfile/server_key.
+        ConfigError: unknown preset, a config that is not a ClientConfig, a bad
+            service or instance name, unreadable key files, only one of
+            keyfile/server_key.
     """
+    if config is not None and not isinstance(config, ClientConfig):
+        raise ConfigError(f"config= must be a psepr.ClientConfig, got {type(config).__name__}")
     if config is None:
         try:
             config = ClientConfig.preset(preset or "lan")

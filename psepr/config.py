@@ -106,6 +106,14 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         check_settings(self, "client setting")
+        for field in ("service", "instance"):
+            # The router's rule (they name an inbox's channel elements): checked here,
+            # not after a HELLO the router refuses and connect()'s wait.
+            v = getattr(self, field)
+            if v and (not isinstance(v, str) or len(v) > 1024 or not v.isprintable()
+                      or any(c.isspace() or c in "/*" for c in v)):
+                raise ConfigError(f"client setting {field} {v!r} must be printable text "
+                                  f"without whitespace, '/' or '*'")
         if not self.renew_fraction < 1:
             raise ConfigError(f"client setting renew_fraction must be below 1 (renew before "
                               f"the grant runs out), got {self.renew_fraction!r}")

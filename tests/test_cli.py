@@ -361,6 +361,24 @@ def test_config_dataclasses_refuse_numbers_that_would_misbehave_later():
     assert RouterConfig(max_lease=60).max_lease == 60
 
 
+def test_service_and_instance_names_are_checked_before_connecting():
+    # The router refuses these in HELLO; connect() used to wait 3 s to say so.
+    from psepr import ClientConfig
+    from psepr.errors import ConfigError
+    url = _free_url()
+    for kw in ({"service": "a b"}, {"instance": "x/y"}, {"service": "s*"}):
+        with pytest.raises(ConfigError, match=next(iter(kw))):
+            ClientConfig(**kw)
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError):
+            psepr.connect(url, **kw)
+        assert time.monotonic() - t0 < 1.0
+    with pytest.raises(ConfigError, match="must be a psepr.ClientConfig, got int"):
+        psepr.connect(url, config=5)
+    r = psepr_cmd("send", "/x/", "--json", "1", "--service", "a b", "--router", url, timeout=10)
+    assert r.returncode == 2 and "service 'a b'" in _one_line_error(r)
+
+
 def test_router_prints_the_bound_address():
     proc = subprocess.Popen([sys.executable, "-m", "psepr.cli", "router", "--listen",
                              "tcp://127.0.0.1:0", "--name", "cli-r"], cwd=ROOT,

@@ -15,7 +15,7 @@ import collections
 import logging
 import time
 
-from .errors import ConnectionLost, LeaseExpired, TimeoutError
+from .errors import ConnectionLost, LeaseExpired, TimeoutError, UsageError
 
 log = logging.getLogger("psepr.client")
 
@@ -34,11 +34,15 @@ def time_left(timeout: float | None, deadline: float | None, where: str = "") ->
 
     Raises:
         TimeoutError: the deadline has passed ("no event<where> within <timeout> s").
+        UsageError: ``timeout`` is not a number (NaN included: it would wait forever).
     """
     if timeout is None:
         return None, None
     now = time.monotonic()
     if deadline is None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or timeout != timeout:
+            raise UsageError(f"timeout must be a number of seconds or None, got {timeout!r}")
         deadline = now + timeout
     if deadline <= now:
         raise TimeoutError(f"no event{where} within {timeout} s") from None

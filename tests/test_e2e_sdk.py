@@ -88,6 +88,26 @@ def test_sync_connection_without_with_block(router_proc):
         con.send(CH, 1)
 
 
+def test_receive_refuses_a_timeout_that_is_not_a_number(router_proc):
+    # NaN made receive() wait forever; a string raised a bare TypeError.
+    with psepr.connect(router_proc.url) as con:
+        lease = con.lease(CH)
+        for bad in (float("nan"), "1", True):
+            for receive in (lease.receive, con.receive):
+                with pytest.raises(psepr.UsageError, match="timeout must be a number"):
+                    receive(timeout=bad)
+        with pytest.raises(psepr.TimeoutError):
+            lease.receive(timeout=-1)           # already expired: as before
+
+
+async def test_aio_receive_refuses_a_nan_timeout(router_proc):
+    async with psepr.aio.connect(router_proc.url) as con:
+        lease = await con.lease(CH)
+        for receive in (lease.receive, con.receive):
+            with pytest.raises(psepr.UsageError, match="got nan"):
+                await asyncio.wait_for(receive(timeout=float("nan")), 5)
+
+
 def test_receive_returns_events_from_every_lease_in_arrival_order(router_proc):
     with psepr.connect(router_proc.url) as sub, psepr.connect(router_proc.url) as pub:
         la = sub.lease(CH + "a/")

@@ -123,6 +123,18 @@ class Channel:
         return (parse, (self.text,))
 
 
+def element_ok(name: object) -> bool:
+    """True if ``name`` can stand as one channel element: printable text of 1 to
+    1,024 characters without whitespace, '/' or '*'.
+
+    The rule for a client's service and instance names, which become the elements
+    of its inbox (``/<authority>/_inbox/<service>/<instance>/``): the router
+    checks them in HELLO, and :class:`~psepr.config.ClientConfig` before connecting.
+    """
+    return (isinstance(name, str) and 0 < len(name) <= 1024 and name.isprintable()
+            and not any(c.isspace() or c in "/*" for c in name))
+
+
 def _check_element(text: str, element: str, index: int) -> None:
     if element == "":
         raise ChannelError(text, "empty-element",

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .channel import element_ok
 from .errors import ConfigError
 
 DEFAULT_ROUTER = "tcp://127.0.0.1:7600"
@@ -107,11 +108,10 @@ class ClientConfig:
     def __post_init__(self) -> None:
         check_settings(self, "client setting")
         for field in ("service", "instance"):
-            # The router's rule (they name an inbox's channel elements): checked here,
-            # not after a HELLO the router refuses and connect()'s wait.
+            # The router's rule, checked here rather than after a HELLO it refuses
+            # and connect()'s wait.
             v = getattr(self, field)
-            if v and (not isinstance(v, str) or len(v) > 1024 or not v.isprintable()
-                      or any(c.isspace() or c in "/*" for c in v)):
+            if v and not element_ok(v):
                 raise ConfigError(f"client setting {field} {v!r} must be printable text "
                                   f"without whitespace, '/' or '*'")
         if not self.renew_fraction < 1:

@@ -41,7 +41,7 @@ from typing import Callable
 
 import orjson
 
-from psepr.channel import parse, parse_destination
+from psepr.channel import element_ok, parse, parse_destination
 from psepr.errors import ChannelError
 from psepr import wire
 from psepr.wire import Kind
@@ -305,7 +305,7 @@ class RouterCore:
         instance = h.get("instance")
         for name, val in (("service", service), ("instance", instance)):
             # Names end up as channel elements (inboxes): the element rules apply.
-            if val is not None and (not _name_ok(val) or "/" in val or "*" in val):
+            if val is not None and not element_ok(val):
                 self._error(ident, wire.E_PROTOCOL, f"hello: {name} {val!r} must be printable "
                             f"text without whitespace, '/' or '*'")
                 return

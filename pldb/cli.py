@@ -13,12 +13,11 @@ import signal
 import socket
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import orjson
 
-from psepr.cli import seconds
+from psepr.cli import local_time, seconds
 from psepr.errors import UsageError
 
 EPILOG = """examples:
@@ -92,13 +91,24 @@ def add_parser(sub, add_router_arg) -> None:
     ls.set_defaults(func=cmd_monitors)
 
 
+def _span(d: float) -> str:
+    """``d`` seconds as people read them: 42 s, 12 min, 5.0 h, 3.2 d (a sign kept)."""
+    a = abs(d)
+    if a < 120:
+        return f"{d:.0f} s"
+    if a < 7200:
+        return f"{d / 60:.0f} min"
+    if a < 172800:
+        return f"{d / 3600:.1f} h"
+    if a < 1000 * 86400:
+        return f"{d / 86400:.1f} d"
+    # An expiry far past any lifetime (a sender's 1e300 s): bounded, not 300 digits.
+    return f"{d / 31557600:.3g} years"
+
+
 def _ago(t: float, now: float) -> str:
-    d = now - t
-    if abs(d) < 120:
-        return f"{d:.0f} s ago"
-    if abs(d) < 7200:
-        return f"{d / 60:.0f} min ago"
-    return f"{d / 3600:.1f} h ago"
+    # A sender's clock may run a little fast (monitors take up to max_clock_ahead).
+    return f"{_span(now - t)} ago" if t <= now else f"{_span(t - now)} ahead"
 
 
 def cmd_get(args) -> int:
@@ -135,12 +145,12 @@ def _print_tuples(tuples: list, as_json: bool) -> None:
         width = max(len(t.channel) for t in tuples)
         fwidth = max(len(t.field) for t in tuples)
         for t in tuples:
-            stamp = datetime.fromtimestamp(t.time).strftime("%Y-%m-%d %H:%M:%S")
             value = orjson.dumps(t.value).decode()
             life = "" if t.expire is None else (
-                f"  expires in {t.expires_at - now:.0f} s" if t.expires_at > now else "  expired")
+                f"  expires in {_span(t.expires_at - now)}" if t.expires_at > now
+                else "  expired")
             out.write(f"{t.channel:<{width}}  {t.field:<{fwidth}}  {value}  "
-                      f"({stamp}, {_ago(t.time, now)}){life}\n")
+                      f"({local_time(t.time)}, {_ago(t.time, now)}){life}\n")
     out.flush()
 
 

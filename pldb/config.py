@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from psepr.pldb import MAX_VALUE_BYTES
+from psepr.pldb import MAX_CLOCK_AHEAD, MAX_VALUE_BYTES
 
 from .store import HISTORY_ROWS
 
@@ -28,6 +28,10 @@ class PLDBConfig:
         history_rows: rows of history a monitor keeps (all keys together; about
             110 bytes each on disk, so the default is about 55 MB).
         max_value_bytes: largest attribute value accepted, as JSON.
+        max_clock_ahead: a tuple whose time is more than this many seconds ahead
+            of the monitor's clock is refused (and reported): the newest version
+            wins by its time, so a sender whose clock runs fast would otherwise
+            hide every later value of its field until that time came.
         queue: attribute events a monitor's connection buffers before it drops
             (and counts, announces and reports) the excess: ten batches, a
             second of ingest at 50,000 tuples/s, and a bound on the monitor's
@@ -61,6 +65,7 @@ class PLDBConfig:
     fill_timeout: float = 10.0
     history_rows: int = HISTORY_ROWS
     max_value_bytes: int = MAX_VALUE_BYTES
+    max_clock_ahead: float = MAX_CLOCK_AHEAD
     queue: int = 50_000
     batch: int = 5000
     commit_every: float = 0.05

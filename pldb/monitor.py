@@ -21,7 +21,8 @@ upsert keeps the newest version whatever the order, so the live stream and the
 copy need no merge step and leave no gap.  Only then does the monitor say
 ``ready`` and answer queries: a new monitor never answers with half a past.
 
-Bad input (a malformed attribute, a query without a reply channel) is dropped,
+Bad input (a malformed attribute, one dated more than ``max_clock_ahead``
+ahead of the monitor's clock, a query without a reply channel) is dropped,
 counted, and reported on ``/<authority>/_sys/pldb/reports/`` at most once per
 ``report_every``; a malformed query is answered with an error naming the
 problem.  A failing database (disk full, read-only) turns the monitor
@@ -248,10 +249,11 @@ class Monitor:
         if events:
             if not rows:
                 self._commit_at = self._mono() + self.config.commit_every
-            max_bytes = self.config.max_value_bytes
+            max_bytes, ahead = self.config.max_value_bytes, self.config.max_clock_ahead
+            now = self._clock()
             for ev in events:
                 try:
-                    rows.append(attribute_row(ev, max_bytes))
+                    rows.append(attribute_row(ev, max_bytes, now, ahead))
                 except EventError as exc:
                     bad.append((ev, exc))
             self.counters["bad"] += len(bad)

@@ -65,6 +65,19 @@ def seconds(text: str) -> float:
     return v
 
 
+def local_time(t: float) -> str:
+    """Wall-clock time ``t`` as local ``YYYY-MM-DD HH:MM:SS``, for tables.
+
+    A time from the wire is whatever its sender put there: one before year 1 or
+    past 9999 is shown as the number rather than ending the command.
+    """
+    import time
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return f"time {t!r}"
+
+
 def _add_router_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", action="append", metavar="URL",
                    help="router endpoint (repeat for fail-over); default: $PSEPR_ROUTERS, the "

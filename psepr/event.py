@@ -289,6 +289,32 @@ class Event:
         return "".join(parts)
 
 
+#: Longest attribute field name, in characters.
+MAX_FIELD_CHARS = 256
+
+
+def attribute_problem(field: Any, expire: Any) -> tuple[str, str] | None:
+    """What is wrong with an attribute's ``field`` or ``expire``: the one rule that
+    :func:`attribute` and every PLDB monitor apply.
+
+    A field is a name people read one per line (``psepr pldb get``) and ask for
+    by name, so it must be printable text; an expiry is a finite number of
+    seconds (JSON has no infinity: null means "never").
+
+    Returns:
+        ``(key, message)`` naming the first problem, or None if both are fine.
+    """
+    if type(field) is not str or not field or len(field) > MAX_FIELD_CHARS \
+            or not field.isprintable():
+        return "field", (f"field must be a non-empty string of at most {MAX_FIELD_CHARS} "
+                         f"printable characters, got {field!r:.80}")
+    if expire is not None and (type(expire) not in (int, float) or not expire >= 0
+                               or expire == math.inf):
+        return "expire", (f"expire must be a non-negative number of seconds or null (never), "
+                          f"got {expire!r:.40}")
+    return None
+
+
 def attribute(field: str, value: Any, expire: float | None = None) -> dict:
     """Build a PsEPR attribute payload (send it with ``type=psepr.ATTRIBUTE``).
 
@@ -301,14 +327,12 @@ def attribute(field: str, value: Any, expire: float | None = None) -> dict:
         ``{"field": field, "value": value, "expire": expire}``
 
     Raises:
-        EventError: if field is empty or expire is negative.
+        EventError: the field is not a name a monitor takes (see
+            :func:`attribute_problem`), or expire is not a finite non-negative number.
     """
-    if not isinstance(field, str) or not field:
-        raise EventError(f"attribute field must be a non-empty string, got {field!r}", "field")
-    if expire is not None and (isinstance(expire, bool) or not isinstance(expire, (int, float))
-                               or expire < 0):
-        raise EventError(f"attribute expire must be a non-negative number, got {expire!r}",
-                         "expire")
+    problem = attribute_problem(field, expire)
+    if problem is not None:
+        raise EventError(f"attribute {problem[1]}", problem[0])
     return {"field": field, "value": value, "expire": expire}
 
 

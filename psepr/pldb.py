@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time as _time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -39,7 +40,7 @@ import orjson
 
 from .channel import Channel, parse
 from .errors import EventError, NoMonitor, RemoteError, UsageError
-from .event import ATTRIBUTE
+from .event import ATTRIBUTE, attribute_problem
 
 #: Event type of a query (a request; replies go to its ``reply_to``).
 QUERY = "http://psepr.org/xs/pldb/query"
@@ -52,6 +53,10 @@ REPORT = "http://psepr.org/xs/pldb/report"
 
 #: Largest accepted attribute value, as JSON, in bytes: PLDB stores facts, not files.
 MAX_VALUE_BYTES = 64 * 1024
+#: How far ahead of the receiver's clock a tuple's time may be, in seconds.  A
+#: version is newer by its time, so a tuple from a clock that runs a year fast
+#: would hide every later value of its field for a year.
+MAX_CLOCK_AHEAD = 300.0
 #: Reply parts are cut at about this many bytes of tuples (events stay far below 1 MiB).
 PART_BYTES = 256 * 1024
 
@@ -133,33 +138,45 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def tuple_from_event(event, max_value_bytes: int = MAX_VALUE_BYTES) -> Tuple:
+def tuple_from_event(event, max_value_bytes: int = MAX_VALUE_BYTES, now: float | None = None,
+                     max_ahead: float = MAX_CLOCK_AHEAD) -> Tuple:
     """The tuple an attribute event carries.
 
     Args:
         event: a :class:`~psepr.event.Event` with an attribute payload
             (``{"field", "value", "expire"}``, see :func:`psepr.attribute`).
         max_value_bytes: largest accepted value, as JSON.
+        now: the receiver's wall-clock time; with it, an event more than
+            ``max_ahead`` seconds later than ``now`` is refused.
+        max_ahead: see ``now``.
 
     Returns:
         The :class:`Tuple`.
 
     Raises:
-        EventError: the payload is not an attribute (names what is wrong).
+        EventError: the payload is not an attribute, or its time is too far
+            ahead (names what is wrong).
     """
-    channel, field, _, time, expire, source, id = attribute_row(event, max_value_bytes)
+    channel, field, _, time, expire, source, id = attribute_row(event, max_value_bytes, now,
+                                                                max_ahead)
     return Tuple(channel, field, event.payload["value"], time, expire, source, id)
 
 
-def attribute_row(event, max_value_bytes: int = MAX_VALUE_BYTES) -> tuple:
+def attribute_row(event, max_value_bytes: int = MAX_VALUE_BYTES, now: float | None = None,
+                  max_ahead: float = MAX_CLOCK_AHEAD) -> tuple:
     """Like :func:`tuple_from_event`, as a storage row (the monitor's fast path).
 
     Returns:
         ``(channel, field, value as JSON bytes, time, expire, source, id)``.
 
     Raises:
-        EventError: the payload is not an attribute (names what is wrong).
+        EventError: the payload is not an attribute, or its time is too far
+            ahead (names what is wrong).
     """
+    if now is not None and event.time > now + max_ahead:
+        raise EventError(f"attribute event {event.id}: its time is {event.time - now:.0f} s "
+                         f"ahead of this clock (at most {max_ahead:g} s is taken: is the "
+                         f"sender's clock right?)", "time")
     p = event.payload
     if type(p) is not dict:
         raise EventError(f"attribute event {event.id}: payload must be a JSON object with "
@@ -169,10 +186,10 @@ def attribute_row(event, max_value_bytes: int = MAX_VALUE_BYTES) -> tuple:
         raise EventError(f"attribute event {event.id}: unknown key(s) "
                          f"{', '.join(map(repr, unknown))} (allowed: field, value, expire)",
                          unknown[0])
-    field = p.get("field")
-    if type(field) is not str or not field or len(field) > 256:
-        raise EventError(f"attribute event {event.id}: field must be a non-empty string of at "
-                         f"most 256 characters, got {field!r:.80}", "field")
+    field, expire = p.get("field"), p.get("expire")
+    problem = attribute_problem(field, expire)
+    if problem is not None:
+        raise EventError(f"attribute event {event.id}: {problem[1]}", problem[0])
     try:
         value = orjson.dumps(p["value"])
     except KeyError:
@@ -181,11 +198,7 @@ def attribute_row(event, max_value_bytes: int = MAX_VALUE_BYTES) -> tuple:
     if len(value) > max_value_bytes:
         raise EventError(f"attribute event {event.id}: value of {field!r} is {len(value)} "
                          f"bytes, more than the {max_value_bytes} allowed", "value")
-    expire = p.get("expire")
     if expire is not None:
-        if not _is_number(expire) or expire < 0:
-            raise EventError(f"attribute event {event.id}: expire must be a non-negative number "
-                             f"of seconds or null, got {expire!r:.40}", "expire")
         expire = float(expire)
     return (event.channel.text, field, value, event.time, expire,
             _source(event.from_service, event.from_instance), event.id)
@@ -478,7 +491,7 @@ def watch(con, channel: "str | Channel", field: str | None = None, timeout: floa
             yield t
         for ev in lease:
             try:
-                t = tuple_from_event(ev)
+                t = tuple_from_event(ev, now=_time.time())
             except EventError:
                 continue          # not an attribute; the monitors report it
             key = (t.channel, t.field)

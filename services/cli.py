@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import socket
 
+from psepr.cli import seconds
+
 EPILOG = """examples:
   psepr sensors --authority example.com                    # this host, lan timings (every 5 s)
   psepr sensors --authority example.com --once             # one full round, then exit (cron)
@@ -18,16 +20,6 @@ EPILOG = """examples:
   psepr pldb get /example.com/node/sim1/                   # what sim1 published
 (docs/sensors.md lists the fields, their units and when each is sent)
 """
-
-
-def _positive(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return v
 
 
 def add_parser(sub, add_router_arg) -> None:
@@ -52,9 +44,9 @@ def add_parser(sub, add_router_arg) -> None:
     p.add_argument("--preset", default="lan", choices=("local", "lan", "wan"),
                    help="timings: local samples every 1 s and refreshes every 10 s, lan every "
                         "5 s / 300 s, wan every 15 s / 900 s (default lan)")
-    p.add_argument("--interval", type=_positive, metavar="SECONDS",
+    p.add_argument("--interval", type=seconds, metavar="SECONDS",
                    help="seconds between samples (overrides the preset)")
-    p.add_argument("--refresh", type=_positive, metavar="SECONDS",
+    p.add_argument("--refresh", type=seconds, metavar="SECONDS",
                    help="re-publish unchanged values this often (overrides the preset; "
                         "expire becomes 3 times it)")
     p.add_argument("--once", action="store_true",
@@ -91,7 +83,7 @@ def add_membership_parsers(sub, add_router_arg) -> None:
     p.add_argument("--preset", default="lan", choices=presets,
                    help="timings: heartbeat every 0.2 s (local), 0.5 s (lan), 2 s (wan); "
                         "default lan")
-    p.add_argument("--period", type=_positive, metavar="SECONDS",
+    p.add_argument("--period", type=seconds, metavar="SECONDS",
                    help="seconds between heartbeats (overrides the preset; detectors must "
                         "use a t_fail of several periods)")
     p.add_argument("--no-sensors", action="store_true",
@@ -123,7 +115,7 @@ def add_membership_parsers(sub, add_router_arg) -> None:
         epilog=FD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--authority", default="example.com",
                    help="naming authority of the channels (default example.com)")
-    p.add_argument("--timeout", type=_positive, default=2.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=2.0, metavar="SECONDS",
                    help="how long to wait for a detector's answer (default 2)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     add_router_arg(p)
@@ -142,9 +134,9 @@ def cmd_detector(args) -> int:
 
 def cmd_members(args) -> int:
     import json
-    import time
 
     import psepr
+    from psepr.cli import local_time
 
     from .membership import members
     with psepr.connect(args.router, preset="lan", service=args.service,
@@ -161,8 +153,7 @@ def cmd_members(args) -> int:
     width = max(4, *(len(h) for h in view.members))
     print(f"{'node':<{width}}  {'state':<9} {'incarnation':>14}  since")
     for host, m in sorted(view.members.items()):
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.since))
-        print(f"{host:<{width}}  {m.state:<9} {m.incarnation:>14}  {since}")
+        print(f"{host:<{width}}  {m.state:<9} {m.incarnation:>14}  {local_time(m.since)}")
     return 0
 
 

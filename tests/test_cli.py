@@ -413,3 +413,18 @@ def test_send_help():
     for opt in ("--router", "--json", "--xml", "--type", "examples:"):
         assert opt in r.stdout
 
+
+
+def test_pldb_get_prints_any_stored_time_and_expiry_on_one_bounded_line(capsys):
+    """What a monitor stored is printed whatever its numbers: an expiry of 1e300 s as
+    years (not 300 digits), a time past year 9999 as the number (not a traceback)."""
+    from pldb.cli import _print_tuples
+    from psepr.pldb import Tuple
+    now = time.time()
+    _print_tuples([Tuple("/a/x/", "far", 1, now - 3 * 86400, 1e300, "s/i", "e1"),
+                   Tuple("/a/x/", "odd", 2, 1e20, None, "s/i", "e2"),
+                   Tuple("/a/x/", "soon", 3, now + 30, 7200.0, "s/i", "e3")], as_json=False)
+    far, odd, soon = capsys.readouterr().out.splitlines()
+    assert far.endswith("3.0 d ago)  expires in 3.17e+292 years")
+    assert "(time 1e+20, " in odd
+    assert re.search(r"\(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d, 30 s ahead\)  expires in 2\.\d h$", soon)

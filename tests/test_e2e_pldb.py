@@ -120,6 +120,37 @@ def test_bad_tuples_and_queries_get_clear_answers_and_the_monitor_lives(router_p
         assert info.value.channel == f"/{AUTH}/unmonitored/"
 
 
+def test_a_sender_whose_clock_runs_fast_cannot_pin_a_field(router_proc, start_cli, tmp_path,
+                                                           monkeypatch):
+    """The newest version wins by its time: a tuple dated a year ahead would hide every
+    later value of its field for a year.  The monitor refuses it, reports it, and the
+    value sent once the clock is right is the one PLDB gives."""
+    import psepr.session
+
+    class YearFast:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def time(self):
+            return time.time() + 365 * 86400
+
+    start_monitor(start_cli, router_proc, tmp_path)
+    with psepr.connect(router_proc.url, preset="local") as con:
+        reports = con.lease(f"/{AUTH}/_sys/pldb/reports/", type=REPORT)
+        monkeypatch.setattr(psepr.session, "_time", YearFast())
+        fast = send_attr(con, NODE + "x/", "clock", "a year fast")
+        con.flush()
+        monkeypatch.undo()
+        send_attr(con, NODE + "x/", "clock", "right")
+        con.flush()
+        report = reports.receive(timeout=10).payload
+        assert report["kind"] == "bad-tuple" and fast in report["detail"]
+        assert "s ahead of this clock (at most 300 s is taken: is the sender's clock right?)" \
+            in report["detail"]
+        got = wait_for("the right value", lambda: pldb.query(con, NODE + "x/", "clock"))
+        assert [t.value for t in got] == ["right"]
+
+
 def test_a_restarted_monitor_has_its_tuples_back(router_proc, start_cli, tmp_path):
     mon = start_monitor(start_cli, router_proc, tmp_path)
     with psepr.connect(router_proc.url, preset="local") as con:

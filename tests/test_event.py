@@ -330,7 +330,9 @@ def test_attribute_event_round_trips():
 
 @pytest.mark.parametrize("field, expire, bad", [
     ("", None, "field"), (None, None, "field"), ("x", -1, "expire"), ("x", "soon", "expire"),
-    ("x", True, "expire"),
+    ("x", True, "expire"), ("x" * 257, None, "field"), ("a\tb", None, "field"),
+    # JSON has neither: NaN and infinity would go out as null, "never expires", silently.
+    ("x", float("nan"), "expire"), ("x", float("inf"), "expire"),
 ])
 def test_attribute_refuses_bad_field_or_expire(field, expire, bad):
     with pytest.raises(EventError) as info:

@@ -46,11 +46,27 @@ def test_tuple_from_an_attribute_event():
     ({"field": "a", "value": 1, "expire": -1}, "expire must be a non-negative number"),
     ({"field": "a", "value": 1, "expire": "soon"}, "expire must be a non-negative number"),
     ({"field": "a", "value": "x" * 70000}, "more than the 65536 allowed"),
+    ({"field": "x" * 257, "value": 1}, "at most 256 printable characters"),
+    ({"field": "lo\nad", "value": 1}, "at most 256 printable characters"),   # breaks `get` lines
+    ({"field": "\x00", "value": 1}, "at most 256 printable characters"),
+    ({"field": "a", "value": 1, "expire": True}, "expire must be a non-negative number"),
 ])
 def test_bad_attribute_payloads_are_refused_naming_the_problem(payload, what):
     with pytest.raises(EventError) as info:
         pldb.tuple_from_event(attr_event(payload))
     assert what in str(info.value)
+
+
+def test_a_tuple_dated_too_far_ahead_of_the_receivers_clock_is_refused():
+    # Versions are ordered by time: a clock a year fast would pin its field for a year.
+    ev = attr_event(psepr.attribute("load_avg", 0.4))
+    assert pldb.tuple_from_event(ev, now=ev.time - 299).time == ev.time
+    with pytest.raises(EventError) as info:
+        pldb.tuple_from_event(ev, now=ev.time - 400)
+    assert info.value.field == "time"
+    assert "its time is 400 s ahead of this clock (at most 300 s is taken" in str(info.value)
+    assert pldb.attribute_row(ev, now=ev.time - 400, max_ahead=500)[3] == ev.time
+    assert pldb.tuple_from_event(ev).time == ev.time        # no clock given: no check
 
 
 def test_query_payload_round_trip_and_refusals():

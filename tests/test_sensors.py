@@ -592,7 +592,7 @@ def test_cli_errors_are_one_line_and_signals_stop_cleanly(router_proc, start_cli
         "psepr sensors: error: sensor refresh (300 s) must be at least the sample interval "
         "(500 s)\n")
     r = run("--interval", "-1")
-    assert r.returncode == 2 and "must be a positive number of seconds, got -1" in r.stderr
+    assert r.returncode == 2 and "must be a positive number of seconds, got '-1'" in r.stderr
     r = run("--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "--once" in r.stdout
     for sig in (signal.SIGINT, signal.SIGTERM):

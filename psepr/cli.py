@@ -18,7 +18,7 @@ import orjson
 
 from . import __version__
 from .config import positive_number
-from .errors import PseprError, UsageError
+from .errors import ConfigError, PseprError, UsageError
 
 EPILOG_ROUTER = """examples:
   psepr router --listen tcp://127.0.0.1:7600 --name r1
@@ -329,9 +329,12 @@ def cmd_run(args) -> int:
             cfg = RouterConfig.preset("local", name=f"r{i + 1}", listen=(f"tcp://{host}:{base}",),
                                       peer_listen=peer_listen, peers=peers)
             routers.append(Router(cfg))
-    except PseprError:
+    except PseprError as exc:
         for r in routers:
             r.close()
+        if isinstance(exc, ConfigError):   # a bind: the endpoints are all run's own choice
+            raise ConfigError(f"{exc}; `psepr run --listen tcp://{host}:{port + 100}` would "
+                              f"use other ports") from None
         raise
     tune_gc()
     threads = [threading.Thread(target=r.run, name=r.config.name, daemon=True) for r in routers]

@@ -104,6 +104,13 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False
 
 
+def _bind_error(exc: zmq.ZMQError) -> str:
+    """Why a bind failed, in words that suggest the usual cause."""
+    if exc.errno == zmq.EADDRINUSE:
+        return "the address is in use (is another router, or `psepr run`, listening there?)"
+    return str(exc)
+
+
 class _PrincipalAuthenticator(ThreadAuthenticator):
     """ZAP handler that admits only keys in the ACL and names them by principal."""
 
@@ -193,7 +200,8 @@ class Router:
                 try:
                     s.bind(endpoint)
                 except zmq.ZMQError as exc:
-                    raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
+                    raise ConfigError(f"cannot listen on {endpoint}: {_bind_error(exc)}") \
+                        from None
                 self.endpoints.append(s.getsockopt_string(zmq.LAST_ENDPOINT))
             if config.peer_listen:
                 ps = self.peer_sock = self.ctx.socket(zmq.ROUTER)
@@ -208,8 +216,8 @@ class Router:
                     try:
                         ps.bind(endpoint)
                     except zmq.ZMQError as exc:
-                        raise ConfigError(f"cannot listen for peers on {endpoint}: {exc}") \
-                            from None
+                        raise ConfigError(f"cannot listen for peers on {endpoint}: "
+                                          f"{_bind_error(exc)}") from None
                     self.peer_endpoints.append(ps.getsockopt_string(zmq.LAST_ENDPOINT))
             for url in config.peers:
                 d = self.ctx.socket(zmq.DEALER)

@@ -428,3 +428,18 @@ def test_pldb_get_prints_any_stored_time_and_expiry_on_one_bounded_line(capsys):
     assert far.endswith("3.0 d ago)  expires in 3.17e+292 years")
     assert "(time 1e+20, " in odd
     assert re.search(r"\(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d, 30 s ahead\)  expires in 2\.\d h$", soon)
+
+
+def test_a_port_in_use_is_named_with_its_likely_cause():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        url = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        r = psepr_cmd("router", "--name", "x", "--listen", url)
+        assert r.returncode == 2
+        assert r.stderr == (f"psepr router: error: cannot listen on {url}: the address is in "
+                            f"use (is another router, or `psepr run`, listening there?)\n")
+        r = psepr_cmd("run", "--routers", "1", "--listen", url)
+        assert r.returncode == 2
+        assert r.stderr.endswith(f"listening there?); `psepr run --listen tcp://127.0.0.1:"
+                                 f"{held.getsockname()[1] + 100}` would use other ports\n")

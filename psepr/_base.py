@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from typing import Any
 
 from .errors import ConnectionLost, LeaseExpired, TimeoutError, UsageError
 
@@ -21,6 +22,22 @@ log = logging.getLogger("psepr.client")
 
 #: Prefix of the lease ids of request inboxes (see ``request``).
 INBOX_PREFIX = "inbox:"
+
+
+def check_seconds(value: Any, name: str = "timeout", none_ok: bool = False) -> None:
+    """Refuse a wait that is not a number of seconds.
+
+    NaN is refused too: every comparison with it is false, so a NaN wait never
+    ends, or spins, or ends at once, depending on the primitive under it.
+
+    Raises:
+        UsageError: ``value`` is not an int or float (a bool is not), or is NaN.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if value is None and none_ok:
+            return
+        raise UsageError(f"{name} must be a number of seconds{' or None' if none_ok else ''}, "
+                         f"got {value!r}")
 
 
 def time_left(timeout: float | None, deadline: float | None, where: str = "") -> tuple:
@@ -40,9 +57,7 @@ def time_left(timeout: float | None, deadline: float | None, where: str = "") ->
         return None, None
     now = time.monotonic()
     if deadline is None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-                or timeout != timeout:
-            raise UsageError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        check_seconds(timeout, none_ok=True)
         deadline = now + timeout
     if deadline <= now:
         raise TimeoutError(f"no event{where} within {timeout} s") from None

@@ -37,7 +37,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
-from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase, time_left
+from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase, check_seconds, time_left
 from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel,
                       monitor_socket)
 from .channel import Channel, parse
@@ -313,6 +313,7 @@ class Connection(ConnectionBase):
                     propagated: bool = False, timeout: float = 5.0) -> Lease:
         """Lease a channel; see :meth:`psepr.client.Connection.lease`."""
         ch = parse(channel)
+        check_seconds(timeout)
         if type is not None:
             _check_name(type, "type")
         if self._closed:
@@ -351,6 +352,7 @@ class Connection(ConnectionBase):
         return lease
 
     async def _release(self, lease: Lease, timeout: float) -> None:
+        check_seconds(timeout)
         if lease._closed:
             return
         lease._closed = True
@@ -382,6 +384,7 @@ class Connection(ConnectionBase):
                       to_service: str | None = None, to_instance: str | None = None,
                       timeout: float = 2.0) -> Event:
         """Request/reply; see :meth:`psepr.client.Connection.request`."""
+        check_seconds(timeout)
         fut = self._loop.create_future()
         async with self._asking(channel, payload, type, format, to_service, to_instance,
                                 fut, timeout) as (eid, ch):
@@ -397,6 +400,8 @@ class Connection(ConnectionBase):
                           timeout: float = 2.0, settle: float | None = None,
                           done: "Callable[[list[Event]], bool] | None" = None) -> list[Event]:
         """Gather several replies; see :meth:`psepr.client.Connection.request_all`."""
+        check_seconds(timeout)
+        check_seconds(settle, "settle", none_ok=True)
         deadline = time.monotonic() + timeout
         g = _Gather()
         async with self._asking(channel, payload, type, format, to_service, to_instance,
@@ -458,6 +463,7 @@ class Connection(ConnectionBase):
         return await self._control(lambda s: s.status(), timeout, "status")
 
     async def _control(self, op, timeout: float, what: str):
+        check_seconds(timeout)
         if self._closed:
             raise ClosedError("connection is closed")
         if self._session.state != READY:

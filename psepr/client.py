@@ -58,7 +58,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
-from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase, time_left
+from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase, check_seconds, time_left
 from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel,
                       monitor_socket)
 from .channel import Channel, parse
@@ -128,7 +128,12 @@ class _Waiter:
 
 
 class Connection(ConnectionBase):
-    """A synchronous connection to one router of a list (see :func:`connect`)."""
+    """A synchronous connection to one router of a list (see :func:`connect`).
+
+    Every call that waits takes ``timeout`` in seconds and raises
+    :class:`~psepr.errors.UsageError` for one that is not a number (NaN
+    included), before doing anything.
+    """
 
     def __init__(self, routers=None, *, config: ClientConfig | None = None,
                  preset: str | None = None, service: str | None = None,
@@ -340,6 +345,7 @@ class Connection(ConnectionBase):
                 (e.g. :class:`~psepr.errors.AccessDenied` for a channel).
             TimeoutError: no confirmation within ``timeout``.
         """
+        check_seconds(timeout)
         deadline = time.monotonic() + timeout
         self._unflushed = False
         while self._outq and time.monotonic() < deadline:
@@ -383,6 +389,7 @@ class Connection(ConnectionBase):
                 the lease already held.
         """
         ch = parse(channel)
+        check_seconds(timeout)
         if type is not None:
             _check_name(type, "type")
         with self._lock:
@@ -420,6 +427,7 @@ class Connection(ConnectionBase):
         return lease
 
     def _release(self, lease: Lease, timeout: float) -> None:
+        check_seconds(timeout)
         with self._lock:
             if lease._closed:
                 return
@@ -477,6 +485,7 @@ class Connection(ConnectionBase):
         Raises:
             TimeoutError: no reply within ``timeout`` (nobody listening, or too slow).
         """
+        check_seconds(timeout)
         deadline = time.monotonic() + timeout
         w = _Waiter()
         with self._asking(channel, payload, type, format, to_service, to_instance, w,
@@ -505,6 +514,8 @@ class Connection(ConnectionBase):
         Returns:
             The replies in arrival order; empty if nobody answered in time.
         """
+        check_seconds(timeout)
+        check_seconds(settle, "settle", none_ok=True)
         deadline = time.monotonic() + timeout
         w = _Waiter(gather=True)
         replies = w.replies
@@ -676,6 +687,7 @@ class Connection(ConnectionBase):
         return q.popleft()
 
     def _control(self, op, timeout: float, what: str):
+        check_seconds(timeout)
         with self._lock:
             if self._closed:
                 raise ClosedError("connection is closed")

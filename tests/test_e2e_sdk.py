@@ -88,24 +88,41 @@ def test_sync_connection_without_with_block(router_proc):
         con.send(CH, 1)
 
 
-def test_receive_refuses_a_timeout_that_is_not_a_number(router_proc):
-    # NaN made receive() wait forever; a string raised a bare TypeError.
+def test_every_wait_refuses_a_timeout_that_is_not_a_number(router_proc):
+    # NaN made receive() wait forever, and lease(), stats() or status() spin at full
+    # CPU while the router did not answer (Condition.wait(nan) returns at once);
+    # flush() said "no answer within 0.0 s".  A string raised a bare TypeError.
     with psepr.connect(router_proc.url) as con:
         lease = con.lease(CH)
+        calls = [lease.receive, con.receive, con.flush, con.stats, con.status, lease.release,
+                 lambda timeout: con.lease(CH + "x/", timeout=timeout),
+                 lambda timeout: con.request(CH, 1, timeout=timeout),
+                 lambda timeout: con.request_all(CH, 1, timeout=timeout)]
         for bad in (float("nan"), "1", True):
-            for receive in (lease.receive, con.receive):
+            for call in calls:
                 with pytest.raises(psepr.UsageError, match="timeout must be a number"):
-                    receive(timeout=bad)
+                    call(timeout=bad)
+        with pytest.raises(psepr.UsageError, match="settle must be a number of seconds or "
+                                                   "None, got nan"):
+            con.request_all(CH, 1, settle=float("nan"))
         with pytest.raises(psepr.TimeoutError):
             lease.receive(timeout=-1)           # already expired: as before
+        con.flush(timeout=5)                    # nothing refused was half done
 
 
-async def test_aio_receive_refuses_a_nan_timeout(router_proc):
+async def test_aio_every_wait_refuses_a_nan_timeout(router_proc):
     async with psepr.aio.connect(router_proc.url) as con:
         lease = await con.lease(CH)
-        for receive in (lease.receive, con.receive):
+        calls = [lease.receive, con.receive, con.flush, con.stats, con.status, lease.release,
+                 lambda timeout: con.lease(CH + "x/", timeout=timeout),
+                 lambda timeout: con.request(CH, 1, timeout=timeout),
+                 lambda timeout: con.request_all(CH, 1, timeout=timeout)]
+        for call in calls:
             with pytest.raises(psepr.UsageError, match="got nan"):
-                await asyncio.wait_for(receive(timeout=float("nan")), 5)
+                await asyncio.wait_for(call(timeout=float("nan")), 5)
+        with pytest.raises(psepr.UsageError, match="settle must be"):
+            await con.request_all(CH, 1, settle=float("nan"))
+        await con.flush(timeout=5)
 
 
 def test_receive_returns_events_from_every_lease_in_arrival_order(router_proc):

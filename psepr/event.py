@@ -308,8 +308,8 @@ def attribute_problem(field: Any, expire: Any) -> tuple[str, str] | None:
             or not field.isprintable():
         return "field", (f"field must be a non-empty string of at most {MAX_FIELD_CHARS} "
                          f"printable characters, got {field!r:.80}")
-    if expire is not None and (type(expire) not in (int, float) or not expire >= 0
-                               or expire == math.inf):
+    if expire is not None and (isinstance(expire, bool) or not isinstance(expire, (int, float))
+                               or not expire >= 0 or expire == math.inf):
         return "expire", (f"expire must be a non-negative number of seconds or null (never), "
                           f"got {expire!r:.40}")
     return None

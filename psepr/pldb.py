@@ -493,7 +493,7 @@ def watch(con, channel: "str | Channel", field: str | None = None, timeout: floa
             try:
                 t = tuple_from_event(ev, now=_time.time())
             except EventError:
-                continue          # not an attribute; the monitors report it
+                continue          # not an attribute, or dated ahead: monitors report it
             key = (t.channel, t.field)
             if (field is not None and t.field != field) or \
                     (key in newest and t.version <= newest[key]):

@@ -126,7 +126,11 @@ def _payload_from(args):
 
 
 def cmd_send(args) -> int:
+    from .session import make_entry
     payload, fmt, typ = _payload_from(args)
+    # The whole event checked before connecting: bad input fails at once, even with
+    # no router up, rather than after the wait for one.
+    make_entry(args.channel, payload, typ, fmt, args.to_service, args.to_instance)
     with _connect(args) as con:
         for _ in range(args.count):
             eid = con.send(args.channel, payload, type=typ, format=fmt,

@@ -367,10 +367,20 @@ def parse_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> ET.Eleme
         The root element.
 
     Raises:
-        XMLRefused: for a DTD, an entity, an external reference, a syntax error
-            or a document above ``max_bytes``; the message says which.
+        XMLRefused: for a DTD, an entity, an external reference, a syntax error,
+            text that cannot be UTF-8 (a lone surrogate) or a document above
+            ``max_bytes``; the message says which.
     """
-    size = len(data.encode("utf-8") if isinstance(data, str) else data)
+    if isinstance(data, str):
+        try:
+            size = len(data.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            # A lone surrogate: what Python makes of bytes that were not UTF-8
+            # (stdin, argv, a file read with errors="surrogateescape").
+            raise XMLRefused(f"XML refused: character {exc.start} ({data[exc.start]!r}) is not "
+                             f"text: was the input UTF-8?", "payload") from None
+    else:
+        size = len(data)
     if size > max_bytes:
         raise XMLRefused(f"XML document of {size} bytes exceeds the limit of {max_bytes} bytes",
                          "payload")

@@ -407,6 +407,15 @@ def test_help():
         assert cmd in r.stdout
 
 
+def test_send_refuses_stdin_that_is_not_utf8_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "psepr.cli", "send", "/a/b/", "--xml", "-"],
+                       cwd=ROOT, env=_env("tcp://127.0.0.1:9"), input=b'<p xmlns="t">\xff</p>',
+                       capture_output=True, timeout=20)
+    assert r.returncode == 2
+    assert r.stderr == (b"psepr send: error: XML refused: character 13 ('\\udcff') is not "
+                        b"text: was the input UTF-8?\n")
+
+
 def test_send_help():
     r = psepr_cmd("send", "--help")
     assert r.returncode == 0

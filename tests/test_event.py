@@ -393,6 +393,16 @@ def test_undeclared_entity_reference_is_refused_as_malformed():
     assert "not well-formed" in str(info.value)
 
 
+def test_xml_text_that_cannot_be_utf8_is_refused_not_raised_as_unicode_error():
+    # Bytes that were not UTF-8, read with surrogateescape (stdin, argv): a lone surrogate.
+    for call in (lambda d: parse_xml(d), lambda d: Event("/a/", d, format="xml"),
+                 lambda d: make_entry("/a/", d, format="xml")):
+        with pytest.raises(XMLRefused) as info:
+            call('<payload xmlns="t">\udcff</payload>')
+        assert str(info.value) == ("XML refused: character 19 ('\\udcff') is not text: was the "
+                                   "input UTF-8?")
+
+
 def test_hostile_xml_is_refused_by_make_entry_too():
     with pytest.raises(XMLRefused):
         make_entry("/a/", EXTERNAL_ENTITY, format="xml")

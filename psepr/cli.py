@@ -96,7 +96,19 @@ def _connect(args, **kw):
 
 
 def _payload_from(args):
-    """Returns (payload, format, type) from --json/--xml/--attribute/--text."""
+    """Returns (payload, format, type) from --json/--xml/--attribute/--text.
+
+    The whole event is checked here, before connecting: bad input fails at once,
+    even with no router up, rather than after the wait for one.
+    """
+    from .session import make_entry
+    payload, fmt, typ = _read_payload(args)
+    make_entry(args.channel, payload, typ, fmt, getattr(args, "to_service", None),
+               getattr(args, "to_instance", None))
+    return payload, fmt, typ
+
+
+def _read_payload(args):
     from .event import ATTRIBUTE, attribute
     chosen = [n for n in ("json", "xml", "attribute", "text") if getattr(args, n) is not None]
     if len(chosen) > 1:
@@ -126,11 +138,7 @@ def _payload_from(args):
 
 
 def cmd_send(args) -> int:
-    from .session import make_entry
     payload, fmt, typ = _payload_from(args)
-    # The whole event checked before connecting: bad input fails at once, even with
-    # no router up, rather than after the wait for one.
-    make_entry(args.channel, payload, typ, fmt, args.to_service, args.to_instance)
     with _connect(args) as con:
         for _ in range(args.count):
             eid = con.send(args.channel, payload, type=typ, format=fmt,

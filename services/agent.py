@@ -32,8 +32,8 @@ from psepr.errors import ConnectionLost, PseprError
 from psepr.errors import TimeoutError as PseprTimeout
 
 from .detection import DetectionConfig
-from .membership import (CHANGE, FAILED, HEARTBEAT, SUSPECT, Heartbeat, heartbeat_channel,
-                         membership_channel)
+from .membership import (CHANGE, FAILED, HEARTBEAT, MAX_COUNT, SUSPECT, Heartbeat,
+                         heartbeat_channel, membership_channel)
 
 log = logging.getLogger("psepr.agent")
 
@@ -135,10 +135,13 @@ class Agent:
         """Take one membership event about one of our hosts; refute if accused."""
         b = self.beaters.get(payload.get("host")) if isinstance(payload, dict) else None
         inc = payload.get("incarnation") if b is not None else None
-        if b is None or not isinstance(inc, int) or isinstance(inc, bool):
+        if b is None or not isinstance(inc, int) or isinstance(inc, bool) \
+                or not 0 <= inc < MAX_COUNT:
+            # Out of range: refuting it would take an incarnation no detector (nor
+            # JSON) takes, and the beats that carry it could not be sent at all.
             self.bad += 1
             log.warning("ignored a membership event for no host of ours, or without an "
-                        "incarnation: %.200r", payload)
+                        "incarnation below 2**53 - 1: %.200r", payload)
             return
         if b.accused(payload.get("state"), inc, now):
             log.warning("%s was called %s at incarnation %d; refuting with incarnation %d",

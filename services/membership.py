@@ -116,10 +116,18 @@ def _field(payload: Any, name: str, kind, what: str):
     return value
 
 
+#: Largest incarnation or counter taken: JSON's exact-integer range.  An agent's
+#: incarnation starts at the wall-clock millisecond (about 2**41), and a refutation
+#: adds one to the accused incarnation, so a larger one can only be someone's
+#: garbage; taking it would push the node's refutation past what JSON (and orjson,
+#: at 2**64) can carry.
+MAX_COUNT = 2**53 - 1
+
+
 def _count(payload: Any, name: str, what: str) -> int:
     value = _field(payload, name, int, what)
-    if value < 0:
-        raise EventError(f"{what} payload: {name} must not be negative, got {value}")
+    if not 0 <= value <= MAX_COUNT:
+        raise EventError(f"{what} payload: {name} must be between 0 and 2**53 - 1, got {value}")
     return value
 
 

@@ -11,6 +11,7 @@ one is exercised in tests/test_e2e_membership.py.
 from __future__ import annotations
 
 from services.agent import Agent, Heartbeater
+from services.membership import MAX_COUNT, Heartbeat
 
 
 def test_beats_keep_a_fixed_grid_without_bursts():
@@ -64,6 +65,15 @@ def test_agent_beats_every_host_and_refutes_only_its_own():
     agent.step(0.1)                                     # b beats at once, a waits
     assert [(p["host"], p["incarnation"]) for _, p, _ in con.sent] == [("b", 2001)]
     for garbage in ("text", {"host": "zz", "incarnation": 1}, {"host": "a"},
-                    {"host": "a", "incarnation": True}, None):
+                    {"host": "a", "incarnation": True}, None,
+                    # Refuted, these would make beats no detector takes, and 2**64 no
+                    # beat at all: orjson refused it, and the agent process died.
+                    {"host": "a", "state": "suspect", "incarnation": 2**64 - 1},
+                    {"host": "a", "state": "failed", "incarnation": MAX_COUNT}):
         agent.hear(garbage, now=0.2)
-    assert agent.bad == 5 and agent.beaters["a"].incarnation == 2000
+    assert agent.bad == 7 and agent.beaters["a"].incarnation == 2000
+    agent.hear({"host": "a", "state": "suspect", "incarnation": MAX_COUNT - 1}, now=0.3)
+    con.sent.clear()
+    agent.step(0.3)
+    beat = con.sent[0][1]
+    assert beat["incarnation"] == MAX_COUNT and Heartbeat.parse(beat).incarnation == MAX_COUNT

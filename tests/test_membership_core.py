@@ -146,6 +146,8 @@ GOOD_HB = {"host": "h", "incarnation": 1, "counter": 2, "period": 0.5, "state": 
     ({**GOOD_HB, "incarnation": 1.0}, "incarnation"),
     ({**GOOD_HB, "counter": "3"}, "counter"),
     ({**GOOD_HB, "counter": -3}, "counter"),
+    ({**GOOD_HB, "incarnation": 2**53}, "incarnation must be between 0 and 2**53 - 1"),
+    ({**GOOD_HB, "counter": 2**64 - 1}, "counter must be between 0 and 2**53 - 1"),
     ({**GOOD_HB, "state": "suspect"}, "state"),
     ({**GOOD_HB, "state": "dead"}, "state"),
     ({**GOOD_HB, "state": ["alive"]}, "state"),
@@ -283,7 +285,7 @@ def test_malformed_views_are_refused_naming_the_field(payload, what):
 # -- hypothesis: payload round trips and fuzzing ---------------------------------------------------
 
 names = st.text(min_size=1, max_size=12)
-counts = st.integers(0, 2**63 - 1)
+counts = st.integers(0, 2**53 - 1)      # JSON's exact integers: MAX_COUNT
 finite = st.floats(allow_nan=False, allow_infinity=False)
 
 heartbeats = st.builds(Heartbeat, names, counts, counts, st.floats(0, 1e9), st.booleans())

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from psepr.config import check_settings
+from psepr.errors import ConfigError
 from psepr.pldb import MAX_CLOCK_AHEAD, MAX_VALUE_BYTES
 
+from .peers import MAX_TTL
 from .store import HISTORY_ROWS
 
 
@@ -19,7 +22,8 @@ class PLDBConfig:
             a few hundred bytes per monitor per second, and replicas are
             recounted within ``announce_ttl`` of a monitor's death).
         announce_ttl: a monitor not heard from for this long is gone (3.5
-            periods: two lost announcements in a row are tolerated).
+            periods: two lost announcements in a row are tolerated); at most
+            :data:`pldb.peers.MAX_TTL` (peers refuse longer ones).
         fill_wait: how long a new monitor listens for its peers' announcements
             before it fills from them (a little more than ``announce_every``, so
             every live peer has announced once).
@@ -87,6 +91,12 @@ class PLDBConfig:
         "wan": dict(announce_every=3.0, announce_ttl=10.5, fill_wait=3.5, fill_timeout=30.0,
                     backoff=3.0, backoff_step=0.75, supervise_every=1.5),
     }
+
+    def __post_init__(self) -> None:
+        check_settings(self, "PLDB setting")
+        if self.announce_ttl > MAX_TTL:
+            raise ConfigError(f"PLDB setting announce_ttl must be at most {MAX_TTL:g} s (peers "
+                              f"refuse longer announcements), got {self.announce_ttl!r}")
 
     @classmethod
     def preset(cls, preset: str, /, **overrides) -> "PLDBConfig":

@@ -18,7 +18,6 @@ while it is ``filling`` or ``ready``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,11 @@ FILLING, READY, BROKEN, STOPPED = "filling", "ready", "broken", "stopped"
 STATES = (FILLING, READY, BROKEN, STOPPED)
 #: States that count towards a channel's replicas.
 LIVE = (FILLING, READY)
+#: Longest announcement lifetime taken, in seconds.  A monitor that dies lingers
+#: this long in every peer table (counted as a replica, waited for by askers), so
+#: a ttl of 1e300 from a misconfigured or hostile announcer would make a ghost
+#: that never leaves; the presets announce ttls of 1.75-10.5 s.
+MAX_TTL = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +84,9 @@ def parse_announcement(payload: Any, now: float) -> MonitorInfo:
                          f"(one of {', '.join(STATES)})", "state")
     ttl = payload.get("ttl")
     counts = {k: payload.get(k, 0) for k in ("tuples", "stored", "dropped")}
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
-        raise EventError(f"monitor announcement: ttl must be a positive number of seconds, "
-                         f"got {ttl!r:.40}", "ttl")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL:
+        raise EventError(f"monitor announcement: ttl must be a positive number of seconds, at "
+                         f"most {MAX_TTL:g}, got {ttl!r:.40}", "ttl")
     for key, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int):
             raise EventError(f"monitor announcement: {key} must be an integer, got {n!r:.40}", key)

@@ -14,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psepr.channel import parse
-from psepr.errors import EventError
-from pldb.peers import FILLING, READY, STOPPED, MonitorInfo, PeerTable, parse_announcement
+from psepr.errors import ConfigError, EventError
+from pldb.config import PLDBConfig
+from pldb.peers import (FILLING, MAX_TTL, READY, STOPPED, MonitorInfo, PeerTable,
+                        parse_announcement)
 from pldb.placement import START, STOP, Placement, replicas_for, surplus
 
 A = parse("/example.com/a/")
@@ -38,11 +40,22 @@ def test_announcements_parse_and_refuse_garbage():
                        "unknown state"),
                       ({"monitor": "m", "host": "h", "root": A.text, "state": "ready", "ttl": -1},
                        "ttl"),
+                      # A ghost that would never expire, counted as a replica for good.
+                      ({"monitor": "m", "host": "h", "root": A.text, "state": "ready",
+                        "ttl": 1e300}, "ttl must be a positive number of seconds, at most 300"),
                       ({"monitor": "m", "host": "h", "root": A.text, "state": "ready", "ttl": 1,
                         "tuples": "many"}, "tuples")]:
         with pytest.raises(EventError) as exc:
             parse_announcement(bad, now=0.0)
         assert what in str(exc.value)
+
+
+def test_pldb_config_refuses_what_its_peers_would_refuse_or_misuse():
+    assert PLDBConfig.preset("wan").announce_ttl <= MAX_TTL
+    with pytest.raises(ConfigError, match="announce_ttl must be at most 300 s"):
+        PLDBConfig(announce_ttl=301.0)
+    with pytest.raises(ConfigError, match="PLDB setting batch must be a positive whole number"):
+        PLDBConfig(batch=0)
 
 
 def test_peer_table_expires_soft_state_and_forgets_stopped_monitors():

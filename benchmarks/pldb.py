@@ -22,7 +22,9 @@ Scenarios:
 
 Baselines measured in the same run, in this process: the same tuples written
 straight into one :class:`~pldb.store.TupleStore` (the storage floor of one
-monitor), and the same one-tuple and subtree reads straight from it.
+monitor), and the same one-tuple and subtree reads straight from it; and the
+asker's merge of three monitors' answers for that subtree
+(:meth:`psepr.pldb.Replies.tuples`).
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def _pct(xs: list[float], q: float) -> float:
 def _baseline(rounds: int, queries: int) -> dict:
     """One TupleStore in this process: the storage floor."""
     from psepr.channel import parse
-    from psepr.pldb import Query, Tuple
+    from psepr.pldb import Query, Replies, Tuple
     from pldb.store import TupleStore
     with tempfile.TemporaryDirectory() as d:
         store = TupleStore(Path(d) / "base.sqlite")
@@ -197,8 +199,20 @@ def _baseline(rounds: int, queries: int) -> dict:
             got = store.query(Query(parse(f"/{AUTH}/node/")), time.time())
             sub.append(time.perf_counter() - t)
         store.close()
+    # The asker's share of a subtree query: merging three monitors' answers (the
+    # rows checked, the newest version of each key kept, Tuples built, sorted).
+    rows = [t.row() for t in got]
+    merge = []
+    for _ in range(5):
+        replies = Replies()
+        for m in ("m1", "m2", "m3"):
+            replies.add({"monitor": m, "part": 0, "last": True, "peers": [], "tuples": rows})
+        t = time.perf_counter()
+        replies.tuples()
+        merge.append(time.perf_counter() - t)
     return {"rate": rate, "one_p50_ms": _pct(lat, 0.5) * 1e3, "one_p99_ms": _pct(lat, 0.99) * 1e3,
-            "subtree_p50_ms": _pct(sub, 0.5) * 1e3, "subtree_tuples": len(got)}
+            "subtree_p50_ms": _pct(sub, 0.5) * 1e3, "subtree_tuples": len(got),
+            "merge_p50_ms": _pct(merge, 0.5) * 1e3}
 
 
 def run(rounds: int, queries: int, rate: int) -> dict:
@@ -280,6 +294,7 @@ def main(args) -> int:
     print(f"{'query subtree p50 / max':<36} {q['subtree_p50_ms']:>11.0f} / {q['subtree_max_ms']:>6.0f} ms "
           f"{base['subtree_p50_ms']:>14.0f} ms (p50)")
     print(f"{'  tuples in the subtree':<36} {q['subtree_tuples']:>24,} {base['subtree_tuples']:>28,}")
+    print(f"{'  merging 3 answers of them, p50':<36} {'':>24} {base['merge_p50_ms']:>25.0f} ms")
     print(f"{'monitor RSS at the end, MiB':<36} {' / '.join(f'{x:.1f}' for x in m['monitor_rss_mib']):>24}")
     print(f"{'database on disk, MiB':<36} {' / '.join(f'{x:.1f}' for x in m['db_mib']):>24}")
     if args.json:

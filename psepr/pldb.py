@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator
 import orjson
 
 from .channel import Channel, parse
-from .errors import EventError, NoMonitor, RemoteError, UsageError
+from .errors import EventError, NoMonitor, PseprError, RemoteError, UsageError
 from .event import ATTRIBUTE, attribute_problem
 
 #: Event type of a query (a request; replies go to its ``reply_to``).
@@ -132,6 +132,9 @@ class Tuple:
         parse(channel)
         return cls(channel, field, value, float(time), None if expire is None else float(expire),
                    source, id)
+
+
+_NUMBER = (int, float)
 
 
 def _is_number(x: Any) -> bool:
@@ -351,32 +354,51 @@ class Replies:
     def tuples(self, history: bool = False) -> list[Tuple]:
         """The merged answer, sorted by channel, field and time.
 
+        A malformed row (from a monitor of another version, a damaged database, or
+        someone posing as a monitor) is left out and noted in :attr:`errors`; the
+        rest of the answer stands.
+
         Args:
             history: keep every version once (by id) instead of the newest per
                 ``(channel, field)``.
-
-        Raises:
-            EventError: a monitor sent a malformed tuple row.
         """
         # Pick the winners on the raw rows (3 monitors answer every tuple: only
-        # a third become Tuples), then validate those.
+        # a third become Tuples), then validate those.  Rows of the wrong types
+        # are dropped before they compete (a malformed newer row must not push a
+        # good older one out); what is left to check, the channel, is part of the
+        # key, so a winner that fails it has no good rival to give way to.
         best: dict[tuple, list] = {}
-        try:
-            for parts in self._parts.values():
-                for rows in parts.values():
-                    for row in rows:
-                        if type(row) is not list or len(row) != 7:
-                            raise TypeError
-                        key = (row[0], row[1], row[6]) if history else (row[0], row[1])
-                        old = best.get(key)
-                        if old is None or (row[3], len(row[6]), row[6]) > \
-                                (old[3], len(old[6]), old[6]):
-                            best[key] = row
-        except TypeError:
-            raise EventError(f"a PLDB reply holds a malformed tuple row: {row!r:.120}",
-                             "tuples") from None
-        return sorted((Tuple.from_row(r) for r in best.values()),
-                      key=lambda t: (t.channel, t.field, t.time, t.id))
+        bad: list = []
+        num, nothing = _NUMBER, (int, float, type(None))
+        for parts in self._parts.values():
+            for rows in parts.values():
+                for row in rows:
+                    # Tuple.from_row's type checks, inline: this loop runs for every
+                    # row of every monitor (60,000 for a 20,000-tuple subtree).
+                    if type(row) is not list or len(row) != 7 or type(row[0]) is not str \
+                            or type(row[1]) is not str or not row[1] \
+                            or type(row[3]) not in num or type(row[4]) not in nothing \
+                            or type(row[5]) is not str or type(row[6]) is not str:
+                        bad.append(row)
+                        continue
+                    key = (row[0], row[1], row[6]) if history else (row[0], row[1])
+                    old = best.get(key)
+                    if old is None:
+                        best[key] = row
+                    elif row[6] != old[6] and (row[3], len(row[6]), row[6]) > \
+                            (old[3], len(old[6]), old[6]):
+                        best[key] = row    # a newer version (the same id is the same one)
+        out = []
+        for row in best.values():
+            try:
+                out.append(Tuple.from_row(row))
+            except PseprError:          # EventError, or ChannelError for the channel
+                bad.append(row)
+        if bad:
+            self.errors.append(RemoteError(f"a PLDB reply held {len(bad)} malformed tuple "
+                                           f"row(s), left out: {bad[0]!r:.120}", code="pldb"))
+        out.sort(key=lambda t: (t.channel, t.field, t.time, t.id))
+        return out
 
 
 _SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -402,9 +424,10 @@ def _finish(replies: Replies, q: Query, timeout: float) -> list[Tuple]:
         raise NoMonitor(f"no PLDB monitor answered for {q.channel.text} within {timeout} s "
                         f"(does a `psepr pldb supervisor` or `psepr pldb monitor` keep that "
                         f"channel? `psepr pldb monitors` lists who keeps what)", q.channel.text)
-    if replies.errors and not replies.tuples(q.history):
+    tuples = replies.tuples(q.history)
+    if replies.errors and not tuples:
         raise replies.errors[0]
-    return replies.tuples(q.history)
+    return tuples
 
 
 def _prepare(channel, field, since, history) -> tuple[Query, Replies]:

@@ -69,7 +69,8 @@ def test_bench_pldb_quick_prints_every_scenario():
     assert out.returncode == 0, out.stderr[-2000:]
     table = out.stdout
     for row in ("ingest, offered 50,000/s", "ingest, offered 75,000/s", "ingest, unpaced",
-                "query one tuple p50 / p99", "query subtree p50 / max", "database on disk, MiB"):
+                "query one tuple p50 / p99", "query subtree p50 / max", "merging 3 answers",
+                "database on disk, MiB"):
         assert row in table, table
     # the subtree answer holds every tuple: 1,000 nodes x 20 fields, and the run's sentinel
     assert "20,001" in table and "lost 0)" in table, table

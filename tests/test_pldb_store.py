@@ -122,8 +122,21 @@ def test_replies_record_errors_and_garbage():
     assert r.complete() and r.monitors == ["m1"]
     assert len(r.errors) == 2 and "unknown key" in str(r.errors[1])
     r.add(reply("m2", 0, [["not", "a", "row"]]))
-    with pytest.raises(EventError):
-        r.tuples()
+    assert r.tuples() == [] and "1 malformed tuple row(s), left out" in str(r.errors[2])
+
+
+def test_a_malformed_row_is_left_out_and_the_rest_of_the_answer_stands():
+    # One bad row from one monitor (another version, a damaged file, an impostor)
+    # used to fail the whole query, and a new monitor's whole fill from its peers.
+    good, newer = tup(time=1.0, id="a", value="good"), tup(time=2.0, id="b", value="newer")
+    bad_channel = [*newer.row()[:0], "no-slash", *newer.row()[1:]]      # ChannelError
+    bad_time = [*newer.row()[:3], "soon", *newer.row()[4:]]           # not comparable
+    bad_source = [*newer.row()[:5], 7, newer.row()[6]]                # wins, then fails
+    r = Replies()
+    r.add(reply("m1", 0, [good.row(), tup(field="mem").row()]))
+    r.add(reply("m2", 0, [bad_channel, bad_time, bad_source, 17]))
+    assert [(t.field, t.value) for t in r.tuples()] == [("load", "good"), ("mem", 1)]
+    assert str(r.errors[-1]).startswith("a PLDB reply held 4 malformed tuple row(s), left out")
 
 
 # -- the store ---------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ re-registers every lease (same ids, so a router sees renewals) and releases
 the buffered events.  An ERROR ``no-session`` (the router restarted) re-sends
 HELLO on the same socket.  Silence longer than ``dead_after``, or no WELCOME
 within ``connect_timeout`` (of the connection completing, or of the socket's
-creation while it does not), moves to the next router in the list (with a
-jittered back-off after a full round).  Leases are renewed at
+creation while it does not), or a refused HELLO, moves to the next router in
+the list (with a jittered back-off after a full round).  Leases are renewed at
 ``renew_fraction`` of the grant and retried every ``renew_retry`` seconds.
 """
 
@@ -649,11 +649,15 @@ class Session:
             return
         if self.state == CONNECTING and h.get("ref") is None \
                 and h.get("req") in (None, self._hello_req):
-            # Our HELLO was refused (a peer endpoint, another protocol version, ...).
-            # Keep saying HELLO (at the next router, after connect_timeout) and
-            # remember why, for the error of a connection that never gets a WELCOME.
+            # Our HELLO was refused (a peer endpoint, another protocol version, the
+            # ACL, ...): that router will not welcome it, so try the next one now
+            # rather than after connect_timeout (the same one again, after the
+            # back-off, when it is the only one).  Remember why, for the error of
+            # a connection that never gets a WELCOME.
             self.refusal = f"{self.router} answered: {msg}"
             log.warning("router %s refused our HELLO: %s", self.router, msg)
+            if not self._need_switch:
+                self._next_router(now, f"refused our HELLO: {msg}")
             return
         ref = h.get("ref")
         if ref in self._abandoned:

@@ -472,5 +472,12 @@ def test_client_and_peer_endpoints_mixed_up_say_which_is_which(start_router):
     assert res.stderr.strip().endswith(f"{b.peer_url} answered: this is a router's peer "
                                        f"endpoint (--peer-listen): clients connect to its "
                                        f"--listen endpoint"), res.stderr
+    # Listed first of several, the peer endpoint refuses the HELLO and the client
+    # moves on at once (it waited connect_timeout for a WELCOME that never comes).
+    t0 = time.monotonic()
+    config = psepr.ClientConfig.preset("local", connect_timeout=20.0)
+    with psepr.connect([b.peer_url, b.url], config=config) as con:
+        assert con.stats()["router"] == "rb"
+    assert time.monotonic() - t0 < 10.0         # not the 20 s of connect_timeout
     for r in (a, b):
         assert r.alive(), _output(r)[-2000:]

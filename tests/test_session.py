@@ -281,6 +281,22 @@ def test_a_refused_hello_is_remembered_for_the_connect_error_not_raised_later():
     assert [name for name, _ in sink.heard] == ["async_error"]
 
 
+def test_a_refused_hello_moves_to_the_next_router_at_once():
+    # It waited connect_timeout (2 s) for a WELCOME that a refusing router never sends.
+    s = Session(ClientConfig(connect_timeout=2.0), ["tcp://a:1", "tcp://b:1"], _Heard(), 0.0)
+    assert s.take_switch() == "tcp://a:1"
+    s.start(0.0)
+    s.take_out(0.0)
+    s.on_message(wire.encode(Kind.ERROR, {"code": wire.E_PROTOCOL, "message": "a peer endpoint"}),
+                 0.1)
+    s.on_message(wire.encode(Kind.ERROR, {"code": wire.E_PROTOCOL, "message": "again"}), 0.1)
+    s.tick(0.1)
+    assert s.take_switch() == "tcp://b:1" and s.reconnects == 1
+    s.start(0.1)
+    s.on_message(_welcome(_hello_req(s.take_out(0.1))), 0.2)
+    assert s.state == READY and s.router == "tcp://b:1"
+
+
 def _kinds(messages, kind: Kind) -> list:
     return [orjson.loads(m[1]) for m in messages if m[0] == wire.KIND_BYTES[kind]]
 

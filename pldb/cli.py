@@ -173,11 +173,10 @@ def _data_dir(args) -> Path:
 
 
 def cmd_monitor(args) -> int:
-    from psepr.channel import parse
     from .config import PLDBConfig
-    from .monitor import Monitor, connect, database_path
+    from .monitor import Monitor, connect, database_path, monitor_root
     from .store import TupleStore
-    root = parse(args.channel)
+    root = monitor_root(args.channel)     # before a database file is made for it
     config = PLDBConfig.preset(args.preset)
     store = TupleStore(database_path(_data_dir(args), root), config.history_rows)
 

@@ -54,6 +54,19 @@ from .store import TupleStore
 log = logging.getLogger("psepr.pldb.monitor")
 
 
+def monitor_root(channel: "str | Channel") -> Channel:
+    """The channel a monitor may keep: any below the root (a monitor belongs to an
+    authority).
+
+    Raises:
+        ChannelError: not a channel.  UsageError: the root.
+    """
+    root = parse(channel)
+    if root.is_root:
+        raise psepr.UsageError("a monitor needs a channel below the root, e.g. /example.com/node/")
+    return root
+
+
 def database_path(data_dir: "str | Path", root: Channel) -> Path:
     """Where the monitor of ``root`` keeps its database under ``data_dir``."""
     name = root.text.strip("/").replace("/", "~") or "_root"
@@ -84,9 +97,7 @@ class Monitor:
                  config: PLDBConfig | None = None, id: str | None = None,
                  clock=time.time, mono=time.monotonic) -> None:
         self.con = con
-        self.root = parse(root)
-        if self.root.is_root:
-            raise psepr.UsageError("a monitor needs a channel below the root, e.g. /example.com/node/")
+        self.root = monitor_root(root)
         self.store = store
         self.host = host
         self.config = config or PLDBConfig()

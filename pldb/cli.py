@@ -113,12 +113,12 @@ def _ago(t: float, now: float) -> str:
 
 def cmd_get(args) -> int:
     from psepr.cli import _connect
-    from psepr.pldb import parse_span, query
-    from psepr.pldb import watch
+    from psepr.pldb import make_query, parse_span, query, watch
     if args.follow and (args.history or args.since):
         raise UsageError("--follow prints the current values, then new ones: it takes neither "
                          "--history nor --since")
     since = time.time() - parse_span(args.since) if args.since else None
+    make_query(args.channel, args.field, since, args.history)    # bad input: at once
     with _connect(args) as con:
         if args.follow:
             for t in watch(con, args.channel, field=args.field, timeout=args.timeout):

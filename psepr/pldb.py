@@ -430,7 +430,13 @@ def _finish(replies: Replies, q: Query, timeout: float) -> list[Tuple]:
     return tuples
 
 
-def _prepare(channel, field, since, history) -> tuple[Query, Replies]:
+def make_query(channel: "str | Channel", field: str | None = None, since: float | None = None,
+               history: bool = False) -> Query:
+    """A checked :class:`Query` (what :func:`query` sends; call it to check first).
+
+    Raises:
+        ChannelError: not a channel.  UsageError: the root, or a bad field or since.
+    """
     ch = parse(channel)
     if ch.is_root:
         raise UsageError("a PLDB query needs a channel below the root, e.g. /example.com/node/")
@@ -438,7 +444,7 @@ def _prepare(channel, field, since, history) -> tuple[Query, Replies]:
         raise UsageError(f"field must be a non-empty string or None, got {field!r}")
     if since is not None and not _is_number(since):
         raise UsageError(f"since must be a wall-clock time in seconds, got {since!r}")
-    return Query(ch, field, since, bool(history)), Replies()
+    return Query(ch, field, since, bool(history))
 
 
 def query(con, channel: "str | Channel", field: str | None = None, since: float | None = None,
@@ -466,7 +472,7 @@ def query(con, channel: "str | Channel", field: str | None = None, since: float 
         RemoteError: every monitor that answered refused the query (the message
             says why).
     """
-    q, replies = _prepare(channel, field, since, history)
+    q, replies = make_query(channel, field, since, history), Replies()
     events = con.request_all(q.channel, q.payload(), type=QUERY, timeout=timeout,
                              settle=settle, done=replies.feed)
     replies.feed(events)
@@ -477,7 +483,7 @@ async def aquery(con, channel: "str | Channel", field: str | None = None,
                  since: float | None = None, history: bool = False, timeout: float = 2.0,
                  settle: float = 0.5) -> list[Tuple]:
     """:func:`query` for an asyncio connection (:func:`psepr.aio.connect`)."""
-    q, replies = _prepare(channel, field, since, history)
+    q, replies = make_query(channel, field, since, history), Replies()
     events = await con.request_all(q.channel, q.payload(), type=QUERY, timeout=timeout,
                                    settle=settle, done=replies.feed)
     replies.feed(events)
@@ -505,7 +511,7 @@ def watch(con, channel: "str | Channel", field: str | None = None, timeout: floa
     Raises:
         NoMonitor: no monitor answered (the lease is released).
     """
-    ch = parse(channel)
+    ch = make_query(channel, field).channel        # checked before anything is leased
     lease = con.lease(ch, duration=duration, type=ATTRIBUTE, propagated=True)
     try:
         newest: dict[tuple[str, str], tuple] = {}

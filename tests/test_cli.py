@@ -454,7 +454,7 @@ def test_a_port_in_use_is_named_with_its_likely_cause():
                                  f"{held.getsockname()[1] + 100}` would use other ports\n")
 
 
-def test_pldb_monitor_of_the_root_is_refused_before_anything_is_made(tmp_path):
+def test_pldb_monitor_and_get_of_the_root_are_refused_before_anything_is_made(tmp_path):
     # It made `_root.sqlite`, then waited 3 s for a router before refusing "/".
     r = psepr_cmd("pldb", "monitor", "--channel", "/", "--data-dir", str(tmp_path / "d"),
                   router="tcp://127.0.0.1:9")
@@ -462,3 +462,8 @@ def test_pldb_monitor_of_the_root_is_refused_before_anything_is_made(tmp_path):
     assert r.stderr == ("psepr pldb: error: a monitor needs a channel below the root, e.g. "
                         "/example.com/node/\n")
     assert not (tmp_path / "d").exists()
+    # pldb get checks its query before connecting too (it waited 3 s for a router).
+    for extra in ((), ("--follow",)):
+        r = psepr_cmd("pldb", "get", "/", *extra, router="tcp://127.0.0.1:9")
+        assert (r.returncode, r.stderr) == (2, "psepr pldb: error: a PLDB query needs a channel "
+                                               "below the root, e.g. /example.com/node/\n")

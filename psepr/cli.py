@@ -468,15 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "peer_listen, peers, preset, ...); flags override it")
     r.set_defaults(func=cmd_router)
 
+    def add_event_args(p: argparse.ArgumentParser) -> None:
+        """The channel and payload options ``send`` and ``request`` share."""
+        p.add_argument("channel", help="where the event goes, e.g. /example.com/x/")
+        p.add_argument("--type", help="event type (payload namespace)")
+        p.add_argument("--json", metavar="JSON", help="JSON payload ('-' reads stdin)")
+        p.add_argument("--xml", metavar="XML", help="XML payload element ('-' reads stdin)")
+        p.add_argument("--attribute", metavar="FIELD=VALUE", help="PsEPR attribute payload")
+        p.add_argument("--expire", type=seconds, metavar="S",
+                       help="attribute expiry in seconds")
+        p.add_argument("--text", help="a JSON string payload")
+
     s = sub.add_parser("send", help="send events to a channel", epilog=EPILOG_SEND,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("channel")
-    s.add_argument("--type", help="event type (payload namespace)")
-    s.add_argument("--json", metavar="JSON", help="JSON payload ('-' reads stdin)")
-    s.add_argument("--xml", metavar="XML", help="XML payload element ('-' reads stdin)")
-    s.add_argument("--attribute", metavar="FIELD=VALUE", help="PsEPR attribute payload")
-    s.add_argument("--expire", type=seconds, metavar="S", help="attribute expiry in seconds")
-    s.add_argument("--text", help="a JSON string payload")
+    add_event_args(s)
     s.add_argument("--to-service", help="deliver only to this service")
     s.add_argument("--to-instance", help="deliver only to this instance")
     s.add_argument("--count", type=count, default=1, help="send N copies (default 1)")
@@ -487,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     le = sub.add_parser("lease", help="lease a channel and print its events", epilog=EPILOG_LEASE,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    le.add_argument("channel")
+    le.add_argument("channel", help="the channel to lease, everything below it included")
     le.add_argument("--type", help="only events of this type")
     le.add_argument("--duration", type=seconds, default=3600.0, help="lease seconds (renewed)")
     le.add_argument("--count", type=count, help="exit after N events")
@@ -500,16 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router_arg(le)
     le.set_defaults(func=cmd_lease)
 
-    rq = sub.add_parser("request", help="send a request and print the reply")
-    rq.add_argument("channel")
-    rq.add_argument("--type")
-    rq.add_argument("--json")
-    rq.add_argument("--xml")
-    rq.add_argument("--attribute")
-    rq.add_argument("--expire", type=seconds)
-    rq.add_argument("--text")
-    rq.add_argument("--timeout", type=seconds, default=2.0)
-    rq.add_argument("--output", choices=("json", "xml", "payload"), default="json")
+    rq = sub.add_parser("request", help="send a request and print the reply",
+                        description="Send one event with a reply channel (this connection's "
+                        "inbox) and print the first reply; a responder answers with "
+                        "con.reply(event, payload).")
+    add_event_args(rq)
+    rq.add_argument("--timeout", type=seconds, default=2.0,
+                    help="seconds to wait for a reply (default 2)")
+    rq.add_argument("--output", choices=("json", "xml", "payload"), default="json",
+                    help="print the reply as JSON (default), PsEPR XML, or payload only")
     _add_router_arg(rq)
     rq.set_defaults(func=cmd_request)
 
@@ -517,14 +521,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="follow the published stats events")
     st.add_argument("--count", type=count, help="with --watch: exit after N")
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--timeout", type=seconds, default=2.0)
+    st.add_argument("--timeout", type=seconds, default=2.0,
+                    help="seconds to wait for the router's answer (default 2)")
     _add_router_arg(st)
     st.set_defaults(func=cmd_stats)
 
     so = sub.add_parser("status", help="print the overlay as a router sees it: routers, links "
                         "(up/down, RTT), leases, event counts, drops")
     so.add_argument("--json", action="store_true", help="print JSON")
-    so.add_argument("--timeout", type=seconds, default=2.0)
+    so.add_argument("--timeout", type=seconds, default=2.0,
+                    help="seconds to wait for the router's answer (default 2)")
     _add_router_arg(so)
     so.set_defaults(func=cmd_status)
 

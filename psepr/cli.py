@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     so.set_defaults(func=cmd_status)
 
     k = sub.add_parser("keygen", help="make a CURVE key pair (NAME.key, NAME.key_secret)")
-    k.add_argument("name")
+    k.add_argument("name", help="the key's name: files NAME.key (public) and NAME.key_secret")
     k.add_argument("--dir", default="keys", help="directory (default ./keys)")
     k.add_argument("--force", action="store_true", help="overwrite existing files")
     k.set_defaults(func=cmd_keygen)

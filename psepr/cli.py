@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 
 from . import __version__
-from .config import positive_number
+from .config import DEFAULT_ROUTER, positive_number
 from .errors import ConfigError, PseprError, UsageError
 
 EPILOG_ROUTER = """examples:
@@ -366,23 +366,29 @@ def cmd_run(args) -> int:
         for r in routers:
             r.stop()
         raise
-    print(f"""PsEPR local farm is up: {len(routers)} router(s) in a full mesh (authority {cfg.authority}).
+    n = len(urls)
+    export = f"  export PSEPR_ROUTERS={','.join(urls)}"
+    # Off the default endpoint, the commands below reach this farm only once the
+    # variable is set: say so first.  On it, the variable only adds fail-over.
+    first = (export + "   # first: the commands below then use this farm\n"
+             if urls[0] != DEFAULT_ROUTER else "")
+    last = "" if first else export + "   # clients fail over between them\n"
+    print(f"""PsEPR local farm is up: {n} router{'s in a full mesh' if n > 1 else ''} (authority {cfg.authority}).
 """ + "\n".join(lines) + f"""
-  PLDB     one supervisor per router (simulated hosts local-1..{len(urls)}), {farm.replicas} monitors of {farm.channel}
+  PLDB     one supervisor per router (simulated host{f's local-1..{n}' if n > 1 else ' local-1'}), {farm.replicas} monitor{'s' if farm.replicas > 1 else ''} of {farm.channel}
            (databases in {data_dir})
   sensors  this host's facts on {farm.channel}{farm.host}/
-  members  one failure detector per router (d1..d{len(urls)}); this host's heartbeat on /{farm.authority}/farm/heartbeat/{farm.host}/
+  members  one failure detector per router ({f'd1..d{n}' if n > 1 else 'd1'}); this host's heartbeat on /{farm.authority}/farm/heartbeat/{farm.host}/
 
 Try, in another terminal (after `. .venv/bin/activate`):
-  psepr lease /example.com/ --count 1                     # on r1 ({urls[0]})
+{first}  psepr lease /example.com/ --count 1                     # on r1 ({urls[0]})
   psepr send /example.com/heartbeat/x.example.com/ --type heartbeat --json '{{"load": 0.4}}' \\
-        --router {urls[-1]}                   # sent at r{len(urls)}, delivered through the overlay
+        --router {urls[-1]}                   # sent at r{n}{', delivered through the overlay' if n > 1 else ''}
   psepr pldb get {farm.channel}{farm.host}/                # what PLDB remembers of this host
   psepr pldb monitors                                     # who keeps what
   psepr members                                           # which nodes are alive
   psepr status                                            # routers, links, round-trip times
-  export PSEPR_ROUTERS={",".join(urls)}   # clients fail over between them
-Stop with Ctrl-C.""", flush=True)
+{last}Stop with Ctrl-C.""", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())

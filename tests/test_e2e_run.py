@@ -59,7 +59,10 @@ def test_psepr_run_starts_a_three_router_mesh_with_pldb_and_sensors(tmp_path):
             if line.startswith("Stop with Ctrl-C"):
                 break
         banner = "".join(lines)
-        assert "3 router(s) in a full mesh" in banner
+        assert "3 routers in a full mesh" in banner
+        # Off the default port, the hints work only once PSEPR_ROUTERS names this farm.
+        hints = banner.split("Try, in another terminal")[1].splitlines()
+        assert hints[1].startswith(f"  export PSEPR_ROUTERS=tcp://127.0.0.1:{base},"), banner
         for i in range(3):
             assert f"tcp://127.0.0.1:{base + 10 * i}" in banner
         urls = [f"tcp://127.0.0.1:{base + 10 * i}" for i in range(3)]

@@ -26,6 +26,15 @@ A detector that just started listens for ``t_fail`` seconds (and asks the
 others for the current view) before it may lead, so that it continues the
 existing sequence of views instead of starting a new one, and so that it has
 heard every live node before it suspects any.
+
+Names are unique.  A detector ignores its own opinions (but for the probe), so
+a second one started under the same name (a copied configuration) would go
+unseen while both led and numbered views of their own.  Opinions carry their
+run's start time (``epoch``): ``TWIN_PROOF`` opinions under this name from
+another run prove a twin alive (a run that died sends no more; one or two of
+a stopped run's last opinions may still be in flight after a restart).  The
+newer of the two stops with :attr:`Detector.error` set -- whoever started it is
+there to read why -- and the older one logs the twin once a minute.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import logging
 import time
 from typing import Callable
 
-from psepr.errors import EventError, PseprError
+from psepr.errors import ConfigError, EventError, PseprError
 
 from .detection import DetectionConfig, DetectorCore
 from .membership import (CHANGE, HEARTBEAT, OPINION, QUERY, VIEW, Heartbeat, Opinion, Opinions,
@@ -43,6 +52,8 @@ from .membership import (CHANGE, HEARTBEAT, OPINION, QUERY, VIEW, Heartbeat, Opi
                          membership_channel, next_view)
 
 log = logging.getLogger("psepr.detector")
+#: Opinions under this detector's name from another run that prove a twin alive.
+TWIN_PROOF = 3
 
 
 class Detector:
@@ -60,6 +71,8 @@ class Detector:
         core, opinions, follower: the pure state.
         counters: ``heartbeats``, ``bad`` payloads, ``views`` published,
             ``queries`` answered.
+        error: set, with :attr:`failed`, when this detector must stop: its name is
+            taken by an older live detector (see the module docstring).
     """
 
     def __init__(self, con, authority: str, name: str, config: DetectionConfig | None = None,
@@ -91,6 +104,10 @@ class Detector:
         self._fork_at: float | None = None         # when this leader first held rivals
         self._tasks: list[asyncio.Task] = []
         self._leases: list = []
+        self._twins: dict[float, int] = {}      # another run's epoch -> its opinions heard
+        self._twin_logged = -1e9
+        self.error: ConfigError | None = None
+        self.failed = asyncio.Event()
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,7 +178,9 @@ class Detector:
         elif kind == OPINION:
             op = Opinion.parse(ev.payload)
             if op.detector == self.name:
-                if self._probe is not None and op.seq == self._probe[0] and op.epoch == self.epoch:
+                if op.epoch != self.epoch:
+                    self._heard_twin(op.epoch, now)
+                elif self._probe is not None and op.seq == self._probe[0]:
                     self.core.health.probe(now, now - self._probe[1])
                     self._probe = None
                 return
@@ -173,6 +192,25 @@ class Detector:
         elif kind == QUERY and ev.reply_to is not None:
             self.counters["queries"] += 1
             await self.con.reply(ev, self.status())
+
+    def _heard_twin(self, epoch: float, now: float) -> None:
+        """An opinion under this name from another run (see the module docstring)."""
+        if len(self._twins) > 16:           # bounded: a flood of forged epochs
+            self._twins.clear()
+        n = self._twins[epoch] = self._twins.get(epoch, 0) + 1
+        if n < TWIN_PROOF or self.error is not None:
+            return
+        from psepr.cli import local_time
+        if epoch < self.epoch:
+            self.error = ConfigError(
+                f"detector name {self.name!r} is taken by a live detector started at "
+                f"{local_time(epoch)}: detector names must be unique (--name)")
+            self.failed.set()
+        elif now - self._twin_logged > 60.0:
+            self._twin_logged = now
+            log.error("detector %s: another detector named %s started at %s is running: "
+                      "detector names must be unique (--name); the newer one stops",
+                      self.name, self.name, local_time(epoch))
 
     def status(self) -> dict:
         """What a ``members`` query gets: this detector's view and its standing, the
@@ -335,9 +373,14 @@ async def serve(args) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await stop.wait()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(det.failed.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
         finally:
             await det.stop()
+        if det.error is not None:
+            raise det.error
     return 0
 
 

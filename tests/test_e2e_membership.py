@@ -255,6 +255,26 @@ def test_members_cli_errors_are_one_clear_line(router_proc):
 
 
 
+def test_a_second_detector_under_a_taken_name_stops_and_says_why(farm):
+    # A copied configuration: both ran, both led and numbered views of their own,
+    # and nothing said so (a detector ignores opinions under its own name).
+    first = farm.detector("d1", 0, "local")
+    farm.agent(["h1"], 1, "local")
+    farm.wait_alive(["h1"])
+    twin = farm.detector("d1", 2, "local")
+    wait_for("the twin to stop", lambda: not twin.alive(), 15.0, lambda: "".join(twin.output))
+    assert twin.proc.returncode == 2
+    err = [line for line in twin.output if line.startswith("psepr detector: error:")]
+    assert err and err[0].startswith("psepr detector: error: detector name 'd1' is taken by a "
+                                     "live detector started at 20"), twin.output
+    assert err[0].rstrip().endswith(": detector names must be unique (--name)")
+    wait_for("the first to log the twin", lambda: any(
+        "another detector named d1 started at" in line for line in first.output), 10.0,
+        lambda: "".join(first.output))
+    assert first.alive()
+    assert farm.view().leader == "d1" and farm.view().members["h1"].state == "alive"
+
+
 def test_a_starved_detector_doubts_itself_instead_of_accusing(farm):
     """SIGSTOP a detector for longer than t_fail: when it runs again its beats are
     all old, but its late tick marks it unhealthy and stretches its timeouts, so

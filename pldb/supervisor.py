@@ -15,6 +15,13 @@ With ``replicas="auto"`` the target k is recomputed each round from the number
 of distinct hosts that announce monitors (supervisors start monitors, so that
 is the number of hosts offering to keep tuples) with
 :func:`~pldb.placement.replicas_for`.
+
+Replicas go to distinct host *names*, so two machines under one name (cloned
+images, both ``localhost``) count as one host and hold fewer replicas than k
+between them.  A supervisor that hears a live monitor under its own host name
+that it did not start says so, once a minute per monitor (after its first
+``2 * announce_ttl``, when the announcements of its own previous run have
+expired).
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ class Supervisor:
         self._con = None
         self._scheduler: AsyncIOScheduler | None = None
         self._tasks: list[asyncio.Task] = []
+        self._started = time.monotonic()
+        self._clash_logged: dict[str, float] = {}     # foreign monitor id -> when said
 
     def target(self) -> int:
         """The k of this round."""
@@ -116,10 +125,29 @@ class Supervisor:
                 log.warning("ignoring a bad announcement %s from %s: %s", ev.id,
                             ev.from_service, exc)
 
+    def impostors(self, now: float) -> list:
+        """Live monitors announcing this supervisor's host name that it did not start
+        (see the module docstring), each listed at most once a minute."""
+        if now - self._started < 2 * self.config.announce_ttl:
+            return []
+        mine = {m.id for m in self.monitors.values()}
+        found = [m for m in self.table.all() if m.host == self.host and m.id not in mine
+                 and now - self._clash_logged.get(m.id, -1e9) >= 60.0]
+        if len(self._clash_logged) > 1000:
+            self._clash_logged.clear()
+        for m in found:
+            self._clash_logged[m.id] = now
+        return found
+
     async def round(self) -> None:
         """One round: forget silent monitors, decide, act (starts and stops run as tasks)."""
         now = time.monotonic()
         self.table.expire(now)
+        for m in self.impostors(now):
+            log.warning("monitor %s of %s announces host %s, this supervisor's, but this "
+                        "supervisor did not start it: do two machines share the name %s? "
+                        "Replicas go to distinct host names; give each machine its own "
+                        "(--host)", m.id, m.root.text, self.host, self.host)
         local = {root: m.id for root, m in self.monitors.items()}
         for action in self.placement.decide(self.table, local, self.target(), now):
             if action.root in self._busy:

@@ -58,6 +58,21 @@ def test_pldb_config_refuses_what_its_peers_would_refuse_or_misuse():
         PLDBConfig(batch=0)
 
 
+def test_a_supervisor_names_a_monitor_under_its_host_name_it_did_not_start(tmp_path):
+    # Two machines under one name (cloned images) hold fewer replicas than k between
+    # them, since replicas go to distinct names: say so, once a minute per monitor.
+    from pldb.supervisor import Supervisor
+    sup = Supervisor("tcp://127.0.0.1:9", [A.text], 2, host="h1", data_dir=tmp_path,
+                     config=PLDBConfig.preset("local"))
+    t0 = sup._started
+    sup.table.heard(info("h1~aaaaaa", "h1", until=t0 + 100))      # not this supervisor's
+    sup.table.heard(info("h2~bbbbbb", "h2", until=t0 + 100))
+    assert sup.impostors(t0 + 1.0) == []      # its own previous run's may linger at first
+    assert [m.id for m in sup.impostors(t0 + 4.0)] == ["h1~aaaaaa"]
+    assert sup.impostors(t0 + 30.0) == []                         # once a minute
+    assert [m.id for m in sup.impostors(t0 + 64.5)] == ["h1~aaaaaa"]
+
+
 def test_peer_table_expires_soft_state_and_forgets_stopped_monitors():
     t = PeerTable()
     t.heard(info("m1", "h1", until=5.0))

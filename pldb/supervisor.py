@@ -91,6 +91,8 @@ class Supervisor:
         self._tasks: list[asyncio.Task] = []
         self._started = time.monotonic()
         self._clash_logged: dict[str, float] = {}     # foreign monitor id -> when said
+        self._ran: set[str] = set()       # every monitor id this run started (one stopping
+                                          # still announces until its last word arrives)
 
     def target(self) -> int:
         """The k of this round."""
@@ -130,8 +132,7 @@ class Supervisor:
         (see the module docstring), each listed at most once a minute."""
         if now - self._started < 2 * self.config.announce_ttl:
             return []
-        mine = {m.id for m in self.monitors.values()}
-        found = [m for m in self.table.all() if m.host == self.host and m.id not in mine
+        found = [m for m in self.table.all() if m.host == self.host and m.id not in self._ran
                  and now - self._clash_logged.get(m.id, -1e9) >= 60.0]
         if len(self._clash_logged) > 1000:
             self._clash_logged.clear()
@@ -164,6 +165,9 @@ class Supervisor:
             con = await connect(self.routers, self.config, self.preset)
             mon = Monitor(con, root, store, host=self.host, config=self.config)
             self.monitors[root] = mon
+            if len(self._ran) > 10_000:
+                self._ran = {m.id for m in self.monitors.values()}
+            self._ran.add(mon.id)
             await mon.start()
             log.info("started monitor %s of %s (k=%d)", mon.id, root.text, self.target())
         except PseprError as exc:

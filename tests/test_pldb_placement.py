@@ -71,6 +71,9 @@ def test_a_supervisor_names_a_monitor_under_its_host_name_it_did_not_start(tmp_p
     assert [m.id for m in sup.impostors(t0 + 4.0)] == ["h1~aaaaaa"]
     assert sup.impostors(t0 + 30.0) == []                         # once a minute
     assert [m.id for m in sup.impostors(t0 + 64.5)] == ["h1~aaaaaa"]
+    sup._ran.add("h1~cccccc")        # one this supervisor started (or is stopping)
+    sup.table.heard(info("h1~cccccc", "h1", until=t0 + 200))
+    assert [m.id for m in sup.impostors(t0 + 130.0)] == ["h1~aaaaaa"]     # not cccccc
 
 
 def test_peer_table_expires_soft_state_and_forgets_stopped_monitors():

@@ -327,12 +327,14 @@ def cmd_run(args) -> int:
     import signal
     import threading
     from routers.config import RouterConfig
+    from routers.descriptors import raise_open_files_limit
     from routers.router import Router
     from .config import tune_gc
     host, port = _split_tcp(args.listen)
     if not 1 <= args.routers <= 9:
         raise UsageError("--routers must be between 1 and 9")
     routers: list = []
+    raise_open_files_limit()    # each connection holds a descriptor
     try:
         for i in range(args.routers):
             base = port + 10 * i

@@ -79,6 +79,7 @@ from psepr.zmqio import NOBLOCK, readable, recv_frames, recv_frames_user, send_f
 from registry.acl import ACL, load_acl
 from .config import RouterConfig
 from .core import Conn, RouterCore
+from .descriptors import DescriptorWatch, raise_open_files_limit
 
 log = logging.getLogger("psepr.router")
 FORWARD_KIND = KIND_BYTES[Kind.FORWARD]
@@ -264,6 +265,7 @@ class Router:
         max_turn = self.config.max_per_turn
         max_bytes = self.config.max_bytes_per_turn
         Again = zmq.Again
+        descriptors = DescriptorWatch(self.config.name)
 
         def send(conn: Conn, frames: list) -> bool:
             s = sock_of.get(conn.ident) or self.sockets[0]
@@ -379,6 +381,7 @@ class Router:
             due = core.next_deadline(now)
             if now >= due:
                 core.tick(now)
+                descriptors.check(now)
                 core.flush(send)
                 if overlay is not None:
                     send_peers()
@@ -452,6 +455,7 @@ def serve(config: RouterConfig, announce=print) -> None:
         config: the router configuration.
         announce: called with one line per bound endpoint, and once when ready.
     """
+    raise_open_files_limit()    # each connection holds a descriptor
     router = Router(config)
     tune_gc()   # a router allocates per message; see psepr.config.tune_gc
     for ep in router.endpoints:

@@ -68,14 +68,14 @@ class RouterProcess(ChildProcess):
     """
 
     def __init__(self, *extra: str, name: str = "r1", timeout: float = 10.0,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, preexec_fn=None) -> None:
         self.name = name
         cmd = [sys.executable, "-m", "psepr.cli", "router", "--name", name, *extra]
         if not any(a == "--listen" for a in extra):
             cmd += ["--listen", "tcp://127.0.0.1:0"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
         self.urls: list[str] = []
         self.peer_url: str | None = None
         deadline = time.monotonic() + timeout

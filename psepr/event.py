@@ -49,6 +49,11 @@ EVENT_NS = "http://psepr.org/xs/event"
 ATTRIBUTE = "http://psepr.org/xs/payload/attribute"
 #: Default bound on one event's encoded size (payload or whole document).
 MAX_EVENT_BYTES = 1 << 20
+#: Deepest element nesting accepted in XML (the whole document, envelope included).
+#: ElementTree's serializer, like most code that walks a tree, recurses once per
+#: level; Python stops at 1,000 frames, so one event nested deeper than that broke
+#: every reader that printed or re-serialized it.  Real payloads nest a few levels.
+MAX_XML_DEPTH = 256
 
 JSON = "json"
 XML = "xml"
@@ -368,8 +373,9 @@ def parse_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> ET.Eleme
 
     Raises:
         XMLRefused: for a DTD, an entity, an external reference, a syntax error,
-            text that cannot be UTF-8 (a lone surrogate) or a document above
-            ``max_bytes``; the message says which.
+            text that cannot be UTF-8 (a lone surrogate), a document above
+            ``max_bytes`` or elements nested deeper than ``MAX_XML_DEPTH``; the
+            message says which.
     """
     if isinstance(data, str):
         try:
@@ -385,8 +391,7 @@ def parse_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> ET.Eleme
         raise XMLRefused(f"XML document of {size} bytes exceeds the limit of {max_bytes} bytes",
                          "payload")
     try:
-        return DET.fromstring(data, forbid_dtd=True, forbid_entities=True,
-                              forbid_external=True)
+        root = DET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except defusedxml.DTDForbidden:
         raise XMLRefused("XML refused: documents with a DTD (<!DOCTYPE>) are not accepted",
                          "payload") from None
@@ -396,6 +401,14 @@ def parse_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> ET.Eleme
         raise XMLRefused("XML refused: external references are not accepted", "payload") from None
     except ET.ParseError as exc:
         raise XMLRefused(f"XML refused: not well-formed: {exc}", "payload") from None
+    # Level by level, without recursion (the point is to refuse what recursion breaks on).
+    level, depth = [root], 1
+    while (level := [child for el in level for child in el]):
+        depth += 1
+        if depth > MAX_XML_DEPTH:
+            raise XMLRefused(f"XML refused: elements nested more than {MAX_XML_DEPTH} levels "
+                             f"deep", "payload")
+    return root
 
 
 def _split_tag(tag: str) -> tuple[str | None, str]:

@@ -21,6 +21,8 @@ import pytest
 import zmq.auth
 
 import psepr
+from psepr import wire
+from psepr.wire import Kind
 from tests.conftest import ROOT
 
 CH = "/cli.example.com/heartbeat/"
@@ -467,3 +469,32 @@ def test_pldb_monitor_and_get_of_the_root_are_refused_before_anything_is_made(tm
         r = psepr_cmd("pldb", "get", "/", *extra, router="tcp://127.0.0.1:9")
         assert (r.returncode, r.stderr) == (2, "psepr pldb: error: a PLDB query needs a channel "
                                                "below the root, e.g. /example.com/node/\n")
+
+
+def test_lease_output_xml_outlives_an_event_nested_too_deep(router_proc, lease_procs):
+    # A raw client (not the SDK, which refuses it) sends a payload nested 5,000 deep;
+    # `psepr lease --output xml` died of RecursionError on it. Now it says why and
+    # prints the next event.
+    lp = lease_procs(router_proc.url, CH, "--count", "2", "--output", "xml")
+    deep = '<payload xmlns="t">' + "<a>" * 5000 + "</a>" * 5000 + "</payload>"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(router_proc.url)
+    try:
+        sock.send_multipart(wire.encode(Kind.HELLO, {"v": wire.PROTOCOL_VERSION}))
+        assert sock.poll(5000)
+        assert wire.decode(sock.recv_multipart())[0] == Kind.WELCOME
+        sock.send_multipart(wire.encode_send(
+            [("deep.1", CH, "t", time.time(), 1, None, deep.encode())]))
+        sock.send_multipart(wire.encode(Kind.PING, {"req": "done"}))   # the SEND was read
+        assert sock.poll(5000)
+        assert wire.decode(sock.recv_multipart())[0] == Kind.PONG
+    finally:
+        sock.close()
+    sent = psepr_cmd("send", CH, "--type", "t", "--json", '{"after": 1}', router=router_proc.url)
+    assert sent.returncode == 0, sent.stderr
+    rc, out, err = lp.finish()
+    assert rc == 0, err
+    assert "event deep.1" in err and "nested more than" in err
+    line, = out.splitlines()
+    assert psepr.from_xml(line).payload == {"after": 1}

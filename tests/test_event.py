@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import psepr
 from psepr import wire
 from psepr.errors import ChannelError, EventError, XMLRefused
-from psepr.event import (ATTRIBUTE, EVENT_NS, MAX_EVENT_BYTES, Event, attribute,
+from psepr.event import (ATTRIBUTE, EVENT_NS, MAX_EVENT_BYTES, MAX_XML_DEPTH, Event, attribute,
                          check_xml_payload, from_json, from_xml, parse_xml)
 from psepr.session import make_entry
 
@@ -564,3 +564,24 @@ def test_make_entry_size_bound_counts_encoded_bytes():
     with pytest.raises(EventError):
         make_entry("/a/", "x" * 11, max_bytes=12)
 
+
+
+def _nested(levels: int) -> str:
+    """A payload element with ``levels`` levels of elements, itself included."""
+    return '<payload xmlns="t">' + "<a>" * (levels - 1) + "</a>" * (levels - 1) + "</payload>"
+
+
+def test_xml_nested_up_to_the_bound_is_accepted_and_prints():
+    ev = psepr.Event("/example.com/x/", _nested(MAX_XML_DEPTH - 1), format="xml")
+    # The envelope adds one level: the whole document sits exactly at the bound.
+    assert psepr.from_xml(ev.to_xml()).payload == ev.payload
+
+
+@pytest.mark.parametrize("levels", [MAX_XML_DEPTH + 1, 5000])
+def test_xml_nested_beyond_the_bound_is_refused_by_name(levels):
+    # 5,000 levels (40 KB) made every reader that printed the event as XML die of
+    # RecursionError, `psepr lease --output xml` included.
+    with pytest.raises(XMLRefused, match=f"nested more than {MAX_XML_DEPTH} levels"):
+        psepr.Event("/example.com/x/", _nested(levels), format="xml")
+    with pytest.raises(XMLRefused, match="nested more than"):
+        parse_xml(_nested(levels))

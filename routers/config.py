@@ -117,6 +117,11 @@ class RouterConfig:
         if bad is not None:
             raise ConfigError(f"router setting peers: {bad!r} is not an endpoint to dial "
                               f"(tcp://HOST:PORT, ipc://PATH or inproc://NAME)")
+        both = next((e for e in self.listen if e in self.peer_listen
+                     and not e.endswith((":0", ":*"))), None)
+        if both is not None:
+            raise ConfigError(f"router settings listen and peer_listen both name {both}: "
+                              f"clients and peers need an endpoint each")
         own = next((e for e in self.peers if e in self.peer_listen), None)
         if own is not None:
             raise ConfigError(f"router setting peers names {own}, this router's own peer "

@@ -298,6 +298,12 @@ def test_router_refuses_an_endpoint_listed_twice_and_dialing_itself():
                   "--peer", peer, timeout=10)
     assert r.returncode == 2
     assert "this router's own peer endpoint" in _one_line_error(r)
+    # The same endpoint for clients and peers read as "in use (is another router
+    # listening there?)", sending the operator to look for a router that is not there.
+    r = psepr_cmd("router", "--listen", peer, "--peer-listen", peer, timeout=10)
+    assert r.returncode == 2
+    assert _one_line_error(r).endswith(f"listen and peer_listen both name {peer}: clients and "
+                                       f"peers need an endpoint each")
     r = psepr_cmd("router", "--listen", "tcp://127.0.0.1:0", "--peer", "tcp://127.0.0.1:70000",
                   timeout=10)
     assert r.returncode == 2 and "tcp://127.0.0.1:70000" in _one_line_error(r)

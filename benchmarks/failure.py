@@ -291,8 +291,10 @@ def run(nodes: int = 200, victims: int = 10, load_seconds: float = 60.0, preset:
     import psepr
     from services.detection import DetectionConfig
     cfg = DetectionConfig.preset(preset)
-    if not 0 < victims < nodes:
-        raise ValueError("need at least one victim and one node that lives")
+    if victims >= nodes:
+        from psepr.errors import UsageError
+        raise UsageError(f"--victims ({victims}) must be fewer than --nodes ({nodes}): at least "
+                         f"one node lives to be watched")
     rng = random.Random(seed)
     hosts = [f"n{i:03}" for i in range(nodes)]
     doomed = sorted(rng.sample(hosts, victims))

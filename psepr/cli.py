@@ -582,23 +582,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "stages: one event's latency split into its stages (sender, "
                         "transit, router, receiver) beside a minimal receiver and raw "
                         "pyzmq, at 5,000 events/s")
-    b.add_argument("--events", type=int, default=300_000, help="events per throughput run")
+    b.add_argument("--events", type=count, default=300_000,
+                   help="hop: events per throughput run (default 300,000)")
     b.add_argument("--quick", action="store_true", help="small counts (smoke test)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    b.add_argument("--nodes", type=int, help="failure: simulated nodes (default 200; quick 20)")
-    b.add_argument("--victims", type=int,
+    b.add_argument("--nodes", type=count,
+                   help="failure: simulated nodes (default 200; quick 20)")
+    b.add_argument("--victims", type=count,
                    help="failure: nodes killed with SIGKILL (default 10; quick 2)")
-    b.add_argument("--load-seconds", type=float, metavar="SECONDS",
+    b.add_argument("--load-seconds", type=seconds, metavar="SECONDS",
                    help="failure: seconds of full CPU load (default 60; quick 3)")
     b.add_argument("--preset", choices=("local", "lan", "wan"),
                    help="failure: timings of routers, detectors and agents (default lan)")
     b.add_argument("--seed", type=int, help="failure: seed of the victims and kill moments "
                                             "(default 1)")
-    b.add_argument("--aged", type=int, metavar="EVENTS", default=0,
+    b.add_argument("--aged", type=count, metavar="EVENTS", default=0,
                    help="overlay: also measure the chain's latency run after run until EVENTS "
                         "events (one segment each) have crossed the same routers, e.g. 200000 "
                         "(state that grows with traffic shows as later runs slower)")
-    b.add_argument("--rounds", type=int, metavar="N",
+    b.add_argument("--rounds", type=count, metavar="N",
                    help="hop, overlay (its chain and baselines): run every scenario N times, "
                         "interleaved, and report the median run (default 3; quick 1)")
     b.add_argument("--chain", action="store_true",

@@ -137,3 +137,23 @@ def test_bench_stages_matches_every_event_at_every_boundary(tmp_path):
                     # Event by event the thread ran no longer than the stage lasted.
                     assert 0 < stages[f"{h} on CPU"]["p50_us"] <= stages[h]["p50_us"] + 1
                     assert stages[f"{h} on CPU"]["p99_us"] <= stages[h]["p99_us"] + 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (["hop", "--events", "0"], "argument --events: must be a whole number of at least 1"),
+    (["overlay", "--rounds", "-1"], "argument --rounds: must be a whole number of at least 1"),
+    (["overlay", "--aged", "x"], "argument --aged: must be a whole number of at least 1"),
+    (["failure", "--nodes", "0"], "argument --nodes: must be a whole number of at least 1"),
+    (["failure", "--load-seconds", "nan"], "argument --load-seconds: must be a positive number"),
+    (["failure", "--victims", "30", "--nodes", "10"],
+     "--victims (30) must be fewer than --nodes (10)"),
+])
+def test_bench_arguments_out_of_range_fail_in_one_line_before_starting_anything(args, says):
+    # `--events 0` ran a whole benchmark of nothing; `failure --nodes 0` ended in a
+    # ValueError traceback.
+    r = subprocess.run([sys.executable, "-m", "psepr.cli", "bench", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == ""
+    line, = r.stderr.strip().splitlines()
+    assert line.startswith("psepr bench: error: ") and says in line

@@ -63,6 +63,7 @@ import logging
 import math
 import select
 import signal
+import socket
 import sys
 import time
 from urllib.parse import urlsplit
@@ -105,11 +106,49 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False
 
 
-def _bind_error(exc: zmq.ZMQError) -> str:
-    """Why a bind failed, in words that suggest the usual cause."""
-    if exc.errno == zmq.EADDRINUSE:
-        return "the address is in use (is another router, or `psepr run`, listening there?)"
-    return str(exc)
+def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
+    """Bind ``sock`` to ``endpoint``.
+
+    Args:
+        what: the purpose, for the error ("listen", "listen for peers").
+
+    Returns:
+        The bound endpoint (an ephemeral port resolved).
+
+    Raises:
+        ConfigError: naming the endpoint and the likely cause.
+    """
+    if endpoint.startswith("ipc://") and _ipc_listened(endpoint[len("ipc://"):]):
+        raise ConfigError(f"cannot {what} on {endpoint}: {_IN_USE}; ZeroMQ would take the "
+                          f"path from it")
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        cause = _IN_USE if exc.errno == zmq.EADDRINUSE else str(exc)
+        raise ConfigError(f"cannot {what} on {endpoint}: {cause}") from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+_IN_USE = "the address is in use (is another router, or `psepr run`, listening there?)"
+
+
+def _ipc_listened(path: str) -> bool:
+    """True if a process accepts connections on the Unix socket at ``path``.
+
+    libzmq unlinks whatever file an ``ipc://`` path names before it binds, so a
+    second router given a live router's path silently took it over: new clients
+    reached the second, and the first was left with no address.  An abstract
+    name (``@name``) needs no check: the kernel refuses a taken one itself.
+    """
+    if not path or path.startswith("@") or path == "*":
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:         # no file, a stale one (refused), not a socket...
+            return False
+    return True
 
 
 class _PrincipalAuthenticator(ThreadAuthenticator):
@@ -198,12 +237,7 @@ class Router:
                     s.curve_publickey = public
                     s.curve_secretkey = secret
                 self.sockets.append(s)
-                try:
-                    s.bind(endpoint)
-                except zmq.ZMQError as exc:
-                    raise ConfigError(f"cannot listen on {endpoint}: {_bind_error(exc)}") \
-                        from None
-                self.endpoints.append(s.getsockopt_string(zmq.LAST_ENDPOINT))
+                self.endpoints.append(_bind(s, endpoint, "listen"))
             if config.peer_listen:
                 ps = self.peer_sock = self.ctx.socket(zmq.ROUTER)
                 self._peer_options(ps)
@@ -214,12 +248,7 @@ class Router:
                     ps.curve_publickey = public
                     ps.curve_secretkey = secret
                 for endpoint in config.peer_listen:
-                    try:
-                        ps.bind(endpoint)
-                    except zmq.ZMQError as exc:
-                        raise ConfigError(f"cannot listen for peers on {endpoint}: "
-                                          f"{_bind_error(exc)}") from None
-                    self.peer_endpoints.append(ps.getsockopt_string(zmq.LAST_ENDPOINT))
+                    self.peer_endpoints.append(_bind(ps, endpoint, "listen for peers"))
             for url in config.peers:
                 d = self.ctx.socket(zmq.DEALER)
                 self._peer_options(d)

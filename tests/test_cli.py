@@ -462,6 +462,26 @@ def test_a_port_in_use_is_named_with_its_likely_cause():
                                  f"{held.getsockname()[1] + 100}` would use other ports\n")
 
 
+
+def test_an_ipc_path_a_live_router_listens_on_is_not_taken_from_it(tmp_path, start_router):
+    # libzmq unlinks the file before binding: a second router took the path over
+    # silently, and the first was left with no address.
+    url = f"ipc://{tmp_path}/r.sock"
+    first = start_router("--listen", url, name="first")
+    r = psepr_cmd("router", "--name", "second", "--listen", url)
+    assert r.returncode == 2
+    assert r.stderr == (f"psepr router: error: cannot listen on {url}: the address is in use "
+                        f"(is another router, or `psepr run`, listening there?); ZeroMQ would "
+                        f"take the path from it\n")
+    with psepr.connect(url, preset="local") as con:
+        assert con.stats(timeout=5)["router"] == "first"
+    first.stop()
+    # The file a stopped router left behind is no obstacle.
+    again = start_router("--listen", url, name="again")
+    with psepr.connect(url, preset="local") as con:
+        assert con.stats(timeout=5)["router"] == "again"
+    again.stop()
+
 def test_pldb_monitor_and_get_of_the_root_are_refused_before_anything_is_made(tmp_path):
     # It made `_root.sqlite`, then waited 3 s for a router before refusing "/".
     r = psepr_cmd("pldb", "monitor", "--channel", "/", "--data-dir", str(tmp_path / "d"),

@@ -37,11 +37,19 @@ machine may lose the last transaction, never corrupt the file; a restarted
 monitor has its tuples back.  SQLite failures (disk full, read-only file,
 corruption) surface as :class:`psepr.errors.StorageError`, for the monitor to
 report as an event instead of dying.
+
+One store per file: a store holds an exclusive ``flock`` on ``<file>.lock``
+while it is open.  SQLite would let two monitors share a database, each
+announcing itself as a replica, so that PLDB counted two copies where one disk
+held them (a copied command line, two supervisors given one ``--data-dir``).
+The second is refused, naming the first one's process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 from pathlib import Path
 from typing import Iterable
@@ -99,9 +107,11 @@ class TupleStore:
             raise StorageError(f"history_rows must be at least 1, got {history_rows}", str(path))
         self.path = str(path)
         self.history_rows = history_rows
+        self._lock = None
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self._lock = _lock_file(self.path)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             tables = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -130,8 +140,17 @@ class TupleStore:
                 (self._watermark,)).fetchall())
             self._last_rowid = self._db.execute(
                 "SELECT coalesce(max(rowid), 0) FROM history").fetchone()[0]
+        except StorageError:
+            self._unlock()
+            raise
         except (sqlite3.Error, OSError) as exc:
+            self._unlock()
             raise StorageError(f"cannot open PLDB database {self.path}: {exc}", self.path) from None
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()          # closing the descriptor releases the flock
+            self._lock = None
 
     def _fail(self, what: str, exc: Exception) -> StorageError:
         return StorageError(f"PLDB database {self.path}: {what} failed: {exc}", self.path)
@@ -326,3 +345,28 @@ class TupleStore:
             self._db.close()
         except sqlite3.Error:
             pass
+        self._unlock()
+
+
+def _lock_file(path: str):
+    """Hold ``<path>.lock`` exclusively (see the module docstring); returns the open file.
+
+    Raises:
+        StorageError: another store holds it; the message names its process.
+        OSError: the lock file cannot be opened.
+    """
+    f = open(path + ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise StorageError(f"PLDB database {path} is in use by another monitor (process "
+                           f"{holder}): one monitor per database; give this one its own "
+                           f"--data-dir", path) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

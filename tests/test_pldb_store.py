@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import pytest
@@ -219,7 +220,8 @@ def test_a_crash_between_checkpoints_loses_nothing_the_log_has(tmp_path):
     s.apply([tup(field="a", time=1.0, id="1", value="a1")])
     s.checkpoint()
     s.apply([tup(field="a", time=2.0, id="2", value="a2"), tup(field="b", id="3", value="b")])
-    s._db.close()                              # a crash: no checkpoint of the last rows
+    s._db.close()                              # a crash: no checkpoint of the last rows,
+    s._lock.close()                            # and the dead process's lock is gone
     s = TupleStore(path)
     got = {t.field: t.value for t in s.query(Query(psepr.channel(CH)), now=0)}
     assert got == {"a": "a2", "b": "b"} and len(s) == 2
@@ -283,3 +285,19 @@ def test_store_latest_matches_a_newest_version_model(items):
     s.apply(tuples[1::2])
     got = {(t.channel, t.field): t for t in s.query(Query(psepr.channel(CH)), now=0)}
     assert got == model
+
+
+def test_one_database_serves_one_store_at_a_time(tmp_path):
+    # Two monitors on one file both announced themselves as replicas: PLDB counted
+    # two copies where one disk held them.
+    path = tmp_path / "d" / "example.com~node.sqlite"
+    first = TupleStore(path)
+    with pytest.raises(StorageError, match=rf"in use by another monitor \(process {os.getpid()}\)"
+                                           r": one monitor per database; give this one its own "
+                                           r"--data-dir"):
+        TupleStore(path)
+    first.close()
+    again = TupleStore(path)            # closing released it
+    again.close()
+    again.close()                       # idempotent
+    TupleStore(":memory:").close()      # nothing to lock

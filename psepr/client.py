@@ -38,11 +38,15 @@ socket at a time: whoever holds ``_sock_lock`` runs :meth:`Connection._io_step`
   is posted under the connection's condition variable.
 
 Events are delivered at most once: events handed to a router that dies are
-lost; events not yet handed over are sent to the next router.
+lost; events not yet handed over are sent to the next router.  A connection
+still open when the interpreter exits is closed then (an ``atexit`` hook), so
+what a script sent without closing reaches the router (up to ``CLOSE_FLUSH``
+seconds per connection).
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import logging
@@ -51,6 +55,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -70,6 +75,22 @@ from .session import READY, Session, make_entry
 from .zmqio import readable, recv_frames, send_frames
 
 log = logging.getLogger("psepr.client")
+
+#: Connections not yet closed; :func:`_close_at_exit` closes them (see the module doc).
+_open_connections: "weakref.WeakSet[Connection]" = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    # atexit runs before the interpreter stops daemon threads, so each connection's
+    # I/O thread still hands its queued sends to the router during close().
+    for con in list(_open_connections):
+        try:
+            con.close()
+        except Exception:       # one connection's trouble must not cost the others
+            log.debug("closing a connection at exit failed", exc_info=True)
+
+
+atexit.register(_close_at_exit)
 
 
 class Lease(LeaseBase):
@@ -187,6 +208,7 @@ class Connection(ConnectionBase):
             p.register(self._wake_r, select.POLLIN)
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
+        _open_connections.add(self)
         if wait:
             limit = self.config.connect_timeout * len(self.routers) + 1.0
             if not self._ready_once.wait(limit):
@@ -608,6 +630,7 @@ class Connection(ConnectionBase):
             if self._closed:
                 return
             self._closed = True
+            _open_connections.discard(self)
             self._cond.notify_all()
             for lease in self._leases.values():
                 lease._has.set()

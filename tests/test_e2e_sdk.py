@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ import pytest
 import psepr
 import psepr.aio
 from psepr import ClientConfig
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 from tests.tcpproxy import TcpProxy
 
 CH = "/e2e.example.com/sdk/"
@@ -87,6 +88,22 @@ def test_sync_connection_without_with_block(router_proc):
     with pytest.raises(psepr.ClosedError):
         con.send(CH, 1)
 
+
+
+def test_a_script_that_ends_without_closing_still_delivers_what_it_sent(router_proc):
+    # send() accepted them; the script ended with events still queued in the SDK,
+    # and a quarter of 2,000 were lost without a word.
+    script = ("import sys, psepr\n"
+              "con = psepr.connect(sys.argv[1], preset='local')\n"
+              "for i in range(5000):\n"
+              "    con.send(sys.argv[2], {'i': i})\n")
+    with psepr.connect(router_proc.url, preset="local") as con:
+        lease = con.lease(CH, duration=60)
+        r = subprocess.run([sys.executable, "-c", script, router_proc.url, CH], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        got = [lease.receive(timeout=10).payload["i"] for _ in range(5000)]
+        assert got == list(range(5000))
 
 def test_every_wait_refuses_a_timeout_that_is_not_a_number(router_proc):
     # NaN made receive() wait forever, and lease(), stats() or status() spin at full

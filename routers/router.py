@@ -106,6 +106,9 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False
 
 
+_IN_USE = "the address is in use (is another router, or `psepr run`, listening there?)"
+
+
 def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
     """Bind ``sock`` to ``endpoint``.
 
@@ -127,9 +130,6 @@ def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
         cause = _IN_USE if exc.errno == zmq.EADDRINUSE else str(exc)
         raise ConfigError(f"cannot {what} on {endpoint}: {cause}") from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-_IN_USE = "the address is in use (is another router, or `psepr run`, listening there?)"
 
 
 def _ipc_listened(path: str) -> bool:

@@ -84,6 +84,8 @@ def _close_at_exit() -> None:
     # atexit runs before the interpreter stops daemon threads, so each connection's
     # I/O thread still hands its queued sends to the router during close().
     for con in list(_open_connections):
+        if con._pid != os.getpid():
+            continue    # inherited through fork(): its socket and thread are the parent's
         try:
             con.close()
         except Exception:       # one connection's trouble must not cost the others
@@ -208,6 +210,7 @@ class Connection(ConnectionBase):
             p.register(self._wake_r, select.POLLIN)
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
+        self._pid = os.getpid()
         _open_connections.add(self)
         if wait:
             limit = self.config.connect_timeout * len(self.routers) + 1.0

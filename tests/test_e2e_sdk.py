@@ -105,6 +105,30 @@ def test_a_script_that_ends_without_closing_still_delivers_what_it_sent(router_p
         got = [lease.receive(timeout=10).payload["i"] for _ in range(5000)]
         assert got == list(range(5000))
 
+
+def test_a_forked_child_leaves_its_parents_connection_alone_at_exit(router_proc):
+    # The exit hook closes the connections of the process that opened them only: a
+    # child inherits the parent's socket but not its I/O thread.
+    script = ("import os, sys, time, psepr\n"
+              "con = psepr.connect(sys.argv[1], preset='local')\n"
+              "lease = con.lease(sys.argv[2], duration=60)\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    sys.exit(0)\n"
+              "t0 = time.monotonic()\n"
+              "status = os.waitpid(pid, 0)[1]\n"
+              "print(os.waitstatus_to_exitcode(status), time.monotonic() - t0)\n"
+              "con.send(sys.argv[2], 'after')\n"
+              "print(lease.receive(timeout=5).payload)\n")
+    r = subprocess.run([sys.executable, "-c", script, router_proc.url, CH], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    waited, payload = r.stdout.splitlines()
+    code, seconds = waited.split()
+    # Closing the parent's connection from the child waited out the 2 s flush.
+    assert code == "0" and float(seconds) < 1.5, waited
+    assert payload == "after"
+
 def test_every_wait_refuses_a_timeout_that_is_not_a_number(router_proc):
     # NaN made receive() wait forever, and lease(), stats() or status() spin at full
     # CPU while the router did not answer (Condition.wait(nan) returns at once);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from psepr.channel import element_ok
 from psepr.config import check_settings, endpoint_ok
 from psepr.errors import ConfigError
 
@@ -107,6 +108,13 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         check_settings(self, "router setting")
+        for field in ("name", "authority"):
+            # Both are elements of the router's system channels
+            # (/<authority>/_sys/routers/<name>/...): say so before a channel error does.
+            v = getattr(self, field)
+            if not element_ok(v):
+                raise ConfigError(f"router setting {field} {v!r} must be printable text "
+                                  f"without whitespace, '/' or '*' (one channel element)")
         for field in ("listen", "peer_listen", "peers"):
             # An ephemeral port (tcp://127.0.0.1:0, :*) binds a new port each time.
             endpoints = [e for e in getattr(self, field) if not e.endswith((":0", ":*"))]

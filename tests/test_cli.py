@@ -288,6 +288,17 @@ def test_router_refuses_settings_that_are_not_positive_numbers():
         RouterConfig(max_lease=-5.0)
 
 
+
+@pytest.mark.parametrize("flag, value", [("--name", "a b"), ("--name", "r/1"),
+                                         ("--authority", "/x/"), ("--authority", "ex*")])
+def test_router_name_and_authority_are_named_when_they_cannot_be_channel_elements(flag, value):
+    # They read as "invalid channel '/psepr.local/_sys/routers/a b/stats/': ...".
+    r = psepr_cmd("router", "--listen", "tcp://127.0.0.1:0", flag, value, timeout=10)
+    assert r.returncode == 2
+    assert _one_line_error(r).endswith(
+        f"router setting {flag[2:]} {value!r} must be printable text without whitespace, "
+        f"'/' or '*' (one channel element)")
+
 def test_router_refuses_an_endpoint_listed_twice_and_dialing_itself():
     peer = "tcp://127.0.0.1:7797"
     r = psepr_cmd("router", "--listen", "tcp://127.0.0.1:0", "--peer", peer, "--peer", peer,

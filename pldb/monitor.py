@@ -163,15 +163,19 @@ class Monitor:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._leases:
-            self._store_waiting(commit=True)      # what was received is kept
         try:
-            await self._announce()
-            for lease in self._leases:
-                await lease.release(timeout=2.0)
-        except PseprError as exc:
-            log.warning("monitor %s: could not say goodbye: %s", self.id, exc)
-        self.store.close()
+            if self._leases:
+                self._store_waiting(commit=True)      # what was received is kept
+            try:
+                await self._announce()
+                for lease in self._leases:
+                    await lease.release(timeout=2.0)
+            except PseprError as exc:
+                log.warning("monitor %s: could not say goodbye: %s", self.id, exc)
+        finally:
+            # Whatever happened, the file is released: its lock would otherwise keep
+            # the next monitor of this root (a supervisor's restart) out.
+            self.store.close()
         log.info("monitor %s of %s stopped", self.id, self.root.text)
 
     def info(self) -> MonitorInfo:

@@ -301,3 +301,21 @@ def test_one_database_serves_one_store_at_a_time(tmp_path):
     again.close()
     again.close()                       # idempotent
     TupleStore(":memory:").close()      # nothing to lock
+
+
+async def test_a_monitor_stopped_midway_still_releases_its_database(tmp_path):
+    # A supervisor shutting down cancels its tasks, a monitor's stop among them: the
+    # database stayed locked, and no monitor of that root could open it again here.
+    import asyncio
+
+    from pldb.monitor import Monitor
+
+    class Cancelled:
+        async def send(self, *args, **kwargs):
+            raise asyncio.CancelledError
+
+    path = tmp_path / "example.com~node.sqlite"
+    mon = Monitor(Cancelled(), "/example.com/node/", TupleStore(path), host="h1")
+    with pytest.raises(asyncio.CancelledError):
+        await mon.stop()
+    TupleStore(path).close()

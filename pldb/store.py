@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -59,6 +60,8 @@ from sortedcontainers import SortedDict
 
 from psepr.errors import StorageError
 from psepr.pldb import Query, Tuple
+
+log = logging.getLogger("psepr.pldb")
 
 #: Rows of history kept by default (about 110 bytes each on disk).
 HISTORY_ROWS = 500_000
@@ -349,7 +352,8 @@ class TupleStore:
 
 
 def _lock_file(path: str):
-    """Hold ``<path>.lock`` exclusively (see the module docstring); returns the open file.
+    """Hold ``<path>.lock`` exclusively (see the module docstring); returns the open file,
+    or None where the filesystem cannot lock.
 
     Raises:
         StorageError: another store holds it; the message names its process.
@@ -358,7 +362,13 @@ def _lock_file(path: str):
     f = open(path + ".lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as exc:
+        if not isinstance(exc, BlockingIOError):
+            # A filesystem without flock (some network ones): run unguarded, as before.
+            f.close()
+            log.warning("PLDB database %s: cannot lock %s.lock (%s); nothing stops a second "
+                        "monitor from using this file", path, path, exc)
+            return None
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()

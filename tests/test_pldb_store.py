@@ -319,3 +319,16 @@ async def test_a_monitor_stopped_midway_still_releases_its_database(tmp_path):
     with pytest.raises(asyncio.CancelledError):
         await mon.stop()
     TupleStore(path).close()
+
+
+def test_a_filesystem_that_cannot_lock_runs_the_store_unguarded(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    store = TupleStore(tmp_path / "n.sqlite")          # as before the lock existed
+    store.close()
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text

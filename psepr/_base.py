@@ -133,6 +133,11 @@ class ConnectionBase:
         #: only these would receive (they would be dropped); see overflow().
         self.full_ids: set = set()
 
+    @property
+    def _curve(self) -> bool:
+        """Whether this connection uses CURVE (for the words of a failed handshake)."""
+        return self.config.curve_server_key is not None
+
     def _unreachable(self, limit: float) -> ConnectionLost:
         """The error of a connection that got no WELCOME within ``limit`` seconds."""
         refusal = self._session.refusal

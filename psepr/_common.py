@@ -100,6 +100,39 @@ def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
                                            f"{next(_monitors)}")
 
 
+#: The connection events both shells watch: the handshake done (the WELCOME clock
+#: starts), refused (say why at once, and try the next router), the connection gone.
+MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def handshake_failure(event: int, value: int, curve: bool) -> str | None:
+    """Why ZeroMQ's handshake with a router failed, in words that suggest the fix.
+
+    Args:
+        event: a monitor event.
+        value: its value (the ZAP status code, the protocol error, or an errno).
+        curve: whether this client uses CURVE.
+
+    Returns:
+        The reason, or None if ``event`` is not a handshake failure.
+    """
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the router refused this client's CURVE key (ZAP status {value}): is its "
+                f"public key in the router's ACL?")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return ("the router and this client disagree on CURVE: one uses it, the other "
+                    "not (a --curve router needs --key and --server-key)")
+        return f"the ZeroMQ handshake failed (protocol error {value:#x})"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        if curve:
+            return ("the CURVE handshake failed: is --server-key this router's public key?")
+        return f"the ZeroMQ handshake failed ({os.strerror(value) if value > 0 else value})"
+    return None
+
+
 def inbox_channel(authority: str, principal: str, instance: str) -> str:
     """The private inbox of one connection (see registry.acl for its implicit grant)."""
     return f"/{authority}/_inbox/{principal}/{instance}/"

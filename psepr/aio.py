@@ -38,8 +38,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
 from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase, check_seconds, time_left
-from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel,
-                      monitor_socket)
+from ._common import (CLOSE_FLUSH, MONITOR_EVENTS, build_config, configure_socket,
+                      handshake_failure, inbox_channel, monitor_socket)
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
 from .errors import (ClosedError, LeaseExpired, PseprError, TimeoutError,
@@ -176,7 +176,7 @@ class Connection(ConnectionBase):
         sock = self._ctx.socket(zmq.DEALER)
         configure_socket(sock, self.config)
         # Hear at once when the router's end closes (it died); see psepr.client.
-        mon = monitor_socket(sock, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        mon = monitor_socket(sock, MONITOR_EVENTS)
         sock.connect(url)
         self._sock, self._mon = sock, mon
         self._session.start(time.monotonic())
@@ -198,12 +198,15 @@ class Connection(ConnectionBase):
         sock.close(linger=0)
 
     async def _watch(self, mon) -> None:
-        """Start the WELCOME clock at the handshake; fail over once the connection closes."""
+        """Start the WELCOME clock at the handshake; fail over once the handshake fails
+        or the connection closes."""
         try:
-            while (ev := parse_monitor_message(await mon.recv_multipart())["event"]) \
+            while (m := parse_monitor_message(await mon.recv_multipart()))["event"] \
                     != zmq.EVENT_DISCONNECTED:
-                if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if m["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self._session.connected(time.monotonic())
+                elif why := handshake_failure(m["event"], int(m["value"]), self._curve):
+                    self._session.handshake_failed(time.monotonic(), why)
             if not self._closed:
                 self._session.disconnected(time.monotonic())
                 self._changed.set()       # the timer task switches sockets

@@ -64,8 +64,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import session as _session
 from ._base import INBOX_PREFIX, ConnectionBase, LeaseBase, check_seconds, time_left
-from ._common import (CLOSE_FLUSH, build_config, configure_socket, inbox_channel,
-                      monitor_socket)
+from ._common import (CLOSE_FLUSH, MONITOR_EVENTS, build_config, configure_socket,
+                      handshake_failure, inbox_channel, monitor_socket)
 from .channel import Channel, parse
 from .config import ClientConfig, router_list
 from .errors import (ClosedError, LeaseExpired, PseprError, TimeoutError,
@@ -815,8 +815,7 @@ class Connection(ConnectionBase):
         # Hear at once when the router's end closes (it died): fail-over need not
         # wait for dead_after seconds of silence.
         # (and when the connection completes: the WELCOME clock starts then).
-        self._mon = monitor_socket(sock, zmq.EVENT_DISCONNECTED
-                                   | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._mon = monitor_socket(sock, MONITOR_EVENTS)
         sock.connect(url)
         self._sock = sock
         self._fds = (sock.getsockopt(zmq.FD), self._mon.getsockopt(zmq.FD))
@@ -1007,17 +1006,22 @@ class Connection(ConnectionBase):
         if mon is not None and (self._mon_due or self._fds[1] in ready):
             self._mon_due = False
             closed = handshake = False
+            failed = None
             try:
                 while mon.poll(0):
-                    ev = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))["event"]
+                    m = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+                    ev = m["event"]
                     closed = closed or ev == zmq.EVENT_DISCONNECTED
                     handshake = handshake or ev == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                    failed = handshake_failure(ev, int(m["value"]), self._curve) or failed
             except zmq.ZMQError:
                 self._mon_due = True    # not drained: its descriptor may stay quiet
-            if closed or handshake:
+            if closed or handshake or failed:
                 with self._lock:
                     if handshake:
                         s.connected(time.monotonic())
+                    if failed:
+                        s.handshake_failed(time.monotonic(), failed)
                     if closed:
                         s.disconnected(time.monotonic())
         done = False

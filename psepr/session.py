@@ -313,6 +313,16 @@ class Session:
         if self.state == CONNECTING:
             self.hello_at = now
 
+    def handshake_failed(self, now: float, why: str) -> None:
+        """The shell saw ZeroMQ's handshake with the router fail (CURVE keys, say).
+
+        That router will not welcome us: remember why, for the error of a
+        connection that never gets a WELCOME, and try the next router at once.
+        """
+        self.refusal = f"{self.router}: {why}"
+        if self.state in (READY, CONNECTING) and not self._need_switch:
+            self._next_router(now, why)
+
     def disconnected(self, now: float) -> None:
         """The shell saw the TCP connection to the router drop: fail over at once.
 

@@ -114,17 +114,35 @@ def test_principal_is_the_acl_name_not_the_declared_service(connect_as):
     assert ev.payload == {"load": 0.4}
 
 
-def test_unknown_key_cannot_connect(secure_router, keys):
-    with pytest.raises(psepr.ConnectionLost):
+# Each failed handshake is named: before, all three ended in the same "could not
+# reach any router ... (is `psepr router` running there? does it need CURVE keys?)".
+
+def test_unknown_key_cannot_connect_and_is_told_so(secure_router, keys):
+    with pytest.raises(psepr.ConnectionLost, match=r"the router refused this client's CURVE "
+                       r"key \(ZAP status 400\): is its public key in the router's ACL\?"):
         psepr.connect(secure_router.url, keyfile=keys["stranger"][1],
                       server_key=keys["router"][0], preset="local")
     assert secure_router.alive()
 
 
-def test_client_without_curve_cannot_connect(secure_router):
-    with pytest.raises(psepr.ConnectionLost):
+def test_client_without_curve_cannot_connect_and_is_told_so(secure_router):
+    with pytest.raises(psepr.ConnectionLost, match="disagree on CURVE: one uses it, the other "
+                                                   "not"):
         psepr.connect(secure_router.url, preset="local")
     assert secure_router.alive()
+
+
+def test_a_wrong_server_key_is_named(secure_router, keys):
+    with pytest.raises(psepr.ConnectionLost, match="is --server-key this router's public key"):
+        psepr.connect(secure_router.url, keyfile=keys["sensor"][1],
+                      server_key=keys["stranger"][0], preset="local")
+
+
+async def test_the_asyncio_client_names_a_refused_key_too(secure_router, keys):
+    import psepr.aio
+    with pytest.raises(psepr.ConnectionLost, match="refused this client's CURVE key"):
+        await psepr.aio.connect(secure_router.url, keyfile=keys["stranger"][1],
+                                server_key=keys["router"][0], preset="local")
 
 
 def test_send_outside_grants_is_denied_and_delivered_to_nobody(connect_as):

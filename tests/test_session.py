@@ -297,6 +297,19 @@ def test_a_refused_hello_moves_to_the_next_router_at_once():
     assert s.state == READY and s.router == "tcp://b:1"
 
 
+
+def test_a_failed_handshake_is_remembered_and_moves_to_the_next_router_once():
+    s = Session(ClientConfig(connect_timeout=2.0), ["tcp://a:1", "tcp://b:1"], _Heard(), 0.0)
+    s.take_switch()
+    s.start(0.0)
+    s.take_out(0.0)
+    s.handshake_failed(0.1, "the router refused this client's CURVE key")
+    s.disconnected(0.1)                   # the close that follows moves nothing further
+    assert s.refusal == "tcp://a:1: the router refused this client's CURVE key"
+    s.tick(0.1)
+    assert s.take_switch() == "tcp://b:1" and s.reconnects == 1
+
+
 def _kinds(messages, kind: Kind) -> list:
     return [orjson.loads(m[1]) for m in messages if m[0] == wire.KIND_BYTES[kind]]
 
@@ -445,3 +458,17 @@ def test_random_router_messages_never_raise_out_of_the_session(msgs):
     # when read, naming the event: the caller's to handle, not the I/O thread's).
     for lease in filer._arrivals:
         assert all(ev.channel.text.startswith("/t/") for ev in lease._q)
+
+
+def test_handshake_failures_are_worded_by_cause():
+    import zmq
+
+    from psepr._common import handshake_failure
+    assert "ZAP status 400" in handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400, True)
+    assert "disagree on CURVE" in handshake_failure(
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH, False)
+    assert "protocol error 0x10000001" in handshake_failure(
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, 0x10000001, True)
+    assert "--server-key" in handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 32, True)
+    assert "Broken pipe" in handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 32, False)
+    assert handshake_failure(zmq.EVENT_DISCONNECTED, 12, True) is None

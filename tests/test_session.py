@@ -469,6 +469,9 @@ def test_handshake_failures_are_worded_by_cause():
         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH, False)
     assert "protocol error 0x10000001" in handshake_failure(
         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, 0x10000001, True)
-    assert "--server-key" in handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 32, True)
-    assert "Broken pipe" in handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 32, False)
+    assert handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 32, True) == (
+        "the CURVE handshake failed (Broken pipe): is --server-key this router's public key, "
+        "and this client's key in its ACL?")
+    assert handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 32, False) == (
+        "the ZeroMQ handshake failed (Broken pipe): a --curve router needs --key and --server-key")
     assert handshake_failure(zmq.EVENT_DISCONNECTED, 12, True) is None

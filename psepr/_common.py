@@ -127,14 +127,14 @@ def handshake_failure(event: int, value: int, curve: bool) -> str | None:
                     "not (a --curve router needs --key and --server-key)")
         return f"the ZeroMQ handshake failed (protocol error {value:#x})"
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        cause = os.strerror(value) if value > 0 else value      # an errno, all ZeroMQ says
         if curve:
-            return (f"the CURVE handshake failed ({os.strerror(value) if value > 0 else value})"
-                    f": is --server-key this router's public key, and this client's key in "
-                    f"its ACL?")
+            return (f"the CURVE handshake failed ({cause}): is --server-key this router's "
+                    f"public key, and this client's key in its ACL?")
         # A --curve router that closes on a plain client before the client reads why
         # (a race: the mismatch above, or this) leaves only the errno.
-        return (f"the ZeroMQ handshake failed ({os.strerror(value) if value > 0 else value}): "
-                f"a --curve router needs --key and --server-key")
+        return (f"the ZeroMQ handshake failed ({cause}): a --curve router needs --key and "
+                f"--server-key")
     return None
 
 

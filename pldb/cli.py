@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from psepr.cli import local_time, seconds
+from psepr.cli import element, local_time, seconds
 from psepr.errors import UsageError
 
 EPILOG = """examples:
@@ -57,7 +57,7 @@ def add_parser(sub, add_router_arg) -> None:
     g.set_defaults(func=cmd_get)
 
     def add_host_args(x) -> None:
-        x.add_argument("--host", default=socket.gethostname(),
+        x.add_argument("--host", default=socket.gethostname(), type=element,
                        help="host name to announce (default: this machine's); several "
                             "simulated hosts may run on one machine")
         x.add_argument("--data-dir", metavar="DIR",
@@ -82,7 +82,8 @@ def add_parser(sub, add_router_arg) -> None:
     s.set_defaults(func=cmd_supervisor)
 
     ls = psub.add_parser("monitors", help="list the monitors announcing themselves")
-    ls.add_argument("--authority", default="example.com", help="whose monitors (default example.com)")
+    ls.add_argument("--authority", default="example.com", type=element,
+                    help="whose monitors (default example.com)")
     ls.add_argument("--wait", type=seconds, default=2.0,
                     help="seconds to listen for announcements (default 2; at least one "
                          "announcement period)")

@@ -65,6 +65,18 @@ def seconds(text: str) -> float:
     return v
 
 
+def element(text: str) -> str:
+    """argparse type: a name that stands as one channel element (an authority, a
+    host, a detector's name): printable, 1 to 1,024 characters, without whitespace,
+    '/' or '*'.  Checked before connecting, and named by its option."""
+    from .channel import element_ok
+    if not element_ok(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be one channel element: printable text of 1 to 1,024 "
+            f"characters without whitespace, '/' or '*'")
+    return text
+
+
 def local_time(t: float) -> str:
     """Wall-clock time ``t`` as local ``YYYY-MM-DD HH:MM:SS``, for tables.
 
@@ -114,6 +126,9 @@ def _read_payload(args):
     if len(chosen) > 1:
         raise UsageError(f"give only one of --json, --xml, --attribute, --text (got "
                          f"{', '.join('--' + c for c in chosen)})")
+    if args.expire is not None and args.attribute is None:
+        raise UsageError("--expire is an attribute's expiry: give it with --attribute "
+                         "FIELD=VALUE")
     if args.json is not None:
         text = sys.stdin.read() if args.json == "-" else args.json
         try:
@@ -493,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to-service", help="deliver only to this service")
     s.add_argument("--to-instance", help="deliver only to this instance")
     s.add_argument("--count", type=count, default=1, help="send N copies (default 1)")
-    s.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for the router")
+    s.add_argument("--timeout", type=seconds, default=5.0,
+                   help="seconds to wait for the router to take the events, once connected "
+                        "(default 5)")
     s.add_argument("-q", "--quiet", action="store_true", help="do not print the event id")
     _add_router_arg(s)
     s.set_defaults(func=cmd_send)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import socket
 
-from psepr.cli import seconds
+from psepr.cli import element, seconds
 
 EPILOG = """examples:
   psepr sensors --authority example.com                    # this host, lan timings (every 5 s)
@@ -36,9 +36,9 @@ def add_parser(sub, add_router_arg) -> None:
                     "/AUTHORITY/node/HOST/ when it changes, and at least every refresh "
                     "interval, with expire set so that a dead node's facts go stale.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--authority", default="example.com",
+    p.add_argument("--authority", default="example.com", type=element,
                    help="naming authority of the channel (default example.com)")
-    p.add_argument("--host", default=socket.gethostname(),
+    p.add_argument("--host", default=socket.gethostname(), type=element,
                    help="node name in the channel (default: this machine's, "
                         f"{socket.gethostname()}); give each simulated host its own")
     p.add_argument("--preset", default="lan", choices=("local", "lan", "wan"),
@@ -75,9 +75,9 @@ def add_membership_parsers(sub, add_router_arg) -> None:
         description="Send this host's heartbeat (incarnation and counter) every period, refute "
                     "suspicions of it, say 'left' on SIGTERM/SIGINT, and run its node sensors.",
         epilog=FD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--authority", default="example.com",
+    p.add_argument("--authority", default="example.com", type=element,
                    help="naming authority of the channels (default example.com)")
-    p.add_argument("--host", action="append", metavar="NAME",
+    p.add_argument("--host", action="append", metavar="NAME", type=element,
                    help=f"node name (default: this machine's, {host}); repeat it to simulate "
                         "several hosts in one process")
     p.add_argument("--preset", default="lan", choices=presets,
@@ -97,9 +97,9 @@ def add_membership_parsers(sub, add_router_arg) -> None:
                     "silent, share opinions with the other detectors, and (the live healthy "
                     "detector with the smallest name) publish numbered membership views.",
         epilog=FD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--authority", default="example.com",
+    p.add_argument("--authority", default="example.com", type=element,
                    help="naming authority of the channels (default example.com)")
-    p.add_argument("--name", default=f"det-{host}",
+    p.add_argument("--name", default=f"det-{host}", type=element,
                    help=f"this detector's name, unique among detectors (default det-{host})")
     p.add_argument("--preset", default="lan", choices=presets,
                    help="timings: local suspects after 1 s of silence, lan after 2 s, wan "
@@ -113,7 +113,7 @@ def add_membership_parsers(sub, add_router_arg) -> None:
         "members", help="the current membership view: node, state, incarnation, since",
         description="Ask the detectors for the current view and print it.",
         epilog=FD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--authority", default="example.com",
+    p.add_argument("--authority", default="example.com", type=element,
                    help="naming authority of the channels (default example.com)")
     p.add_argument("--timeout", type=seconds, default=2.0, metavar="SECONDS",
                    help="how long to wait for a detector's answer (default 2)")

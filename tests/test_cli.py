@@ -361,6 +361,35 @@ def test_counts_and_seconds_are_checked_before_connecting():
         assert time.monotonic() - t0 < 2.5, args     # connecting alone gives up after 3 s
 
 
+def test_names_that_become_channel_elements_are_named_by_their_option():
+    # They used to be refused as "invalid channel '/a b/farm/...'" (or, for a PLDB
+    # monitor's --host, accepted with the space), naming a channel the user never typed.
+    url = _free_url()
+    for args, flag, value in ((("agent",), "--authority", "a b"),
+                              (("agent",), "--host", "a/b"),
+                              (("sensors", "--once"), "--host", "my host"),
+                              (("detector",), "--name", "x y"),
+                              (("detector",), "--authority", ""),
+                              (("members",), "--authority", "*"),
+                              (("pldb", "monitors"), "--authority", "a b"),
+                              (("pldb", "monitor", "--channel", "/x/"), "--host", "h h")):
+        t0 = time.monotonic()
+        r = psepr_cmd(*args, flag, value, "--router", url, timeout=10)
+        assert r.returncode == 2, (args, r.stderr)
+        line = _one_line_error(r)
+        assert f"argument {flag}: {value!r} must be one channel element" in line, line
+        assert time.monotonic() - t0 < 2.5, args
+
+
+def test_expire_without_an_attribute_is_refused():
+    # It was silently dropped: the event went out with no expiry anywhere.
+    url = _free_url()
+    for cmd in ("send", "request"):
+        r = psepr_cmd(cmd, "/x/", "--json", "1", "--expire", "60", "--router", url, timeout=10)
+        assert r.returncode == 2
+        assert "--expire is an attribute's expiry" in _one_line_error(r)
+
+
 def test_config_dataclasses_refuse_numbers_that_would_misbehave_later():
     from psepr import ClientConfig
     from psepr.errors import ConfigError

@@ -585,8 +585,8 @@ def test_cli_errors_are_one_line_and_signals_stop_cleanly(router_proc, start_cli
                               env={"PSEPR_ROUTERS": router_proc.url, "PATH": "/usr/bin:/bin"})
     r = run("--host", "my host", "--once")
     assert r.returncode == 2
-    assert r.stderr.startswith("psepr sensors: error: invalid channel "
-                               "'/example.com/node/my host/'") and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("psepr sensors: error: argument --host: 'my host' must be "
+                               "one channel element") and r.stderr.count("\n") == 1
     r = run("--interval", "500", "--once")
     assert r.returncode == 2 and r.stderr == (
         "psepr sensors: error: sensor refresh (300 s) must be at least the sample interval "

@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from psepr.cli import element, local_time, seconds
-from psepr.errors import UsageError
+from psepr.errors import PseprError, UsageError
 
 EPILOG = """examples:
   psepr pldb get /example.com/node/x.example.com/ load_avg        # last value, with its time
@@ -175,7 +175,7 @@ def _data_dir(args) -> Path:
 
 def cmd_monitor(args) -> int:
     from .config import PLDBConfig
-    from .monitor import Monitor, connect, database_path, monitor_root
+    from .monitor import Monitor, connect, database_path, first_set, monitor_root
     from .store import TupleStore
     root = monitor_root(args.channel)     # before a database file is made for it
     config = PLDBConfig.preset(args.preset)
@@ -191,7 +191,10 @@ def cmd_monitor(args) -> int:
                   flush=True)
             await mon.wait_ready()
             print(f"monitor {mon.id} ready: {mon.store.counts()['latest']} tuples", flush=True)
-            await stop.wait()
+            await first_set(stop, mon.ended)
+            if mon.failed is not None:
+                raise PseprError(f"monitor {mon.id} stopped: {mon.failed!r} (the log above "
+                                 f"says where)")
         finally:
             await mon.stop()
             await con.close()

@@ -73,6 +73,16 @@ def database_path(data_dir: "str | Path", root: Channel) -> Path:
     return Path(data_dir) / f"{name}.sqlite"
 
 
+async def first_set(*events: asyncio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
 class Monitor:
     """One monitor of one channel subtree.
 
@@ -118,6 +128,9 @@ class Monitor:
         self._recovering = False      # a write succeeded while broken
         self._rows: list[tuple] = []  # attribute rows waiting for their commit
         self._commit_at = 0.0
+        self.failed: BaseException | None = None  # why a task of it ended on its own
+        self.ended = asyncio.Event()  # set once stopped (asked, or after a failure)
+        self._stopping: asyncio.Task | None = None
         self._dropped_told = 0        # queue drops already reported
         self._fill_task: asyncio.Task | None = None
 
@@ -139,8 +152,10 @@ class Monitor:
         self._tasks = [asyncio.create_task(coro, name=f"pldb-{name}-{self.id}") for name, coro in (
             ("hear", self._hear()), ("ingest", self._ingest()), ("answer", self._answer()),
             ("tick", self._tick()))]
+        for t in self._tasks:
+            t.add_done_callback(self._task_ended)
         await self._announce()
-        self._fill_task = asyncio.create_task(self._fill(), name=f"pldb-fill-{self.id}")
+        self._start_fill("fill")
         log.info("monitor %s of %s started (database %s)", self.id, self.root.text, self.store.path)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -148,11 +163,40 @@ class Monitor:
 
         Raises:
             TimeoutError: not ready in time.
+            PseprError: it stopped first (:attr:`failed` says why, if it failed).
         """
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
+            await asyncio.wait_for(first_set(self._ready, self.ended), timeout)
         except asyncio.TimeoutError:
             raise psepr.TimeoutError(f"monitor {self.id} not ready within {timeout} s") from None
+        if not self._ready.is_set():
+            raise PseprError(f"monitor {self.id} stopped before it was ready"
+                             + (f": {self.failed!r}" if self.failed is not None else ""))
+
+    def _start_fill(self, name: str) -> None:
+        self._fill_task = asyncio.create_task(self._fill(), name=f"pldb-{name}-{self.id}")
+        self._fill_task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A task ended.  Unless it was stopped (or was the fill, done), the monitor
+        is no longer whole: one that stopped storing or answering must not go on
+        announcing itself ``ready``.  It says why, stops (announcing ``stopped``)
+        and sets :attr:`failed`; its runner exits, or its supervisor starts another."""
+        if task.cancelled() or self.state == STOPPED or self.failed is not None:
+            return
+        exc = task.exception()
+        if exc is None and task is self._fill_task:
+            return
+        self.failed = exc or PseprError(f"its task {task.get_name()} ended (connection closed?)")
+        log.error("monitor %s of %s: task %s failed: %r; stopping the monitor", self.id,
+                  self.root.text, task.get_name(), self.failed, exc_info=exc)
+        self._stopping = asyncio.get_running_loop().create_task(self._stop_failed())
+
+    async def _stop_failed(self) -> None:
+        try:
+            await self.stop()
+        except Exception:     # the failure may strike again on the way out: say so
+            log.exception("monitor %s: stopping it after the failure failed too", self.id)
 
     async def stop(self) -> None:
         """Say ``stopped``, release the leases, close the database.  Idempotent."""
@@ -176,6 +220,7 @@ class Monitor:
             # Whatever happened, the file is released: its lock would otherwise keep
             # the next monitor of this root (a supervisor's restart) out.
             self.store.close()
+            self.ended.set()
         log.info("monitor %s of %s stopped", self.id, self.root.text)
 
     def info(self) -> MonitorInfo:
@@ -368,7 +413,7 @@ class Monitor:
         log.warning("monitor %s: database writable again; refilling from peers", self.id)
         self.state = FILLING
         await self._announce()
-        self._fill_task = asyncio.create_task(self._fill(), name=f"pldb-refill-{self.id}")
+        self._start_fill("refill")
 
     def _count_latest(self) -> int:
         self._dirty = False

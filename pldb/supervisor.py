@@ -149,6 +149,13 @@ class Supervisor:
                         "supervisor did not start it: do two machines share the name %s? "
                         "Replicas go to distinct host names; give each machine its own "
                         "(--host)", m.id, m.root.text, self.host, self.host)
+        for root, m in list(self.monitors.items()):
+            if m.failed is not None and m.ended.is_set() and root not in self._busy:
+                # It stopped on its own (and said so); the decision below starts another.
+                log.error("monitor %s of %s failed (%r): starting another", m.id, root.text,
+                          m.failed)
+                del self.monitors[root]
+                self._tasks.append(asyncio.create_task(m.con.close()))
         local = {root: m.id for root, m in self.monitors.items()}
         for action in self.placement.decide(self.table, local, self.target(), now):
             if action.root in self._busy:

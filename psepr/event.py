@@ -54,6 +54,16 @@ MAX_EVENT_BYTES = 1 << 20
 #: level; Python stops at 1,000 frames, so one event nested deeper than that broke
 #: every reader that printed or re-serialized it.  Real payloads nest a few levels.
 MAX_XML_DEPTH = 256
+#: Deepest nesting of a JSON payload (arrays and objects): the deepest orjson can
+#: write inside an event's JSON encoding (it writes 254 levels at most, and the
+#: event object is one).  orjson *reads* up to 1,024, so a payload between the two,
+#: from a client that is not the SDK, could be received but neither printed nor
+#: stored nor sent on: it ended `psepr lease` and stopped both PLDB monitors of
+#: the local farm from storing or answering.  Real payloads nest a few levels.
+MAX_JSON_DEPTH = 253
+#: A payload shorter than this cannot nest deeper than MAX_JSON_DEPTH (each level
+#: takes two bytes): only longer ones pay for :func:`check_json_depth`.
+JSON_DEPTH_CHECK_BYTES = 2 * (MAX_JSON_DEPTH + 1)
 
 JSON = "json"
 XML = "xml"
@@ -184,6 +194,8 @@ class Event:
                 except orjson.JSONDecodeError as exc:
                     raise EventError(f"event {self.id}: payload is not valid JSON: {exc}",
                                      "payload") from None
+                if len(raw) >= JSON_DEPTH_CHECK_BYTES:
+                    check_json_depth(p, f"event {self.id}")
             else:
                 p = bytes(raw).decode("utf-8", "replace")
             self._payload = p
@@ -520,6 +532,28 @@ def _child_text(parent: ET.Element, name: str) -> str | None:
     return el.text or ""
 
 
+def check_json_depth(value: Any, what: str) -> None:
+    """Refuse a JSON value that nests deeper than ``MAX_JSON_DEPTH`` levels.
+
+    The test is orjson's own writer, one level down (an iterative walk in Python
+    costs three times as much).  Callers skip it for values whose encoding is
+    shorter than ``JSON_DEPTH_CHECK_BYTES``.
+
+    Args:
+        value: a value orjson has read, or one it could write: for those, nesting
+            is the only reason it can refuse to write it again.
+        what: names the value in the error (``"event <id>"``).
+
+    Raises:
+        EventError: it nests too deep (names ``what``).
+    """
+    try:
+        orjson.dumps([value])
+    except TypeError:
+        raise EventError(f"{what}: JSON payload nested more than {MAX_JSON_DEPTH} levels "
+                         f"(refused)", "payload") from None
+
+
 def from_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> Event:
     """Decode a PsEPR XML event document.
 
@@ -567,6 +601,8 @@ def from_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> Event:
         except orjson.JSONDecodeError as exc:
             raise EventError(f"JSON payload inside XML event is invalid: {exc}",
                              "payload") from None
+        if len(payload.text or "") >= JSON_DEPTH_CHECK_BYTES:
+            check_json_depth(value, "XML event")
         return Event(channel, value, type=ns, format=JSON, **common)
     return Event(channel, _serialize_payload(payload), type=ns, format=XML, **common)
 
@@ -584,6 +620,7 @@ def from_json(data: "str | bytes | dict", max_bytes: int = MAX_EVENT_BYTES) -> E
     Raises:
         EventError, ChannelError: malformed JSON, missing or invalid fields.
     """
+    size = None
     if isinstance(data, (str, bytes)):
         size = len(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
         if size > max_bytes:
@@ -601,6 +638,8 @@ def from_json(data: "str | bytes | dict", max_bytes: int = MAX_EVENT_BYTES) -> E
         raise EventError("event 'to' and 'from' must be objects", "to")
     if "channel" not in to:
         raise EventError("JSON event has no to.channel", "to.channel")
+    if size is None or size >= JSON_DEPTH_CHECK_BYTES:
+        check_json_depth(data.get("payload"), "JSON event")
     return Event(to["channel"], data.get("payload"), type=data.get("type"),
                  format=data.get("format") or JSON, id=data.get("id"), time=data.get("time"),
                  from_service=frm.get("service"), from_instance=frm.get("instance"),

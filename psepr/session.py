@@ -40,7 +40,8 @@ from ._version import VERSION
 from .channel import Channel, parse, parse_destination
 from .config import ClientConfig, positive_number
 from .errors import EventError, TimeoutError, UsageError, remote_error
-from .event import _UNSET, JSON, XML, Event, _check_name, _check_type, new_id, xml_payload_and_type
+from .event import (_UNSET, JSON, JSON_DEPTH_CHECK_BYTES, XML, Event, _check_name, _check_type,
+                    check_json_depth, new_id, xml_payload_and_type)
 from .wire import Kind
 
 log = logging.getLogger("psepr.client")
@@ -108,7 +109,11 @@ def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str 
         try:
             raw = orjson.dumps(payload)
         except TypeError as exc:
-            raise EventError(f"payload is not JSON-serialisable: {exc}", "payload") from None
+            if str(exc) != "Recursion limit reached":
+                raise EventError(f"payload is not JSON-serialisable: {exc}", "payload") from None
+            raw = b""      # nested too deep: the check below says so
+        if not raw or len(raw) >= JSON_DEPTH_CHECK_BYTES:
+            check_json_depth(payload, "send")
         fmt = wire.FMT_JSON
     elif format == XML:
         text, type = xml_payload_and_type(payload, type, max_bytes)

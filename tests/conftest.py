@@ -266,3 +266,31 @@ def start_monitor(start_cli, router: RouterProcess, data_dir, channel: str, host
     """A `psepr pldb monitor` process (local preset) of ``channel``, ready to answer."""
     return start_cli("pldb", "monitor", "--channel", channel, "--host", host, "--data-dir",
                      str(data_dir), "--preset", "local", router=router.url, ready=" ready:")
+
+
+def raw_send(url: str, events: list, service: str | None = None) -> None:
+    """Send ``events`` as one SEND from a raw ZeroMQ client (not the SDK, which refuses
+    what such a client may send), and wait until the router has read it.
+
+    Args:
+        events: ``(id, channel, type, time, fmt, opts, payload_bytes)`` tuples
+            (see :func:`psepr.wire.encode_send`); fmt 0 is JSON, 1 XML.
+    """
+    import zmq
+
+    from psepr import wire
+    from psepr.wire import Kind
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    try:
+        hello = {"v": wire.PROTOCOL_VERSION} | ({"service": service} if service else {})
+        sock.send_multipart(wire.encode(Kind.HELLO, hello))
+        assert sock.poll(5000), "no WELCOME"
+        assert wire.decode(sock.recv_multipart())[0] == Kind.WELCOME
+        sock.send_multipart(wire.encode_send(events))
+        sock.send_multipart(wire.encode(Kind.PING, {"req": "done"}))   # the SEND was read
+        assert sock.poll(5000), "no PONG"
+        assert wire.decode(sock.recv_multipart())[0] == Kind.PONG
+    finally:
+        sock.close()

@@ -21,9 +21,7 @@ import pytest
 import zmq.auth
 
 import psepr
-from psepr import wire
-from psepr.wire import Kind
-from tests.conftest import ROOT
+from tests.conftest import ROOT, raw_send
 
 CH = "/cli.example.com/heartbeat/"
 
@@ -543,20 +541,7 @@ def test_lease_output_xml_outlives_an_event_nested_too_deep(router_proc, lease_p
     # prints the next event.
     lp = lease_procs(router_proc.url, CH, "--count", "2", "--output", "xml")
     deep = '<payload xmlns="t">' + "<a>" * 5000 + "</a>" * 5000 + "</payload>"
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(router_proc.url)
-    try:
-        sock.send_multipart(wire.encode(Kind.HELLO, {"v": wire.PROTOCOL_VERSION}))
-        assert sock.poll(5000)
-        assert wire.decode(sock.recv_multipart())[0] == Kind.WELCOME
-        sock.send_multipart(wire.encode_send(
-            [("deep.1", CH, "t", time.time(), 1, None, deep.encode())]))
-        sock.send_multipart(wire.encode(Kind.PING, {"req": "done"}))   # the SEND was read
-        assert sock.poll(5000)
-        assert wire.decode(sock.recv_multipart())[0] == Kind.PONG
-    finally:
-        sock.close()
+    raw_send(router_proc.url, [("deep.1", CH, "t", time.time(), 1, None, deep.encode())])
     sent = psepr_cmd("send", CH, "--type", "t", "--json", '{"after": 1}', router=router_proc.url)
     assert sent.returncode == 0, sent.stderr
     rc, out, err = lp.finish()
@@ -564,3 +549,24 @@ def test_lease_output_xml_outlives_an_event_nested_too_deep(router_proc, lease_p
     assert "event deep.1" in err and "nested more than" in err
     line, = out.splitlines()
     assert psepr.from_xml(line).payload == {"after": 1}
+
+
+@pytest.mark.parametrize("output", ["json", "xml", "payload"])
+def test_lease_outlives_a_json_payload_nested_too_deep(router_proc, lease_procs, output):
+    # orjson reads JSON nested up to 1,024 levels but writes at most 254: a raw
+    # client's payload in between ended `psepr lease` with "TypeError: Recursion
+    # limit reached" in every output mode.
+    lp = lease_procs(router_proc.url, CH, "--count", "2", "--output", output)
+    deep = b"[" * 600 + b"]" * 600
+    raw_send(router_proc.url, [("deep.1", CH, "t", time.time(), 0, None, deep)])
+    sent = psepr_cmd("send", CH, "--type", "t", "--json", '{"after": 1}', router=router_proc.url)
+    assert sent.returncode == 0, sent.stderr
+    rc, out, err = lp.finish()
+    assert rc == 0, err
+    assert "event deep.1" in err and "nested more than 253 levels" in err, err
+    assert "Traceback" not in err
+    line, = out.splitlines()
+    payload = {"json": lambda: orjson.loads(line)["payload"],
+               "xml": lambda: psepr.from_xml(line).payload,
+               "payload": lambda: orjson.loads(line)}[output]()
+    assert payload == {"after": 1}

@@ -17,7 +17,7 @@ import psepr
 from psepr import pldb
 from psepr.pldb import QUERY, REPORT
 
-from .conftest import ROOT, wait_for
+from .conftest import ROOT, raw_send, wait_for
 from .conftest import start_monitor as conftest_start_monitor
 
 AUTH = "pldb.example.com"
@@ -118,6 +118,27 @@ def test_bad_tuples_and_queries_get_clear_answers_and_the_monitor_lives(router_p
             pldb.query(con, f"/{AUTH}/unmonitored/", timeout=0.5)
         assert 0.45 < time.monotonic() - start < 3
         assert info.value.channel == f"/{AUTH}/unmonitored/"
+
+
+def test_a_tuple_nested_too_deep_is_refused_and_the_monitor_goes_on(router_proc, start_cli,
+                                                                   tmp_path):
+    # A raw client's attribute whose value nests 600 levels (orjson reads it; it
+    # cannot write it back) raised TypeError inside the monitor: its storing and
+    # answering tasks died while it went on announcing itself ready.
+    mon = start_monitor(start_cli, router_proc, tmp_path)
+    with psepr.connect(router_proc.url, preset="local") as con:
+        reports = con.lease(f"/{AUTH}/_sys/pldb/reports/", type=REPORT)
+        value = b"[" * 600 + b"]" * 600
+        raw_send(router_proc.url, [("deep.1", NODE + "x/", psepr.ATTRIBUTE, time.time(), 0,
+                                    None, b'{"field": "deep", "value": ' + value + b'}')])
+        report = reports.receive(timeout=10).payload
+        assert report["kind"] == "bad-tuple" and "event deep.1" in report["detail"]
+        assert "nested more than 253 levels" in report["detail"]
+        send_attr(con, NODE + "x/", "after", 1)
+        con.flush()
+        assert [(t.field, t.value) for t in wait_for("after", lambda: pldb.query(con, NODE))] \
+            == [("after", 1)]
+        assert mon.alive()
 
 
 def test_a_sender_whose_clock_runs_fast_cannot_pin_a_field(router_proc, start_cli, tmp_path,
@@ -272,3 +293,68 @@ def _next_payload(lease):
         return lease.receive(timeout=0.2).payload
     except psepr.TimeoutError:
         return None
+
+
+async def test_a_monitor_whose_task_fails_stops_and_its_supervisor_starts_another(
+        router_proc, tmp_path, monkeypatch, caplog):
+    # A monitor whose storing task died (of a TypeError it did not expect) went on
+    # announcing itself ready while it stored and answered nothing. Now a failed
+    # task stops the monitor, which says `stopped`, and the supervisor starts
+    # another. (The failure is injected: every known cause is now refused by name.)
+    import asyncio
+
+    from pldb import monitor as pldb_monitor
+    from pldb.config import PLDBConfig
+    from pldb.peers import READY, STOPPED
+    from pldb.supervisor import Supervisor
+    from psepr.channel import parse
+    real_row = pldb_monitor.attribute_row
+
+    def row(ev, *args):
+        if ev.payload.get("field") == "boom":
+            raise RuntimeError("injected")
+        return real_row(ev, *args)
+
+    monkeypatch.setattr(pldb_monitor, "attribute_row", row)
+    root = parse(NODE)
+    sup = Supervisor(router_proc.url, [NODE], 1, host="h1", data_dir=tmp_path,
+                     config=PLDBConfig.preset("local"), preset="local")
+
+    async def ready_monitor(not_id=None, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = sup.monitors.get(root)
+            if m is not None and m.id != not_id and m.state == READY:
+                return m
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no ready monitor (other than {not_id}) within {timeout} s")
+
+    await sup.start()
+    con = await psepr.aio.connect(router_proc.url, preset="local")
+    try:
+        first = await ready_monitor()
+        said = await con.lease(pldb.monitors_channel(AUTH), type=pldb.ANNOUNCE)
+        await con.send(NODE + "x/", psepr.attribute("boom", 1), type=psepr.ATTRIBUTE)
+        await asyncio.wait_for(first.ended.wait(), 10)
+        assert isinstance(first.failed, RuntimeError) and first.state == STOPPED
+        assert f"task pldb-ingest-{first.id} failed: RuntimeError('injected')" in caplog.text
+        while True:      # its last word
+            p = (await said.receive(timeout=10)).payload
+            if p["monitor"] == first.id and p["state"] == STOPPED:
+                break
+        second = await ready_monitor(not_id=first.id)
+        await con.send(NODE + "x/", psepr.attribute("after", 1), type=psepr.ATTRIBUTE)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                got = await pldb.aquery(con, NODE, timeout=2)
+            except psepr.NoMonitor:
+                got = []
+            if any(t.field == "after" for t in got) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert [t.field for t in got if t.field == "after"] == ["after"]
+        assert second.failed is None
+    finally:
+        await con.close()
+        await sup.stop()

@@ -7,13 +7,17 @@ from __future__ import annotations
 import threading
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import psepr
 from psepr import wire
 from psepr._base import ConnectionBase, LeaseBase
 from psepr.channel import parse
 from psepr.config import ClientConfig
+from psepr.errors import EventError
+from psepr.event import MAX_JSON_DEPTH
 from psepr.session import CONNECTING, READY, Session, make_entry
 from psepr.wire import Kind
 from tests.strategies import json_values
@@ -179,6 +183,39 @@ def _deliver_to(leases: dict, sends: list, config: ClientConfig | None = None) -
 
 
 LEASES = {"La": "/t/a/", "Lb": "/t/b/", "Lc": "/t/c/", "Lall": "/t/"}
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH + 1, 600, 1024])
+def test_a_received_json_payload_nested_too_deep_is_refused_by_name(levels):
+    # orjson reads up to 1,024 levels but writes at most 254: such a payload (from a
+    # client that is not the SDK) could not be printed, stored or sent on.
+    config = ClientConfig()
+    filer = _Filer(config, ["L"])
+    s = Session(config, ["inproc://none"], filer, 0.0)
+    s.state = READY
+    s.lease("L", parse("/t/"), None, 60.0, 0.0)
+    ok = orjson.dumps(orjson.loads(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH))
+    deep = b"[" * levels + b"]" * levels
+    entries = [(f"e{k}", "/t/", None, 1.0, wire.FMT_JSON, None, p)
+               for k, p in enumerate((ok, deep, b'{"after":1}'))]
+    _kind, header, body = wire.encode_send(entries)
+    s.on_message([wire.KIND_BYTES[Kind.DELIVER], orjson.dumps({"s": [["svc", "i-1"]]}),
+                  header, body], 0.0)
+    first, bad, after = filer._leases["L"]._q
+    assert orjson.loads(first.to_json())["payload"] == first.payload     # prints
+    with pytest.raises(EventError, match=f"event e1: JSON payload nested more than "
+                                         f"{MAX_JSON_DEPTH} levels"):
+        bad.payload
+    assert after.payload == {"after": 1}
+
+
+def test_the_sdk_refuses_to_send_a_json_payload_it_would_refuse_to_receive():
+    nested = orjson.loads(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1))
+    for payload in (nested, [[nested]]):       # orjson writes the first, not the second
+        with pytest.raises(EventError, match=f"nested more than {MAX_JSON_DEPTH} levels"):
+            make_entry("/t/", payload)
+    with pytest.raises(EventError, match="nested more than"):
+        psepr.from_json({"to": {"channel": "/t/"}, "payload": nested})
 
 
 def test_one_event_groups_for_differing_leases_are_filed_in_order():

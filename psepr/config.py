@@ -136,6 +136,26 @@ class ClientConfig:
         return dataclasses.replace(self, **changes)
 
 
+def read_text_file(path: "str | Path", what: str) -> str:
+    """The text of a settings file (router config, ACL, servers file), UTF-8.
+
+    Args:
+        path: the file.
+        what: names it in errors (``"router config"``).
+
+    Raises:
+        ConfigError: it cannot be read, or is not UTF-8 text (names the file, and
+            the offset of the first bad byte).
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start})") from None
+
+
 def _split(text: str) -> list[str]:
     return [u for u in text.replace(",", " ").split() if u]
 
@@ -196,10 +216,7 @@ def _resolve(routers) -> list:
         path = Path(os.environ.get("PSEPR_SERVERS_FILE")
                     or Path.home() / ".config" / "psepr" / "servers")
         if path.exists():
-            try:
-                lines = path.read_text().splitlines()
-            except OSError as exc:
-                raise ConfigError(f"cannot read servers file {path}: {exc.strerror}") from None
+            lines = read_text_file(path, "servers file").splitlines()
             urls = [u for line in lines for u in _split(line.split("#", 1)[0])]
             if urls:
                 return urls

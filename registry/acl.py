@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from psepr.channel import Channel, parse
+from psepr.config import read_text_file
 from psepr.errors import ChannelError, ConfigError
 
 INBOX = "_inbox"
@@ -138,9 +139,7 @@ def load_acl(path: "str | Path") -> ACL:
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read ACL file {path}: {exc.strerror}") from None
+        data = tomllib.loads(read_text_file(path, "ACL file"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"ACL file {path} is not valid TOML: {exc}") from None
     principals: dict[str, Principal] = {}

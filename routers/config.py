@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from psepr.channel import element_ok
-from psepr.config import check_settings, endpoint_ok
+from psepr.config import check_settings, endpoint_ok, read_text_file
 from psepr.errors import ConfigError
 
 
@@ -185,12 +185,9 @@ def load_router_file(path: str) -> dict:
             the message names the file and the key.
     """
     import tomllib
-    from pathlib import Path
 
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read router config {path}: {exc.strerror}") from None
+        data = tomllib.loads(read_text_file(path, "router config"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"router config {path} is not valid TOML: {exc}") from None
     table = data.get("router")

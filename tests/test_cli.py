@@ -570,3 +570,23 @@ def test_lease_outlives_a_json_payload_nested_too_deep(router_proc, lease_procs,
                "xml": lambda: psepr.from_xml(line).payload,
                "payload": lambda: orjson.loads(line)}[output]()
     assert payload == {"after": 1}
+
+
+def test_settings_files_that_are_not_text_are_named(tmp_path):
+    # A router config, an ACL or a servers file holding binary bytes (a key file
+    # given by mistake, a damaged copy) ended in a UnicodeDecodeError traceback.
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"name = \"r1\"\n\xec\x9a\x00")
+    key = tmp_path / "r.key_secret"
+    assert psepr_cmd("keygen", "r", "--dir", str(tmp_path)).returncode == 0
+    for args, what in ((("router", "--config", str(junk)), "router config"),
+                       (("router", "--curve", "--key", str(key), "--acl", str(junk),
+                         "--listen", _free_url()), "ACL file")):
+        r = psepr_cmd(*args, timeout=10)
+        assert r.returncode == 2, r.stderr
+        assert _one_line_error(r).endswith(f"{what} {junk} is not UTF-8 text (byte 0xec at "
+                                           f"offset 12)"), r.stderr
+    env = {**_env(None), "PSEPR_SERVERS_FILE": str(junk)}
+    r = subprocess.run([sys.executable, "-m", "psepr.cli", "send", "/x/", "--json", "1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "servers file" in _one_line_error(r), r.stderr

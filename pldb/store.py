@@ -48,9 +48,7 @@ The second is refused, naming the first one's process.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import sqlite3
 from pathlib import Path
 from typing import Iterable
@@ -58,6 +56,7 @@ from typing import Iterable
 import orjson
 from sortedcontainers import SortedDict
 
+from psepr import lockfile
 from psepr.errors import StorageError
 from psepr.pldb import Query, Tuple
 
@@ -359,24 +358,13 @@ def _lock_file(path: str):
         StorageError: another store holds it; the message names its process.
         OSError: the lock file cannot be opened.
     """
-    f = open(path + ".lock", "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if not isinstance(exc, BlockingIOError):
-            # A filesystem without flock (some network ones): run unguarded, as before.
-            f.close()
-            log.warning("PLDB database %s: cannot lock %s.lock (%s); nothing stops a second "
-                        "monitor from using this file", path, path, exc)
-            return None
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
+        return lockfile.hold(path + ".lock")
+    except lockfile.LockHeld as held:
         raise StorageError(f"PLDB database {path} is in use by another monitor (process "
-                           f"{holder}): one monitor per database; give this one its own "
+                           f"{held.holder}): one monitor per database; give this one its own "
                            f"--data-dir", path) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
+    except lockfile.LockUnsupported as exc:
+        log.warning("PLDB database %s: cannot lock %s.lock (%s); nothing stops a second "
+                    "monitor from using this file", path, path, exc)
+        return None

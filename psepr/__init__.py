@@ -17,10 +17,10 @@ from ._version import VERSION as __version__
 from .channel import Channel, covers, parse as channel
 from .client import Connection, Lease, connect
 from .config import ClientConfig, tune_gc
-from .errors import (AccessDenied, ChannelError, ClosedError, ConfigError, ConnectionLost,
-                     EventError, LeaseExpired, NoMonitor, NoRoute, ProtocolError, PseprError,
-                     RemoteError, SlowConsumer, StorageError, TimeoutError, UsageError,
-                     XMLRefused)
+from .errors import (AccessDenied, AddressInUse, ChannelError, ClosedError, ConfigError,
+                     ConnectionLost, EventError, LeaseExpired, NoMonitor, NoRoute, ProtocolError,
+                     PseprError, RemoteError, SlowConsumer, StorageError, TimeoutError,
+                     UsageError, XMLRefused)
 from .event import ATTRIBUTE, EVENT_NS, Event, attribute, from_json, from_xml
 from . import pldb
 
@@ -28,7 +28,7 @@ __all__ = [
     "connect", "Connection", "Lease", "ClientConfig", "tune_gc", "Event", "Channel", "channel", "covers",
     "attribute", "ATTRIBUTE", "EVENT_NS", "from_json", "from_xml", "errors", "aio",
     "PseprError", "UsageError", "ChannelError", "EventError", "XMLRefused", "ConfigError",
-    "RemoteError", "AccessDenied", "ProtocolError", "LeaseExpired", "ClosedError",
+    "AddressInUse", "RemoteError", "AccessDenied", "ProtocolError", "LeaseExpired", "ClosedError",
     "ConnectionLost", "TimeoutError", "NoRoute", "NoMonitor", "SlowConsumer", "StorageError",
     "pldb", "__version__",
 ]

@@ -18,7 +18,7 @@ import orjson
 
 from . import __version__
 from .config import DEFAULT_ROUTER, positive_number
-from .errors import ConfigError, PseprError, UsageError
+from .errors import AddressInUse, ConfigError, PseprError, UsageError
 
 EPILOG_ROUTER = """examples:
   psepr router --listen tcp://127.0.0.1:7600 --name r1
@@ -343,11 +343,28 @@ def cmd_run(args) -> int:
     import threading
     from routers.config import RouterConfig
     from routers.descriptors import raise_open_files_limit
-    from routers.router import Router
+    from routers.router import Router, is_loopback_endpoint
     from .config import tune_gc
     host, port = _split_tcp(args.listen)
     if not 1 <= args.routers <= 9:
         raise UsageError("--routers must be between 1 and 9")
+    # Router i takes port + 10 * i for clients and the next port for peers.
+    last = port + 10 * (args.routers - 1) + (args.routers > 1)
+    if port == 0:
+        raise UsageError("--listen needs a port: router i of the farm listens on port + 10 * i "
+                         "(and peers on the next port), so port 0 (any free port) would put "
+                         "them on ports 1, 10, 11...; give one such as tcp://127.0.0.1:7600")
+    if last > 65535:
+        raise UsageError(f"--listen port {port} leaves no room for {args.routers} routers: they "
+                         f"would use ports {port} to {last} (router i: port + 10 * i, and the "
+                         f"next for peers), and the last port is 65535")
+    if not is_loopback_endpoint(args.listen):
+        raise UsageError(f"psepr run is the local farm: it listens on loopback only, got "
+                         f"{args.listen!r}; routers for other hosts are `psepr router` "
+                         f"(docs/operations.md)")
+    from pldb.cli import default_data_dir
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("local-farm")
+    farm_lock = _hold_farm_dir(data_dir)
     routers: list = []
     raise_open_files_limit()    # each connection holds a descriptor
     try:
@@ -361,9 +378,9 @@ def cmd_run(args) -> int:
     except PseprError as exc:
         for r in routers:
             r.close()
-        if isinstance(exc, ConfigError):   # a bind: the endpoints are all run's own choice
-            raise ConfigError(f"{exc}; `psepr run --listen tcp://{host}:{port + 100}` would "
-                              f"use other ports") from None
+        if isinstance(exc, AddressInUse) and last + 100 <= 65535:
+            raise AddressInUse(f"{exc}; `psepr run --listen tcp://{host}:{port + 100}` would "
+                               f"use other ports") from None
         raise
     tune_gc()
     threads = [threading.Thread(target=r.run, name=r.config.name, daemon=True) for r in routers]
@@ -374,8 +391,6 @@ def cmd_run(args) -> int:
              f"{r.peer_endpoints[0] if r.peer_endpoints else '-'}" for r in routers]
     cfg = routers[0].config
     from services.localfarm import LocalFarmClients
-    from pldb.cli import default_data_dir
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("local-farm")
     farm = LocalFarmClients(urls, data_dir)
     try:
         farm.start()
@@ -418,8 +433,32 @@ Try, in another terminal (after `. .venv/bin/activate`):
         r.stop()
     for t in threads:
         t.join(5)
+    if farm_lock is not None:
+        farm_lock.close()
     print("PsEPR local farm stopped.")
     return 0
+
+
+def _hold_farm_dir(data_dir: Path):
+    """Hold ``<data_dir>/farm.lock`` for this run (returns the open lock file, or None
+    where the filesystem cannot lock).  A second farm on one data directory started
+    its routers, then logged every second that its monitors' databases were taken.
+
+    Raises:
+        UsageError: another `psepr run` holds it (named with its process id).
+        ConfigError: the directory cannot be made.
+    """
+    from . import lockfile
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return lockfile.hold(str(data_dir / "farm.lock"))
+    except lockfile.LockHeld as held:
+        raise UsageError(f"the data directory {data_dir} is in use by another `psepr run` "
+                         f"(process {held.holder}); give this farm its own --data-dir") from None
+    except lockfile.LockUnsupported:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot use the data directory {data_dir}: {exc.strerror}") from None
 
 
 def _split_tcp(url: str) -> tuple[str, int]:

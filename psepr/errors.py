@@ -71,6 +71,10 @@ class ConfigError(UsageError):
     """A configuration file or option is invalid."""
 
 
+class AddressInUse(ConfigError):
+    """An endpoint to listen on is taken by another process."""
+
+
 class RemoteError(PseprError):
     """A peer answered with an error, or sent something we could not use.
 

@@ -74,7 +74,7 @@ import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 from psepr.config import tune_gc
-from psepr.errors import ConfigError
+from psepr.errors import AddressInUse, ConfigError
 from psepr.wire import KIND_BYTES, Kind
 from psepr.zmqio import NOBLOCK, readable, recv_frames, recv_frames_user, send_frames
 from registry.acl import ACL, load_acl
@@ -119,16 +119,18 @@ def _bind(sock: zmq.Socket, endpoint: str, what: str) -> str:
         The bound endpoint (an ephemeral port resolved).
 
     Raises:
-        ConfigError: naming the endpoint and the likely cause.
+        AddressInUse: another process listens there.
+        ConfigError: another reason, named with the endpoint.
     """
     if endpoint.startswith("ipc://") and _ipc_listened(endpoint[len("ipc://"):]):
-        raise ConfigError(f"cannot {what} on {endpoint}: {_IN_USE}; ZeroMQ would take the "
-                          f"path from it")
+        raise AddressInUse(f"cannot {what} on {endpoint}: {_IN_USE}; ZeroMQ would take the "
+                           f"path from it")
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
-        cause = _IN_USE if exc.errno == zmq.EADDRINUSE else str(exc)
-        raise ConfigError(f"cannot {what} on {endpoint}: {cause}") from None
+        if exc.errno == zmq.EADDRINUSE:
+            raise AddressInUse(f"cannot {what} on {endpoint}: {_IN_USE}") from None
+        raise ConfigError(f"cannot {what} on {endpoint}: {exc}") from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 

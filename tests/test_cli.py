@@ -590,3 +590,17 @@ def test_settings_files_that_are_not_text_are_named(tmp_path):
     r = subprocess.run([sys.executable, "-m", "psepr.cli", "send", "/x/", "--json", "1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=10)
     assert r.returncode == 2 and "servers file" in _one_line_error(r), r.stderr
+
+
+def test_run_refuses_ports_it_cannot_use_and_other_hosts(tmp_path):
+    # Port 0 put the farm's routers on ports 1, 10, 11, 20, 21 (as root); 65530
+    # was refused as "router setting peers: 'tcp://127.0.0.1:65541' is not an
+    # endpoint", and then suggested 65630; a non-loopback address was told to
+    # "pass --insecure", which `psepr run` does not have.
+    for listen, words in (("tcp://127.0.0.1:0", "--listen needs a port"),
+                          ("tcp://127.0.0.1:65530", "--listen port 65530 leaves no room for 3 "
+                                                    "routers: they would use ports 65530 to 65551"),
+                          ("tcp://0.0.0.0:7700", "it listens on loopback only")):
+        r = psepr_cmd("run", "--listen", listen, "--data-dir", str(tmp_path), timeout=20)
+        assert r.returncode == 2, r.stderr
+        assert words in _one_line_error(r)

@@ -108,6 +108,16 @@ def test_psepr_run_starts_a_three_router_mesh_with_pldb_and_sensors(tmp_path):
                 assert time.monotonic() < deadline, "the local farm's detectors never saw us"
                 time.sleep(0.2)
             assert answer["detectors"] == ["d1", "d2", "d3"]
+        # A second farm on the same data directory is refused before it starts
+        # anything (it used to run, logging every second that its monitors'
+        # databases were taken).
+        second = subprocess.run([sys.executable, "-m", "psepr.cli", "run", "--listen",
+                                 f"tcp://127.0.0.1:{_free_base()}", "--data-dir", str(tmp_path)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=20)
+        assert second.returncode == 2
+        assert second.stderr == (f"psepr run: error: the data directory {tmp_path} is in use by "
+                                 f"another `psepr run` (process {p.pid}); give this farm its own "
+                                 f"--data-dir\n")
     finally:
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=20)

@@ -232,13 +232,20 @@ def cmd_stats(args) -> int:
             print(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() if args.json
                   else _fmt_stats(st))
             return 0
+        from .wire import ROUTER_SERVICE, STATS_TYPE
         w = con.welcome
         ch = f"/{w['authority']}/_sys/routers/{w['router']}/stats/"
-        lease = con.lease(ch, duration=600)
+        lease = con.lease(ch, type=STATS_TYPE, duration=600)
         print(f"# watching {ch}", file=sys.stderr)
         n = 0
         while args.count is None or n < args.count:
-            st = lease.receive(timeout=max(args.timeout, 30.0)).payload
+            ev = lease.receive(timeout=max(args.timeout, 30.0))
+            if ev.from_service != ROUTER_SERVICE:
+                # Anyone may send on the channel; only the router may use its service name.
+                print(f"# skipped event {ev.id} from {ev.from_service}/{ev.from_instance}: not "
+                      f"the router's", file=sys.stderr)
+                continue
+            st = ev.payload
             print(orjson.dumps(st).decode() if args.json else _fmt_stats(st) + "\n")
             sys.stdout.flush()
             n += 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .channel import element_ok
 from .errors import ConfigError
+from .wire import ROUTER_SERVICE
 
 DEFAULT_ROUTER = "tcp://127.0.0.1:7600"
 _INF = float("inf")
@@ -114,6 +115,9 @@ class ClientConfig:
             if v and not element_ok(v):
                 raise ConfigError(f"client setting {field} {v!r} must be printable text "
                                   f"without whitespace, '/' or '*'")
+        if self.service == ROUTER_SERVICE:
+            raise ConfigError(f"client setting service {ROUTER_SERVICE!r} is reserved for the "
+                              f"routers' own events")
         if not self.renew_fraction < 1:
             raise ConfigError(f"client setting renew_fraction must be below 1 (renew before "
                               f"the grant runs out), got {self.renew_fraction!r}")

@@ -46,6 +46,11 @@ from .errors import ProtocolError
 
 #: Protocol version carried in HELLO/WELCOME; bumped on incompatible change.
 PROTOCOL_VERSION = 1
+#: The service name stamped on events a router originates (its stats); reserved:
+#: a client may not declare it, nor an ACL name a principal so.
+ROUTER_SERVICE = "psepr-router"
+#: The type of a router's stats events.
+STATS_TYPE = "http://psepr.org/xs/payload/router-stats"
 
 
 class Kind(enum.IntEnum):

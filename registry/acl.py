@@ -31,9 +31,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psepr.channel import Channel, parse
+from psepr.channel import Channel, element_ok, parse
 from psepr.config import read_text_file
 from psepr.errors import ChannelError, ConfigError
+from psepr.wire import ROUTER_SERVICE
 
 INBOX = "_inbox"
 _ENTRY_KEYS = frozenset(("key", "key_file", "send", "lease"))
@@ -158,9 +159,12 @@ def load_acl(path: "str | Path") -> ACL:
             if unknown:
                 raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
                                   f"expected {', '.join(sorted(allowed))}")
-            if not name or "/" in name or "*" in name or not name.isprintable() or " " in name:
+            if not element_ok(name):
                 raise ConfigError(f"{path}: {section[:-1]} name {name!r} must be printable "
                                   f"text without whitespace, '/' or '*'")
+            if section == "principals" and name == ROUTER_SERVICE:
+                raise ConfigError(f"{path}: principal name {name!r} is reserved for the "
+                                  f"routers' own events")
             key = _key(path, where, entry)
             if key is not None:
                 if key in by_key and by_key[key] != name:

@@ -52,8 +52,8 @@ from .overlay import SEG_SENDER, OverlayCore, PeerOut
 
 log = logging.getLogger("psepr.router")
 
-STATS_TYPE = "http://psepr.org/xs/payload/router-stats"
-ROUTER_SERVICE = "psepr-router"
+STATS_TYPE = wire.STATS_TYPE
+ROUTER_SERVICE = wire.ROUTER_SERVICE
 _K = wire.KIND_BYTES
 _MAX_CACHE = 100_000
 #: Control messages (PONG, LEASED, ERROR...) kept per connection while its ZeroMQ
@@ -310,6 +310,10 @@ class RouterCore:
                             f"text without whitespace, '/' or '*'")
                 return
         if principal is None:
+            if service == ROUTER_SERVICE:
+                self._error(ident, wire.E_DENIED, f"hello: service {service!r} is reserved for "
+                            f"the routers' own events")
+                return
             principal = service or "anonymous"
         prev = self._instances.get((principal, instance)) if instance is not None else None
         if prev is not None and prev.ident != ident and (

@@ -234,3 +234,9 @@ def test_principals_must_be_tables(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_acl(write(tmp_path, '[principals]\nsensor = 1\n'))
     assert "principals.sensor must be a table" in str(info.value)
+
+
+def test_a_principal_may_not_be_named_as_the_routers_service(tmp_path):
+    path = write(tmp_path, f'[principals.psepr-router]\nkey = "{KEY_A}"\nsend = ["/"]\n')
+    with pytest.raises(ConfigError, match="principal name 'psepr-router' is reserved"):
+        load_acl(path)

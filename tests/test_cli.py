@@ -604,3 +604,29 @@ def test_run_refuses_ports_it_cannot_use_and_other_hosts(tmp_path):
         r = psepr_cmd("run", "--listen", listen, "--data-dir", str(tmp_path), timeout=20)
         assert r.returncode == 2, r.stderr
         assert words in _one_line_error(r)
+
+
+def test_stats_watch_prints_only_the_routers_own_stats(router_proc):
+    # Anyone may send on a router's stats channel: one event whose payload was
+    # not a stats object ended `psepr stats --watch` with a TypeError traceback.
+    from psepr.wire import STATS_TYPE
+    p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "stats", "--watch", "--count", "1",
+                          "--json"], cwd=ROOT, env=_env(router_proc.url), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stderr.readline().startswith("# watching /psepr.local/_sys/routers/")
+        ch = "/psepr.local/_sys/routers/r1/stats/"
+        raw_send(router_proc.url, [("fake.1", ch, STATS_TYPE, time.time(), 0, None, b"[1,2]")])
+        r = psepr_cmd("send", ch, "--type", STATS_TYPE, "--json", "1", "--service",
+                      "psepr-router", router=router_proc.url)
+        assert r.returncode == 2 and "is reserved" in _one_line_error(r)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, err
+    assert err == "# skipped event fake.1 from anonymous/" + err.split("anonymous/")[1]
+    assert err.endswith(": not the router's\n")
+    st = orjson.loads(out)
+    assert st["router"] == "r1" and "events_in" in st

@@ -212,6 +212,16 @@ def test_hello_with_a_bad_service_name_is_refused(h):
     assert b"c1" not in h.core.conns
 
 
+def test_hello_may_not_declare_the_routers_own_service(h):
+    # Events a router originates (its stats) carry service "psepr-router"; a client
+    # declaring it could pass its events off as the router's.
+    h.handle(b"c1", wire.encode(Kind.HELLO, {"v": wire.PROTOCOL_VERSION,
+                                              "service": ROUTER_SERVICE}))
+    [err] = h.errors(b"c1")
+    assert err["code"] == wire.E_DENIED and "reserved" in err["message"]
+    assert b"c1" not in h.core.conns
+
+
 def test_send_before_hello_is_an_error_no_session(h):
     g = group("/a/", ["e1"], [b"1"])
     h.handle(b"c1", send_frames(g))

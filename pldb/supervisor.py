@@ -187,12 +187,12 @@ class Supervisor:
         finally:
             self._busy.discard(root)
 
-    async def _stop_monitor(self, root: Channel) -> None:
+    async def _stop_monitor(self, root: Channel, why: str | None = None) -> None:
         try:
             mon = self.monitors.pop(root, None)
             if mon is not None:
-                log.info("stopping monitor %s of %s (surplus over k=%d)", mon.id, root.text,
-                         self.target())
+                log.info("stopping monitor %s of %s (%s)", mon.id, root.text,
+                         why or f"surplus over k={self.target()}")
                 await mon.stop()
                 await mon.con.close()
         finally:
@@ -206,6 +206,6 @@ class Supervisor:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for root in list(self.monitors):
-            await self._stop_monitor(root)
+            await self._stop_monitor(root, "the supervisor stops")
         if self._con is not None:
             await self._con.close()

@@ -698,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     levels = [logging.ERROR if quiet else logging.WARNING, logging.INFO, logging.DEBUG]
     logging.basicConfig(level=levels[min(args.verbose, 2)],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.verbose < 2:
+        # Its INFO is two lines per job run: four times a second for a supervisor.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

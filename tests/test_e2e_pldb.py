@@ -6,6 +6,7 @@ by the monitors on the asker's inbox (psepr.pldb.query).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -358,3 +359,33 @@ async def test_a_monitor_whose_task_fails_stops_and_its_supervisor_starts_anothe
     finally:
         await con.close()
         await sup.stop()
+
+
+def test_a_verbose_supervisor_logs_its_own_work_not_the_schedulers(router_proc, tmp_path):
+    # At -v, apscheduler's two INFO lines per round (four rounds a second) buried the
+    # supervisor's own; and stopping it said each monitor was "surplus over k=1".
+    import signal
+    p = subprocess.Popen([sys.executable, "-m", "psepr.cli", "-v", "pldb", "supervisor",
+                          "--channels", NODE, "--replicas", "1", "--data-dir", str(tmp_path),
+                          "--preset", "local"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PSEPR_ROUTERS": router_proc.url})
+    try:
+        lines = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = p.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            if "started monitor" in line:
+                break
+        time.sleep(1.0)                      # four rounds
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    log = "".join(lines) + err
+    assert "apscheduler" not in log, log
+    assert "(the supervisor stops)" in log and "surplus" not in log, log

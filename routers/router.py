@@ -484,7 +484,8 @@ def serve(config: RouterConfig, announce=print) -> None:
 
     Args:
         config: the router configuration.
-        announce: called with one line per bound endpoint, and once when ready.
+        announce: called with one line per bound endpoint, once when ready, and once
+            when stopped (with its event counts).
     """
     raise_open_files_limit()    # each connection holds a descriptor
     router = Router(config)
@@ -505,6 +506,9 @@ def serve(config: RouterConfig, announce=print) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     router.run()
+    core = router.core
+    announce(f"psepr router {config.name} stopped (events: {core.events_in} in, "
+             f"{core.events_out} out, {core.dropped} dropped)")
 
 
 __all__ = ["Router", "serve", "is_loopback_endpoint"]

@@ -438,10 +438,13 @@ def test_router_prints_the_bound_address():
         url = first.split()[-1]
         with psepr.connect(url) as con:       # the printed address is the one that serves
             assert con.welcome["router"] == "cli-r"
+            con.send("/x/", 1)
     finally:
         proc.terminate()
-        proc.communicate(timeout=10)
+        out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0
+    # and says it stopped, with what it carried
+    assert out == "psepr router cli-r stopped (events: 1 in, 0 out, 0 dropped)\n"
 
 
 # -- help ---------------------------------------------------------------------------------------

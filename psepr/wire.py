@@ -84,6 +84,12 @@ class Kind(enum.IntEnum):
     # Client to router.
     STATUS = 25        # c->r {"req"}
     STATUS_REPLY = 26  # r->c {"req", "status"}
+    # Router to router, on peer links (later).
+    PEER_BYE = 27      # {"router", "epoch"}: the sender is stopping; take the link down now
+
+
+#: The kinds only routers send each other, on peer links.
+PEER_KINDS = frozenset(range(Kind.PEER_HELLO, Kind.SYNC + 1)) | {Kind.PEER_BYE}
 
 
 #: One-byte kind frames, prebuilt (sending bytes is cheaper than encoding ints).

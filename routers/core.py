@@ -255,7 +255,7 @@ class RouterCore:
                     return
                 conn.last_seen = now
                 _SESSION_KINDS[kind](self, conn, header, now)
-            elif Kind.PEER_HELLO <= kind <= Kind.SYNC:
+            elif kind in wire.PEER_KINDS:
                 # A router whose --peer names this client endpoint: say where to dial.
                 self._error(ident, wire.E_PROTOCOL, f"{Kind(kind).name} on a client endpoint: "
                             f"peer routers dial a router's --peer-listen endpoint, not its "

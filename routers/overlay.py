@@ -7,7 +7,9 @@ router's peer ROUTER socket.  Either side may configure a link; once the
 dialer's PEER_HELLO is answered by PEER_WELCOME the link carries traffic both
 ways.  Both ends ping an idle link every ``peer_ping`` seconds and declare it
 down after ``peer_dead_after`` seconds of silence; a dialed link then says
-hello again until its peer answers.  A dialer told that its peer lost the
+hello again until its peer answers.  A router that stops says PEER_BYE on
+every up link first: its peers take their links down at once (and log a stop,
+not a failure) instead of after ``peer_dead_after`` of silence.  A dialer told that its peer lost the
 session (it restarted, or noticed a partition first) says hello again on the
 link it keeps up, and both ends send everything again on the welcome: the
 rest of the overlay sees no flap.  If two routers dial each other, both
@@ -267,6 +269,23 @@ class OverlayCore:
             self._out = []
         return out
 
+    def goodbye(self) -> list:
+        """Queue PEER_BYE on every up link: this router is stopping (see the module
+        docstring).  The shell sends it with :meth:`take_out` before closing.
+
+        Returns:
+            The ids of the accepted links among them: their peers dialed us, and
+            answer the goodbye with a hello (the link is down; they dial again).
+        """
+        msg = wire.encode(Kind.PEER_BYE, {"router": self.me, "epoch": self.epoch})
+        told = []
+        for link in self.links.values():
+            if link.up:
+                self._send(link.id, msg)
+                if not link.dialed:
+                    told.append(link.id)
+        return told
+
     def link_gone(self, link_id: tuple, now: float) -> None:
         """The shell found the link's peer gone (e.g. EHOSTUNREACH)."""
         link = self.links.get(link_id)
@@ -341,6 +360,8 @@ class OverlayCore:
                 self._on_welcome(link, h, now)
                 return
             if link is None or not link.up:
+                if kind == Kind.PEER_BYE:
+                    return            # a link that is down already: nothing to say to it
                 if link is not None:
                     link.last_heard = now     # answered, if only to refuse: not silent
                 if kind == Kind.HELLO:
@@ -477,6 +498,12 @@ class OverlayCore:
         self.peer_errors += 1
         self._warn(now, ("hello", message), "refused peer link: %s", message)
         self._send(link_id, wire.encode(Kind.ERROR, {"code": wire.E_DENIED, "message": message}))
+
+    def _on_bye(self, link: Link, h: dict, rest: list, now: float) -> None:
+        # Only from the run this link is up with: a late goodbye of a former run must
+        # not take its successor's link down.
+        if h.get("router") == link.peer and h.get("epoch") == link.epoch:
+            self._link_down(link, now, "it is stopping (it said goodbye)", graceful=True)
 
     def _on_ping(self, link: Link, h: dict, rest: list, now: float) -> None:
         self._send(link.id, wire.encode(Kind.PEER_PONG, {"t": h.get("t")}))
@@ -715,10 +742,11 @@ class OverlayCore:
         if not was_up:
             self._originate(now)
 
-    def _link_down(self, link: Link, now: float, why: str) -> None:
+    def _link_down(self, link: Link, now: float, why: str, graceful: bool = False) -> None:
         if not link.up:
             return
-        log.warning("peer link to %s down: %s", link.peer, why)
+        log.log(logging.INFO if graceful else logging.WARNING, "peer link to %s down: %s",
+                link.peer, why)
         link.up = False
         link.rtt = None
         link.rejoin = None
@@ -906,5 +934,6 @@ _HANDLERS = {
     Kind.INTEREST_ACK: OverlayCore._on_ack,
     Kind.FORWARD: OverlayCore._on_forward,
     Kind.SYNC: OverlayCore._on_sync,
+    Kind.PEER_BYE: OverlayCore._on_bye,
     Kind.PEER_WELCOME: lambda self, link, h, rest, now: None,   # a repeated welcome
 }

@@ -88,6 +88,11 @@ RCVTIMEO = int(zmq.RCVTIMEO)
 #: Messages of a turn after which the loop asks whether another waits; past
 #: them, a busy turn drains until a receive fails (one failure for many messages).
 _ASK = 3
+#: How long a stopping router's peer sockets may take to deliver its goodbyes, and
+#: how long it waits for the peers that dialed it to answer them: on a live link
+#: it takes a round trip; a dead one must not hold the stop up.
+_BYE_LINGER_MS = 200
+_BYE_WAIT = 0.5
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
@@ -181,7 +186,7 @@ class Router:
 
     Args:
         config: the router configuration.
-        context: ZeroMQ context (a new one by default).
+        context: ZeroMQ context (by default a new one, which :meth:`close` ends).
 
     Raises:
         ConfigError: insecure non-loopback listen address, missing keys, bad ACL,
@@ -190,7 +195,11 @@ class Router:
 
     def __init__(self, config: RouterConfig, context: zmq.Context | None = None) -> None:
         self.config = config
-        self.ctx = context or zmq.Context.instance()
+        # Its own context unless given one: closing the router then ends it, which is
+        # what makes ZeroMQ deliver the goodbyes a stop leaves queued (a context
+        # left to the interpreter's exit drops them).
+        self._own_ctx = context is None
+        self.ctx = zmq.Context() if context is None else context
         self._stopping = False     # a plain flag: the loop reads it every turn
         self._auth = None
         acl = None
@@ -465,18 +474,55 @@ class Router:
                         drain(s)
                 now, due = end_turn()
         finally:
-            self.close()
+            bye = self._stopping and overlay is not None
+            if bye:
+                told = overlay.goodbye()   # peers take the links down now: a stop, not a crash
+                try:
+                    send_peers()
+                    self._await_goodbyes({lid[1] for lid in told})
+                except zmq.ZMQError:
+                    bye = False
+            self.close(_BYE_LINGER_MS if bye else 0)
 
-    def close(self) -> None:
-        for s in [*self.sockets, *self.dialers.values(), self.peer_sock]:
+    def _await_goodbyes(self, idents: set) -> None:
+        """Wait until every peer that dialed us has read our goodbye, at most ``_BYE_WAIT``.
+
+        Such a peer reads through a DEALER with ``IMMEDIATE``, and libzmq discards
+        what such a socket has not read yet when its connection closes: a goodbye
+        followed at once by our close was lost about one time in five.  The peer
+        answers it with a hello (its link is down, so it dials again), or an
+        error if it does not know PEER_BYE; either proves it read it.  Nothing
+        received here is acted on: the router is stopping.
+        """
+        deadline = time.monotonic() + _BYE_WAIT
+        s = self.peer_sock
+        answers = (KIND_BYTES[Kind.PEER_HELLO], KIND_BYTES[Kind.ERROR])
+        while idents and (left := deadline - time.monotonic()) > 0:
+            if not s.poll(left * 1000.0):
+                return
+            try:
+                frames = recv_frames(s)
+            except zmq.Again:
+                continue
+            if len(frames) > 1 and frames[1] in answers:
+                idents.discard(frames[0])
+
+    def close(self, peer_linger_ms: int = 0) -> None:
+        """Close the sockets; peer sockets may keep ``peer_linger_ms`` to deliver what
+        waits (the goodbyes of a stop)."""
+        for s in self.sockets:
+            s.close(linger=0)
+        for s in [*self.dialers.values(), self.peer_sock]:
             if s is not None:
-                s.close(linger=0)
+                s.close(linger=peer_linger_ms)
         self.sockets = []
         self.dialers = {}
         self.peer_sock = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if self._own_ctx and not self.ctx.closed:
+            self.ctx.term()    # every socket is closed: waits at most peer_linger_ms
 
 
 def serve(config: RouterConfig, announce=print) -> None:

@@ -254,3 +254,19 @@ def test_client_fails_over_to_another_router_quickly(start_router):
     finally:
         holder.close()
         sender.close()
+
+
+def test_a_router_stopped_gracefully_is_let_go_at_once(start_router):
+    # On the wan preset a peer waits 8 s of silence before it takes a link down.
+    # A router stopped with SIGTERM says goodbye on its links: its peers drop it
+    # at once, and log a stop (INFO), not the failure a crash is (WARNING).
+    r0, r1, r2 = start_overlay(start_router, 3, [(1, 0), (2, 1)], preset="wan")
+    t0 = time.monotonic()
+    r1.stop()
+    wait_converged([r0], timeout=30.0, expect=["r0"])
+    wait_converged([r2], timeout=30.0, expect=["r2"])
+    took = time.monotonic() - t0
+    print(f"\ngraceful stop: both peers let r1 go {took:.2f} s after SIGTERM")
+    assert took < 4.0, f"the peers took {took:.1f} s to let r1 go (peer_dead_after is 8 s)"
+    for r in (r0, r2):
+        assert "peer link to r1 down" not in "".join(r.output), r.output

@@ -309,6 +309,40 @@ def test_silent_link_is_routed_around_and_dead_router_leaves_no_ghost_interest()
     assert net.cores["a"].overlay.interest.seq("c") is None
 
 
+def test_a_stopping_router_says_goodbye_and_its_peers_let_it_go_at_once(caplog):
+    # A stopped router's peers used to notice only after peer_dead_after of silence
+    # (8 s on the wan preset), and logged the planned stop as a failure (WARNING).
+    import logging
+    net = _net_with_clients(["a", "b", "c"], [("b", "a"), ("c", "b")])
+    a, c = net.cores["a"].overlay, net.cores["c"].overlay
+    # A goodbye naming another run of b (a former one, say) changes nothing.
+    link = a._link_for("b")
+    a.on_message(link.id, wire.encode(Kind.PEER_BYE, {"router": "b", "epoch": link.epoch - 1}),
+                 net.now)
+    assert a._link_for("b") is link and link.up
+    caplog.set_level(logging.INFO, logger="psepr.overlay")
+    b = net.cores["b"].overlay
+    assert b.goodbye() == [("l", "c")]     # c dialed b: its answer is awaited
+    out = b.take_out()                     # what b's shell sends as it closes
+    net.dead.add("b")
+    assert [frames[0][0] for _, frames in out] == [Kind.PEER_BYE] * 2
+    for link_id, frames in out:
+        dst, their_id = net._peer_of("b", link_id)
+        net.cores[dst].overlay.on_message(their_id, frames, net.now)
+    net.pump()
+    # No time has passed: both peers took their links down on the goodbye alone.
+    assert a._link_for("b") is None and c._link_for("b") is None
+    assert "b" not in a.linkstate.routes() and "b" not in c.linkstate.routes()
+    downs = [r for r in caplog.records if "peer link to b down" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in downs] == [
+        (logging.INFO, "peer link to b down: it is stopping (it said goodbye)")] * 2
+    # A goodbye on a link that is down already is not answered.
+    net.sent.clear()
+    a.on_message(link.id, wire.encode(Kind.PEER_BYE, {"router": "b", "epoch": link.epoch}),
+                 net.now)
+    assert not a.take_out()
+
+
 def test_restarted_router_replaces_its_former_self():
     net = _net_with_clients(["a", "b"], [("b", "a")])
     net.lease("b", b"c-b", "/x.org/old/")

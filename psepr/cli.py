@@ -302,8 +302,16 @@ def cmd_keygen(args) -> int:
     pub = d / f"{args.name}.key"
     if pub.exists() and not args.force:
         raise UsageError(f"{pub} exists; pass --force to overwrite")
-    public, secret = zmq.auth.create_certificates(str(d), args.name)
-    os.chmod(secret, 0o600)
+    # Created private (pyzmq writes with the process umask, and a chmod afterwards
+    # left the secret key readable by anyone for a moment); the public one is then
+    # opened up.
+    umask = os.umask(0o077)
+    try:
+        public, secret = zmq.auth.create_certificates(str(d), args.name)
+    finally:
+        os.umask(umask)
+    os.chmod(secret, 0o600)         # an existing file kept its mode (--force)
+    os.chmod(public, 0o644)
     key = zmq.auth.load_certificate(public)[0].decode()
     print(f"public key file  {public}\nsecret key file  {secret}  (keep private)\n"
           f"public key       {key}")

@@ -217,6 +217,33 @@ def test_keygen_writes_a_key_pair(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_keygen_never_leaves_the_secret_key_readable_by_others(tmp_path, monkeypatch):
+    # pyzmq writes both files with the process umask; the secret one was made
+    # private only by a chmod afterwards.
+    import argparse
+
+    import zmq.auth
+
+    from psepr.cli import cmd_keygen
+    real = zmq.auth.create_certificates
+    seen = {}
+
+    def create(d, name):
+        public, secret = real(d, name)
+        seen["mode"] = os.stat(secret).st_mode & 0o777      # before anything else runs
+        return public, secret
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", create)
+    old = os.umask(0o022)
+    try:
+        assert cmd_keygen(argparse.Namespace(name="bob", dir=str(tmp_path), force=False)) == 0
+    finally:
+        os.umask(old)
+    assert seen["mode"] & 0o077 == 0, oct(seen["mode"])
+    assert (tmp_path / "bob.key").stat().st_mode & 0o777 == 0o644
+    assert os.umask(0o022) == 0o022        # the process's umask is back
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 def test_unknown_arguments_point_at_the_commands_own_help():

@@ -64,6 +64,8 @@ MAX_JSON_DEPTH = 253
 #: A payload shorter than this cannot nest deeper than MAX_JSON_DEPTH (each level
 #: takes two bytes): only longer ones pay for :func:`check_json_depth`.
 JSON_DEPTH_CHECK_BYTES = 2 * (MAX_JSON_DEPTH + 1)
+#: What orjson's TypeError says of a value nested deeper than it writes.
+ORJSON_TOO_DEEP = "Recursion limit reached"
 
 JSON = "json"
 XML = "xml"
@@ -540,8 +542,8 @@ def check_json_depth(value: Any, what: str) -> None:
     shorter than ``JSON_DEPTH_CHECK_BYTES``.
 
     Args:
-        value: a value orjson has read, or one it could write: for those, nesting
-            is the only reason it can refuse to write it again.
+        value: the value (one orjson cannot write for another reason, a set say,
+            passes: whoever sends it is told why).
         what: names the value in the error (``"event <id>"``).
 
     Raises:
@@ -549,9 +551,10 @@ def check_json_depth(value: Any, what: str) -> None:
     """
     try:
         orjson.dumps([value])
-    except TypeError:
-        raise EventError(f"{what}: JSON payload nested more than {MAX_JSON_DEPTH} levels "
-                         f"(refused)", "payload") from None
+    except TypeError as exc:
+        if str(exc) == ORJSON_TOO_DEEP:
+            raise EventError(f"{what}: JSON payload nested more than {MAX_JSON_DEPTH} levels "
+                             f"(refused)", "payload") from None
 
 
 def from_xml(data: "str | bytes", max_bytes: int = MAX_EVENT_BYTES) -> Event:

@@ -40,8 +40,8 @@ from ._version import VERSION
 from .channel import Channel, parse, parse_destination
 from .config import ClientConfig, positive_number
 from .errors import EventError, TimeoutError, UsageError, remote_error
-from .event import (_UNSET, JSON, JSON_DEPTH_CHECK_BYTES, XML, Event, _check_name, _check_type,
-                    check_json_depth, new_id, xml_payload_and_type)
+from .event import (_UNSET, JSON, JSON_DEPTH_CHECK_BYTES, ORJSON_TOO_DEEP, XML, Event,
+                    _check_name, _check_type, check_json_depth, new_id, xml_payload_and_type)
 from .wire import Kind
 
 log = logging.getLogger("psepr.client")
@@ -109,7 +109,7 @@ def make_entry(channel: "str | Channel | Event", payload: Any = None, type: str 
         try:
             raw = orjson.dumps(payload)
         except TypeError as exc:
-            if str(exc) != "Recursion limit reached":
+            if str(exc) != ORJSON_TOO_DEEP:
                 raise EventError(f"payload is not JSON-serialisable: {exc}", "payload") from None
             raw = b""      # nested too deep: the check below says so
         if not raw or len(raw) >= JSON_DEPTH_CHECK_BYTES:

@@ -83,6 +83,13 @@ class DetectionConfig:
         recover_after: seconds without trouble that lower the score by one.
         detector_ttl: an opinion older than this means its detector is gone.
         view_refresh: seconds between re-publications of an unchanged view.
+        max_nodes: nodes a detector tracks at most; heartbeats of further new
+            nodes are ignored (and the detector warns).  Opinions, views and the
+            answer to ``psepr members`` are single events of at most 1 MiB: about
+            53, 110 and 220 bytes per node with 27-character host names when
+            every node changed at once, so the answer stops fitting at about
+            4,700 nodes.  Past that, one flood of forged heartbeats (without an
+            ACL anyone may send them) stopped the whole membership service.
     """
 
     t_gossip: float = 0.5
@@ -100,6 +107,7 @@ class DetectionConfig:
     recover_after: float = 1.0
     detector_ttl: float = 2.0
     view_refresh: float = 5.0
+    max_nodes: int = 4000
 
     PRESETS = {
         # One machine (tests, `psepr run`): loopback never loses a beat.
@@ -136,6 +144,8 @@ class DetectionConfig:
             raise ConfigError(f"phi_pause must be a number of seconds >= 0, got {self.phi_pause!r}")
         if self.phi_window < 2 or self.max_health < 0:
             raise ConfigError("phi_window must be at least 2 and max_health at least 0")
+        if type(self.max_nodes) is not int or self.max_nodes < 1:
+            raise ConfigError(f"max_nodes must be a positive whole number, got {self.max_nodes!r}")
 
     @classmethod
     def preset(cls, preset: str, /, **overrides) -> "DetectionConfig":
@@ -246,6 +256,7 @@ class DetectorCore:
         records: host -> :class:`NodeRecord`.
         health: the :class:`HealthGuard`.
         stale: heartbeats ignored because an older incarnation or counter came late.
+        refused: heartbeats of new nodes ignored because ``max_nodes`` are tracked.
     """
 
     def __init__(self, config: DetectionConfig, now: float) -> None:
@@ -253,6 +264,7 @@ class DetectorCore:
         self.records: dict[str, NodeRecord] = {}
         self.health = HealthGuard(config, now)
         self.stale = 0
+        self.refused = 0
 
     def heartbeat(self, now: float, host: str, incarnation: int, counter: int,
                   left: bool = False) -> bool:
@@ -269,6 +281,9 @@ class DetectorCore:
         """
         rec = self.records.get(host)
         if rec is None:
+            if len(self.records) >= self.config.max_nodes:
+                self.refused += 1
+                return False
             rec = self.records[host] = NodeRecord(host, incarnation, counter, now,
                                                   self.config.phi_window)
             if left:

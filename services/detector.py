@@ -98,6 +98,8 @@ class Detector:
         self._probe: tuple[int, float] | None = None      # (seq, sent at) awaiting its echo
         self._changed = True
         self._bad_logged = -1e9
+        self._full_logged = -1e9        # when max_nodes was last said to be reached
+        self._refused_told = 0          # core.refused when it was said
         self._catch_up: asyncio.Task | None = None
         self._led: View | None = None          # the last view this detector published
         self._unknown_since: float | None = None   # a live detector holds a view we lack
@@ -175,6 +177,14 @@ class Detector:
             self.counters["heartbeats"] += 1
             if self.core.heartbeat(now, hb.host, hb.incarnation, hb.counter, hb.left):
                 self._changed = True
+            elif self.core.refused > self._refused_told and now - self._full_logged >= 60.0:
+                self._full_logged = now
+                log.warning("detector %s tracks %d nodes, its max_nodes: it ignored %d "
+                            "heartbeat(s) of nodes it does not track, %s's among them (a flood "
+                            "of forged hosts? an ACL limits who may send on /%s/farm/heartbeat/)",
+                            self.name, len(self.core.records),
+                            self.core.refused - self._refused_told, hb.host, self.authority)
+                self._refused_told = self.core.refused
         elif kind == OPINION:
             op = Opinion.parse(ev.payload)
             if op.detector == self.name:

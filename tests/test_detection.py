@@ -606,3 +606,18 @@ def test_the_stretch_also_slows_phi():
     rec = core.records["h"]
     assert rec.phi(5.0 + 1.0 / 2.0, PHI.phi_min_std) < 1
     assert on_time(core, 6.75) is True                        # still stretched: phi(0.875 s)
+
+
+def test_a_detector_tracks_at_most_max_nodes():
+    # 50,000 forged hosts made every opinion, view and members answer too big to
+    # send (1 MiB per event): membership stopped for the real nodes too.
+    core = DetectorCore(DetectionConfig(max_nodes=3), now=0.0)
+    for i, host in enumerate(("a", "b", "c")):
+        assert core.heartbeat(1.0, host, 1, 1)
+    assert not core.heartbeat(1.0, "d", 1, 1) and core.refused == 1
+    assert set(core.records) == {"a", "b", "c"}
+    assert not core.heartbeat(1.5, "a", 1, 2) and core.records["a"].counter == 2  # still kept
+    core.records.pop("c")                  # forgotten (t_cleanup): room for a new node
+    assert core.heartbeat(2.0, "d", 1, 2) and "d" in core.records
+    with pytest.raises(ConfigError, match="max_nodes must be a positive whole number"):
+        DetectionConfig(max_nodes=0)

@@ -80,6 +80,20 @@ log = logging.getLogger("psepr.client")
 _open_connections: "weakref.WeakSet[Connection]" = weakref.WeakSet()
 
 
+def _orphan_after_fork() -> None:
+    # In a child made by fork() a connection has no I/O thread, and its socket is
+    # the parent's: a send was queued for nobody and a flush timed out.  Mark the
+    # inherited connections closed, saying why (no lock: another thread of the
+    # parent may have held one at the fork).
+    for con in list(_open_connections):
+        con._closed = True
+        con._closed_why = (f"connection is closed in this process: it was opened by process "
+                           f"{con._pid} before fork(); connect anew in the child")
+
+
+os.register_at_fork(after_in_child=_orphan_after_fork)
+
+
 def _close_at_exit() -> None:
     # atexit runs before the interpreter stops daemon threads, so each connection's
     # I/O thread still hands its queued sends to the router during close().
@@ -211,6 +225,7 @@ class Connection(ConnectionBase):
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
         self._pid = os.getpid()
+        self._closed_why = "connection is closed"
         _open_connections.add(self)
         if wait:
             limit = self.config.connect_timeout * len(self.routers) + 1.0
@@ -251,7 +266,7 @@ class Connection(ConnectionBase):
             ClosedError: the connection is closed.
         """
         if self._closed:
-            raise ClosedError("connection is closed")
+            raise self._closed_error()
         item = make_entry(channel, payload, type, format, to_service, to_instance, reply_to,
                           re, id, self.config.max_event_bytes)
         q = self._outq
@@ -342,7 +357,7 @@ class Connection(ConnectionBase):
         deadline = time.monotonic() + self.config.send_block_timeout
         while len(self._outq) >= self.config.send_queue:
             if self._closed:
-                raise ClosedError("connection is closed")
+                raise self._closed_error()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"send buffer full ({self.config.send_queue} events) for "
@@ -378,7 +393,7 @@ class Connection(ConnectionBase):
             self._space.clear()
             self._space.wait(0.05)
         self._control(lambda s: s.ping(), timeout=max(0.0, deadline - time.monotonic()),
-                      what="flush")
+                      what="flush", said=timeout)
         with self._lock:
             errors, self._errors = self._errors, []
         if errors:
@@ -419,7 +434,7 @@ class Connection(ConnectionBase):
             _check_name(type, "type")
         with self._lock:
             if self._closed:
-                raise ClosedError("connection is closed")
+                raise self._closed_error()
             if id is None:
                 id = self._auto_lease_id()
             else:
@@ -463,7 +478,7 @@ class Connection(ConnectionBase):
             self._cond.notify_all()
         self._kick()    # wakes a reader driving the socket for this lease, too
         if req is not None:
-            self._wait_req(req, timeout, f"release of lease {lease.id}")
+            self._wait_req(req, timeout, f"release of lease {lease.id}", timeout)
 
     def receive(self, timeout: float | None = None) -> Event:
         """The next event from any of this connection's leases, in arrival order.
@@ -481,7 +496,7 @@ class Connection(ConnectionBase):
                 lease = arrivals.popleft()
             except IndexError:
                 if self._closed:
-                    raise ClosedError("connection is closed") from None
+                    raise self._closed_error() from None
                 deadline, remaining = time_left(timeout, deadline)
                 # Drive the socket ourselves (no hand-off); if another thread has it,
                 # wait for that thread's wake-up.
@@ -548,7 +563,7 @@ class Connection(ConnectionBase):
             with self._cond:
                 while not (done is not None and replies and done(replies)):
                     if self._closed:
-                        raise ClosedError("connection is closed")
+                        raise self._closed_error()
                     end = deadline if not (replies and settle is not None) \
                         else min(deadline, w.first + settle)
                     remaining = end - time.monotonic()
@@ -652,13 +667,16 @@ class Connection(ConnectionBase):
             except OSError:
                 pass
 
+    def _closed_error(self) -> ClosedError:
+        return ClosedError(self._closed_why)
+
     # -- waiting helpers -------------------------------------------------------------------
     def _wait_cond(self, pred, timeout: float | None, message: str) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not pred():
                 if self._closed:
-                    raise ClosedError("connection is closed")
+                    raise self._closed_error()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(message)
@@ -700,7 +718,9 @@ class Connection(ConnectionBase):
         while not q:
             if lease._error is not None:
                 raise lease._error
-            if lease._closed or self._closed:
+            if self._closed:
+                raise self._closed_error()
+            if lease._closed:
                 raise ClosedError(f"lease {lease.id} is closed")
             deadline, remaining = time_left(timeout, deadline, f" on {lease.channel.text}")
             drive = _DRIVE if remaining is None else min(remaining, _DRIVE)
@@ -712,18 +732,25 @@ class Connection(ConnectionBase):
                         has.wait(0.05 if remaining is None else min(remaining, 0.05))
         return q.popleft()
 
-    def _control(self, op, timeout: float, what: str):
+    def _control(self, op, timeout: float, what: str, said: float | None = None):
+        """Run control request ``op`` and wait for its answer.
+
+        Args:
+            timeout: seconds left to wait; ``said``: the caller's own timeout, for
+                the error (default ``timeout``).
+        """
         check_seconds(timeout)
+        said = timeout if said is None else said
         with self._lock:
             if self._closed:
-                raise ClosedError("connection is closed")
+                raise self._closed_error()
             self._wait_cond(lambda: self._session.state == READY, timeout,
-                            f"{what}: not connected to a router within {timeout} s")
+                            f"{what}: not connected to a router within {said} s")
             req = op(self._session)
         self._kick()
-        return self._wait_req(req, timeout, what)
+        return self._wait_req(req, timeout, what, said)
 
-    def _wait_req(self, req: int, timeout: float, what: str):
+    def _wait_req(self, req: int, timeout: float, what: str, said: float):
         w = _Waiter()
         with self._lock:
             early = self._waiters.get(req)
@@ -731,7 +758,7 @@ class Connection(ConnectionBase):
                 w = early
             self._waiters[req] = w
         try:
-            self._wait_cond(lambda: w.done, timeout, f"{what}: no answer within {timeout} s")
+            self._wait_cond(lambda: w.done, timeout, f"{what}: no answer within {said} s")
         finally:
             with self._lock:
                 self._waiters.pop(req, None)

@@ -129,6 +129,48 @@ def test_a_forked_child_leaves_its_parents_connection_alone_at_exit(router_proc)
     assert code == "0" and float(seconds) < 1.5, waited
     assert payload == "after"
 
+def test_a_forked_child_using_its_parents_connection_is_told_at_once(router_proc):
+    # The child's send was queued for an I/O thread that does not exist there, and
+    # its flush timed out after 2 s saying "no answer within 1.999985098002071 s".
+    script = ("import os, sys, psepr\n"
+              "con = psepr.connect(sys.argv[1], preset='local')\n"
+              "lease = con.lease(sys.argv[2], duration=60)\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    for use in (lambda: con.send(sys.argv[2], 1), lambda: con.flush(),\n"
+              "                lambda: lease.receive(timeout=1), lambda: con.lease('/y/')):\n"
+              "        try:\n"
+              "            use()\n"
+              "            print('no error')\n"
+              "        except psepr.ClosedError as exc:\n"
+              "            print(exc)\n"
+              "    os._exit(0)\n"
+              "os.waitpid(pid, 0)\n"
+              "con.send(sys.argv[2], 'parent')\n"
+              "print(lease.receive(timeout=5).payload, os.getpid())\n")
+    r = subprocess.run([sys.executable, "-c", script, router_proc.url, CH], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    *child, parent = r.stdout.splitlines()
+    payload, pid = parent.split()
+    assert payload == "parent"                  # the parent's connection still works
+    assert child == [f"connection is closed in this process: it was opened by process {pid} "
+                     f"before fork(); connect anew in the child"] * 4, r.stdout
+
+
+def test_a_flush_that_times_out_names_the_timeout_it_was_given(router_proc):
+    # It named the time left after its first step instead ("1.999985098002071 s").
+    with psepr.connect(router_proc.url, preset="local") as con:
+        router_proc.proc.send_signal(signal.SIGSTOP)       # connected, then silent
+        try:
+            con.send(CH, 1)
+            with pytest.raises(psepr.TimeoutError) as info:
+                con.flush(timeout=0.7)
+        finally:
+            router_proc.proc.send_signal(signal.SIGCONT)
+    assert str(info.value) == "flush: no answer within 0.7 s"
+
+
 def test_every_wait_refuses_a_timeout_that_is_not_a_number(router_proc):
     # NaN made receive() wait forever, and lease(), stats() or status() spin at full
     # CPU while the router did not answer (Condition.wait(nan) returns at once);

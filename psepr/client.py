@@ -200,6 +200,7 @@ class Connection(ConnectionBase):
         self._errors: list[Exception] = []
         self._lease_seq = 0
         self._closed = False
+        self._closed_why = "connection is closed"     # what using it then says
         self._ready_once = threading.Event()
         self.welcome: dict | None = None
         self.dropped_by_router = 0
@@ -225,7 +226,6 @@ class Connection(ConnectionBase):
         self._thread = threading.Thread(target=self._run, name="psepr-io", daemon=True)
         self._thread.start()
         self._pid = os.getpid()
-        self._closed_why = "connection is closed"
         _open_connections.add(self)
         if wait:
             limit = self.config.connect_timeout * len(self.routers) + 1.0

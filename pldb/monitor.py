@@ -130,7 +130,8 @@ class Monitor:
         self._commit_at = 0.0
         self.failed: BaseException | None = None  # why a task of it ended on its own
         self.ended = asyncio.Event()  # set once stopped (asked, or after a failure)
-        self._stopping: asyncio.Task | None = None
+        self._stopping: asyncio.Task | None = None  # a stop after a failure (asyncio
+                                                    # keeps only weak references to tasks)
         self._dropped_told = 0        # queue drops already reported
         self._fill_task: asyncio.Task | None = None
 
